@@ -1,0 +1,1 @@
+"""One module per CLI subcommand (see dsv4lib/cli.py)."""
