@@ -1,0 +1,92 @@
+"""V4 attention (spec §2.3): low-rank q with per-head RMSNorm, one shared K=V head, sliding
+window + compressed entries (HCA: all visible, CSA: indexer top-k), per-head sink, inverse
+RoPE on the output, grouped output projection (wo_a per group, then wo_b).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .cache import LayerCache
+from .compressor import Compressor
+from .indexer import Indexer
+from .linear import Linear, RMSNorm
+from .lowp import fake_quant_fp8
+from .rope import apply_rope, cos_sin, layer_freqs
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, dtype=torch.float32, device=None) -> None:
+        super().__init__()
+        D, H, c = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+        self.n_heads, self.head_dim, self.rope_dim = H, c, cfg.qk_rope_head_dim
+        self.groups, self.o_lora = cfg.o_groups, cfg.o_lora_rank
+        self.window, self.eps = cfg.sliding_window, cfg.rms_norm_eps
+        self.ratio = cfg.compress_ratios[layer_idx]
+        self.lowp = False
+        self.wq_a = Linear(D, cfg.q_lora_rank, dtype, device, fp8_act=True)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps, device)
+        self.wq_b = Linear(cfg.q_lora_rank, H * c, dtype, device, fp8_act=True)
+        self.wkv = Linear(D, c, dtype, device, fp8_act=True)
+        self.kv_norm = RMSNorm(c, cfg.rms_norm_eps, device)
+        self.wo_a = Linear(H * c // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, dtype, device)  # bf16 in the demo
+        self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, D, dtype, device, fp8_act=True)
+        self.attn_sink = nn.Parameter(torch.zeros(H, dtype=torch.float32, device=device))
+        self.compressor = Compressor(cfg, self.ratio, c, dtype=dtype, device=device) if self.ratio else None
+        self.indexer = Indexer(cfg, dtype, device) if self.ratio == 4 else None
+        self.register_buffer("freqs", layer_freqs(cfg, self.ratio).to(device), persistent=False)
+
+    def forward(self, x: torch.Tensor, start_pos: int, lc: LayerCache | None = None) -> torch.Tensor:
+        """x [B,S,D] (post attn_norm) at absolute positions start_pos… -> [B,S,D]."""
+        B, S, _ = x.shape
+        H, c = self.n_heads, self.head_dim
+        pos = start_pos + torch.arange(S, device=x.device)                 # [S]
+        cos, sin = cos_sin(self.freqs, pos)                                 # [S, r/2]
+        qr = self.q_norm(self.wq_a(x))                                      # [B, S, q_lora]
+        q = self.wq_b(qr).unflatten(-1, (H, c))                             # [B, S, H, c]
+        q = q * torch.rsqrt(q.float().pow(2).mean(-1, keepdim=True) + self.eps).to(q.dtype)
+        q = apply_rope(q, cos, sin)
+        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)                # [B, S, c]
+        if self.lowp:
+            nope = c - self.rope_dim
+            kv = torch.cat([fake_quant_fp8(kv[..., :nope], 64), kv[..., nope:]], -1)
+
+        # sliding window: keys at absolute positions kpos
+        if lc is not None:
+            prev = lc.window if lc.window is not None else kv.new_zeros(B, 0, c)
+            win = torch.cat([prev, kv], 1)                                  # [B, Nw, c]
+            keep = self.window - 1
+            lc.window = win[:, win.shape[1] - keep:] if keep > 0 else win[:, :0]
+        else:
+            win = kv
+        kpos = start_pos - (win.shape[1] - S) + torch.arange(win.shape[1], device=x.device)
+        vis = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - self.window)   # [S, Nw]
+        bias = torch.zeros(S, win.shape[1], device=x.device).masked_fill(~vis, float("-inf"))
+        bias = bias.expand(B, S, -1)
+        keys = win
+        if self.ratio:
+            new = self.compressor(x, lc.comp if lc is not None else None)
+            ent = lc.comp.entries if lc is not None else new                # [B, T, c]
+            T = 0 if ent is None else ent.shape[1]
+            if T:
+                thr = (pos + 1) // self.ratio                               # [S]
+                if self.indexer is not None:
+                    idx = self.indexer(x, qr, pos, cos, sin, lc.index if lc is not None else None)  # [B,S,k]
+                    idx = torch.where(idx < 0, torch.full_like(idx, T), idx)
+                    cb = torch.full((B, S, T + 1), float("-inf"), device=x.device)
+                    cb = cb.scatter(-1, idx, 0.0)[..., :T]
+                else:
+                    ok = torch.arange(T, device=x.device)[None, :] < thr[:, None]
+                    cb = torch.zeros(S, T, device=x.device).masked_fill(~ok, float("-inf")).expand(B, S, T)
+                keys = torch.cat([win, ent.to(win.dtype)], 1)
+                bias = torch.cat([bias, cb], -1)
+        z = torch.einsum("bshd,bnd->bhsn", q.float(), keys.float()) * c ** -0.5 + bias[:, None]
+        sink = self.attn_sink.float().view(1, H, 1, 1).expand(B, H, S, 1)
+        p = torch.cat([z, sink], -1).softmax(-1)[..., :-1]                  # [B, H, S, N]
+        o = torch.einsum("bhsn,bnd->bshd", p, keys.float()).to(x.dtype)     # [B, S, H, c]
+        o = apply_rope(o, cos, sin, inverse=True)
+        o = o.reshape(B, S, self.groups, -1)                                # [B, S, G, H*c/G]
+        wa = self.wo_a.dequantized_weight(o.dtype).view(self.groups, self.o_lora, -1)
+        u = torch.einsum("bsgi,goi->bsgo", o, wa).flatten(2)               # [B, S, G*o_lora]
+        return self.wo_b(u)

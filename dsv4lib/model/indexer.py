@@ -1,0 +1,50 @@
+"""Lightning indexer of CSA layers (spec §2.5): picks the top-k compressed entries per query.
+
+I[t,s] = Σ_h w[t,h]·ReLU(q_I[t,h]·K_I[s]), w = weights_proj(x)·(c_I^-1/2·n_I^-1/2); entries
+s ≥ (t+1)//4 are masked; ties are broken towards the lower entry index (stable sort).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .cache import CompressorState
+from .compressor import Compressor
+from .linear import Linear
+from .lowp import fake_quant_fp4, hadamard
+from .rope import apply_rope
+
+
+class Indexer(nn.Module):
+    def __init__(self, cfg: ModelConfig, dtype=torch.float32, device=None) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.ratio = 4
+        self.lowp = False
+        self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, dtype, device, fp8_act=True)
+        self.weights_proj = Linear(cfg.hidden_size, self.n_heads, dtype, device)
+        self.compressor = Compressor(cfg, 4, self.head_dim, index=True, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, qr: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor, state: CompressorState | None) -> torch.Tensor:
+        """Selected entry indices [B, S, k] (int64, −1 = nothing valid); k = min(topk, #entries)."""
+        B, S, _ = x.shape
+        new = self.compressor(x, state)
+        keys = state.entries if state is not None else new                 # [B, T, cI]
+        T = 0 if keys is None else keys.shape[1]
+        if T == 0:
+            return torch.empty(B, S, 0, dtype=torch.long, device=x.device)
+        q = self.wq_b(qr).unflatten(-1, (self.n_heads, self.head_dim))    # [B, S, nI, cI]
+        q = apply_rope(q, cos, sin)
+        if self.lowp:
+            q = fake_quant_fp4(hadamard(q))
+        w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)   # [B, S, nI]
+        s = torch.einsum("bshd,btd->bsht", q.float(), keys.float()).relu()  # [B, S, nI, T]
+        score = (s * w.unsqueeze(-1)).sum(2)                                # [B, S, T]
+        thr = (pos + 1) // self.ratio                                       # [S]
+        future = torch.arange(T, device=x.device)[None, :] >= thr[:, None]  # [S, T]
+        score = score.masked_fill(future, float("-inf"))
+        k = min(self.topk, T)
+        idx = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :k]   # [B, S, k]
+        return torch.where(idx >= thr[None, :, None], torch.full_like(idx, -1), idx)
