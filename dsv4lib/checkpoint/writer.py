@@ -44,6 +44,33 @@ def _fp8_pair(w: torch.Tensor, scale: torch.Tensor | None, scale_format: str) ->
     return fp8.quantize_block(w.float(), scale_format)
 
 
+def _expert_tensors(backend: nn.Module, prefix: str, fmt) -> dict[str, torch.Tensor]:
+    """Per-expert release tensors of one MoE layer's backend (quantised as one stack per projection)."""
+    out: dict[str, torch.Tensor] = {}
+    E = backend.num_experts
+    for proj in ("w1", "w3", "w2"):
+        if fmt.expert == "fp4" and hasattr(backend, f"{proj}_blocks"):  # MXFP4 already: copy bit-exactly
+            blocks = getattr(backend, f"{proj}_blocks").view(torch.int8)  # [E, out, in/2]
+            scales = getattr(backend, f"{proj}_scales")  # [E, out, in/32]
+        else:
+            if isinstance(getattr(backend, proj, None), torch.Tensor):
+                w = getattr(backend, proj).detach().float()  # [E, out, in]
+            else:
+                k = ("w1", "w3", "w2").index(proj)
+                w = torch.stack([backend.dequantize_expert(e)[k] for e in range(E)])
+            if fmt.expert == "fp4":
+                blocks, scales = mxfp4.quantize(w)
+            else:
+                pairs = [fp8.quantize_block(w[e], fmt.scale) for e in range(E)]
+                blocks, scales = torch.stack([a for a, _ in pairs]), torch.stack([b for _, b in pairs])
+        if fmt.expert == "fp4":
+            scales = scales.view(torch.float8_e8m0fnu)
+        for e in range(E):
+            out[f"{prefix}.ffn.experts.{e}.{proj}.weight"] = blocks[e].clone()  # own storage (safetensors)
+            out[f"{prefix}.ffn.experts.{e}.{proj}.scale"] = scales[e].clone()
+    return out
+
+
 def release_tensors(model: nn.Module, config=None) -> dict[str, torch.Tensor]:
     """Every release tensor of ``model`` (name -> tensor in release dtype), in schema order."""
     config = config or model.config
@@ -51,23 +78,16 @@ def release_tensors(model: nn.Module, config=None) -> dict[str, torch.Tensor]:
     state = model.state_dict()
     rows = expected_tensors(config)
     out: dict[str, torch.Tensor] = {}
-    experts_cache: dict[str, nn.Module] = {}
+    done_layers: set[str] = set()
     for row in rows:
         n = row.name
         if n in out:
             continue
         if ".ffn.experts." in n:
-            prefix, rest = n.split(".ffn.experts.")
-            e, proj = int(rest.split(".")[0]), rest.split(".")[1]
-            backend = experts_cache.get(prefix) or model.get_submodule(prefix + ".ffn.experts")
-            experts_cache[prefix] = backend
-            w = dict(zip(("w1", "w3", "w2"), backend.dequantize_expert(e)))[proj]  # fp32 [out, in]
-            base = f"{prefix}.ffn.experts.{e}.{proj}"
-            if fmt.expert == "fp4":
-                packed, sc = mxfp4.quantize(w)
-                out[base + ".weight"], out[base + ".scale"] = packed, sc.view(torch.float8_e8m0fnu)
-            else:
-                out[base + ".weight"], out[base + ".scale"] = fp8.quantize_block(w, fmt.scale)
+            prefix = n.split(".ffn.experts.")[0]
+            if prefix not in done_layers:
+                out.update(_expert_tensors(model.get_submodule(prefix + ".ffn.experts"), prefix, fmt))
+                done_layers.add(prefix)
             continue
         if row.dtype == "F8_E4M3":
             base = n[: -len(".weight")]
@@ -105,3 +125,35 @@ def save_release(model: nn.Module, out_dir: str | Path, shard_layout: ShardLayou
     atomic.write_json(out_dir / INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
     atomic.write_json(out_dir / "config.json", config.to_hf_dict())
     return out_dir
+
+
+@torch.no_grad()
+def apply_release_rounding(model: nn.Module, config=None) -> nn.Module:
+    """Round ``model``'s float weights in place exactly as a ``save_release`` round trip would
+    (FP8 block quantisation, MXFP4 routed experts, BF16 casts), keeping them in float.
+
+    Afterwards ``load_model(save_release(model))`` computes the same function as ``model``.
+    Requires dense routed experts (``DenseExperts``).
+    """
+    config = config or model.config
+    fmt = release_format(config)
+    tensors = release_tensors(model, config)
+    state = model.state_dict()
+    for row in expected_tensors(config):
+        n, t = row.name, tensors[row.name]
+        if n.endswith(".scale"):
+            continue
+        if ".ffn.experts." in n:
+            prefix, rest = n.split(".ffn.experts.")
+            e, proj = int(rest.split(".")[0]), rest.split(".")[1]
+            sc = tensors[n[: -len("weight")] + "scale"]
+            w = mxfp4.dequantize(t, sc) if fmt.expert == "fp4" else fp8.dequantize_block(t, sc)
+            getattr(model.get_submodule(prefix + ".ffn.experts"), proj)[e].copy_(w)
+        elif row.dtype == "F8_E4M3":
+            w = fp8.dequantize_block(t, tensors[n[: -len("weight")] + "scale"])
+            if state[n].dtype == torch.float8_e4m3fn:
+                continue  # already FP8 in the model: stored bit-exactly
+            state[n].copy_(w)
+        else:
+            state[n].copy_(t)
+    return model

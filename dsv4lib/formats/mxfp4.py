@@ -14,7 +14,7 @@ BLOCK = 32
 E2M1_MAX = 6.0
 E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
                             -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])  # code -> value
-_MIDPOINTS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+_VALUE2_TO_CODE = torch.tensor([0, 1, 2, 3, 4, 0, 5, 0, 6, 0, 0, 0, 7])  # 2*|value| -> code
 AMAX_FLOOR = 1e-30
 
 
@@ -36,12 +36,16 @@ def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_codes(x: torch.Tensor) -> torch.Tensor:
-    """Already-scaled fp32 values -> nearest E2M1 codes (ties to the even code; -0 -> code 0)."""
+    """Already-scaled fp32 values -> nearest E2M1 codes (ties to the even code; -0 -> code 0).
+
+    E2M1 keeps one mantissa bit: round |x| to a multiple of 2**(max(floor(log2|x|), 0) - 1) with
+    round-half-even (the even multiple is the even code), then map the value to its code.
+    """
     a = x.abs().clamp(max=E2M1_MAX)
-    mids = _MIDPOINTS.to(x.device)
-    idx = torch.bucketize(a, mids)  # ties land on the lower code
-    tie = (idx < len(mids)) & (a == mids[idx.clamp(max=len(mids) - 1)])
-    idx = torch.where(tie & (idx % 2 == 1), idx + 1, idx)
+    _, e = torch.frexp(a)  # a = m * 2**e, m in [0.5, 1) -> floor(log2 a) = e - 1
+    step = torch.ldexp(torch.ones_like(a), (e - 1).clamp(min=0) - 1)
+    q = torch.round(a / step) * step  # round-half-even
+    idx = _VALUE2_TO_CODE.to(x.device)[(q * 2).clamp(max=2 * E2M1_MAX).long()]  # 2*value 0..12 -> code 0..7
     sign = (x < 0) & (idx > 0)
     return (idx + 8 * sign.long()).to(torch.uint8)
 
