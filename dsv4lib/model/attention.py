@@ -12,7 +12,7 @@ from .cache import LayerCache
 from .compressor import Compressor
 from .indexer import Indexer
 from .linear import Linear, RMSNorm
-from .lowp import fake_quant_fp8
+from .lowp import fake_quant_fp8, hp
 from .rope import apply_rope, cos_sin, layer_freqs
 
 
@@ -45,7 +45,7 @@ class Attention(nn.Module):
         cos, sin = cos_sin(self.freqs, pos)                                 # [S, r/2]
         qr = self.q_norm(self.wq_a(x))                                      # [B, S, q_lora]
         q = self.wq_b(qr).unflatten(-1, (H, c))                             # [B, S, H, c]
-        q = q * torch.rsqrt(q.float().pow(2).mean(-1, keepdim=True) + self.eps).to(q.dtype)
+        q = q * torch.rsqrt(hp(q).pow(2).mean(-1, keepdim=True) + self.eps).to(q.dtype)
         q = apply_rope(q, cos, sin)
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)                # [B, S, c]
         if self.lowp:
@@ -81,10 +81,10 @@ class Attention(nn.Module):
                     cb = torch.zeros(S, T, device=x.device).masked_fill(~ok, float("-inf")).expand(B, S, T)
                 keys = torch.cat([win, ent.to(win.dtype)], 1)
                 bias = torch.cat([bias, cb], -1)
-        z = torch.einsum("bshd,bnd->bhsn", q.float(), keys.float()) * c ** -0.5 + bias[:, None]
-        sink = self.attn_sink.float().view(1, H, 1, 1).expand(B, H, S, 1)
+        z = torch.einsum("bshd,bnd->bhsn", hp(q), hp(keys)) * c ** -0.5 + bias[:, None]
+        sink = hp(self.attn_sink).view(1, H, 1, 1).expand(B, H, S, 1)
         p = torch.cat([z, sink], -1).softmax(-1)[..., :-1]                  # [B, H, S, N]
-        o = torch.einsum("bhsn,bnd->bshd", p, keys.float()).to(x.dtype)     # [B, S, H, c]
+        o = torch.einsum("bhsn,bnd->bshd", p, hp(keys)).to(x.dtype)     # [B, S, H, c]
         o = apply_rope(o, cos, sin, inverse=True)
         o = o.reshape(B, S, self.groups, -1)                                # [B, S, G, H*c/G]
         wa = self.wo_a.dequantized_weight(o.dtype).view(self.groups, self.o_lora, -1)

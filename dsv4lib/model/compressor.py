@@ -13,7 +13,7 @@ from torch import nn
 from ..config import ModelConfig
 from .cache import CompressorState
 from .linear import Linear, RMSNorm
-from .lowp import fake_quant_fp4, fake_quant_fp8, hadamard
+from .lowp import fake_quant_fp4, fake_quant_fp8, hadamard, hp
 from .rope import apply_rope, cos_sin, layer_freqs
 
 
@@ -41,8 +41,8 @@ class Compressor(nn.Module):
         """
         B = x.shape[0]
         r, hd = self.ratio, self.head_dim
-        kv = self.wkv(x.float())                                           # [B, S, coff*hd]
-        gate = self.wgate(x.float())
+        kv = self.wkv(hp(x))                                           # [B, S, coff*hd]
+        gate = self.wgate(hp(x))
         first = 0
         if state is not None:
             first = state.n_entries

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lowp import act_quant_fp8
+from .lowp import act_quant_fp8, hp
 
 
 def swiglu(g: torch.Tensor, u: torch.Tensor, limit: float) -> torch.Tensor:
     """silu(g.clamp(max=limit)) * u.clamp(-limit, limit) in fp32."""
-    g, u = g.float(), u.float()
+    g, u = hp(g), hp(u)
     if limit and limit > 0:
         g, u = g.clamp(max=limit), u.clamp(-limit, limit)
     return F.silu(g) * u
@@ -31,11 +31,11 @@ def grouped_forward(backend: "ExpertBackend", x: torch.Tensor, idx: torch.Tensor
     order = torch.argsort(flat, stable=True)
     counts = torch.bincount(flat, minlength=backend.num_experts)            # [E]
     tok = order // k                                                        # [T*k] token of each sorted slot
-    wsort = weight.reshape(-1)[order].float()
-    xs = x.float()
+    wsort = hp(weight.reshape(-1)[order])
+    xs = hp(x)
     if backend.lowp:
         xs = act_quant_fp8(xs)
-    out = torch.zeros(T, x.shape[-1], dtype=torch.float32, device=x.device)
+    out = torch.zeros(T, x.shape[-1], dtype=xs.dtype, device=x.device)
     ends = torch.cumsum(counts, 0).tolist()
     for e in torch.nonzero(counts).flatten().tolist():
         hi = ends[e]
@@ -43,10 +43,10 @@ def grouped_forward(backend: "ExpertBackend", x: torch.Tensor, idx: torch.Tensor
         t = tok[lo:hi]
         w1, w3, w2 = backend.expert_weights(e)
         xe = xs[t]                                                          # [n, D]
-        h = swiglu(xe @ w1.float().t(), xe @ w3.float().t(), limit) * wsort[lo:hi, None]   # [n, I]
+        h = swiglu(xe @ hp(w1).t(), xe @ hp(w3).t(), limit) * wsort[lo:hi, None]   # [n, I]
         if backend.lowp:
             h = act_quant_fp8(h)
-        out.index_add_(0, t, h @ w2.float().t())
+        out.index_add_(0, t, h @ hp(w2).t())
     return out
 
 
@@ -85,7 +85,7 @@ class DenseExperts(ExpertBackend):
         return self.w1[e], self.w3[e], self.w2[e]
 
     def dequantize_expert(self, e: int):
-        return self.w1[e].float(), self.w3[e].float(), self.w2[e].float()
+        return hp(self.w1[e]), hp(self.w3[e]), hp(self.w2[e])
 
     def resident_bytes(self) -> int:
         return sum(p.numel() * p.element_size() for p in (self.w1, self.w3, self.w2))

@@ -1,7 +1,8 @@
 """Lightning indexer of CSA layers (spec §2.5): picks the top-k compressed entries per query.
 
 I[t,s] = Σ_h w[t,h]·ReLU(q_I[t,h]·K_I[s]), w = weights_proj(x)·(c_I^-1/2·n_I^-1/2); entries
-s ≥ (t+1)//4 are masked; ties are broken towards the lower entry index (stable sort).
+s ≥ (t+1)//4 are masked. Exact ties (ReLU zeros) go to the lower entry index (stable sort),
+so prefill and decode select alike; the demo/HF ``torch.topk`` leaves the tie order unspecified.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from ..config import ModelConfig
 from .cache import CompressorState
 from .compressor import Compressor
 from .linear import Linear
-from .lowp import fake_quant_fp4, hadamard
+from .lowp import fake_quant_fp4, hadamard, hp
 from .rope import apply_rope
 
 
@@ -39,8 +40,8 @@ class Indexer(nn.Module):
         q = apply_rope(q, cos, sin)
         if self.lowp:
             q = fake_quant_fp4(hadamard(q))
-        w = self.weights_proj(x).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)   # [B, S, nI]
-        s = torch.einsum("bshd,btd->bsht", q.float(), keys.float()).relu()  # [B, S, nI, T]
+        w = hp(self.weights_proj(x)) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)   # [B, S, nI]
+        s = torch.einsum("bshd,btd->bsht", hp(q), hp(keys)).relu()  # [B, S, nI, T]
         score = (s * w.unsqueeze(-1)).sum(2)                                # [B, S, T]
         thr = (pos + 1) // self.ratio                                       # [S]
         future = torch.arange(T, device=x.device)[None, :] >= thr[:, None]  # [S, T]

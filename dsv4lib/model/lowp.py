@@ -20,6 +20,11 @@ _FP4_MIDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 _FP4_TIE_UP = (False, True, False, True, False, True, False)  # round half to even code
 
 
+def hp(x: torch.Tensor) -> torch.Tensor:
+    """Upcast to the math precision: fp32, or fp64 for a float64 model (exact-reference tests)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def _pow2_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
     return torch.exp2(torch.ceil(torch.log2(amax / qmax)))
 
@@ -29,7 +34,7 @@ def fake_quant_fp8(x: torch.Tensor, block: int = 128) -> torch.Tensor:
     K = x.shape[-1]
     if K % block:
         raise ValueError(f"fake_quant_fp8: last dim {K} is not a multiple of the block {block}")
-    xf = x.float().reshape(*x.shape[:-1], K // block, block)               # [..., K/b, b]
+    xf = hp(x).reshape(*x.shape[:-1], K // block, block)               # [..., K/b, b]
     amax = xf.abs().amax(-1, keepdim=True).clamp(min=1e-4)
     s = _pow2_scale(amax, FP8_MAX)
     q = (xf / s).to(torch.float8_e4m3fn).float() * s
@@ -57,7 +62,7 @@ def fake_quant_fp4(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     K = x.shape[-1]
     if K % block:
         raise ValueError(f"fake_quant_fp4: last dim {K} is not a multiple of the block {block}")
-    xf = x.float().reshape(*x.shape[:-1], K // block, block)
+    xf = hp(x).reshape(*x.shape[:-1], K // block, block)
     amax = xf.abs().amax(-1, keepdim=True).clamp(min=FP4_MAX * 2.0 ** -126)
     s = _pow2_scale(amax, FP4_MAX)
     a = (xf.abs() / s).clamp(max=FP4_MAX)
@@ -78,4 +83,5 @@ def hadamard_matrix(n: int, device=None) -> torch.Tensor:
 def hadamard(x: torch.Tensor) -> torch.Tensor:
     """Rotate the last dim of ``x`` by the scaled Hadamard matrix (symmetric, orthogonal)."""
     h = hadamard_matrix(x.shape[-1], x.device)
-    return (x.float() @ h).to(x.dtype)
+    xf = hp(x)
+    return (xf @ h.to(xf.dtype)).to(x.dtype)

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import torch
 
+from .lowp import hp
+
 
 def _mix(x: torch.Tensor, fn: torch.Tensor, eps: float) -> torch.Tensor:
-    v = x.flatten(-2).float()                                             # [B, S, hc*D]
+    v = hp(x.flatten(-2))                                             # [B, S, hc*D]
     v = v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + eps)
-    return v @ fn.float().t()                                             # [B, S, n_mix]
+    return v @ hp(fn).t()                                             # [B, S, n_mix]
 
 
 def sinkhorn(m: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -30,18 +32,18 @@ def hc_pre(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
            iters: int, hc_eps: float, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x [B,S,hc,D] -> (sublayer input [B,S,D], post [B,S,hc], comb [B,S,hc,hc])."""
     mix = _mix(x, fn, norm_eps)                                            # [B, S, (2+hc)*hc]
-    base = base.float()
+    base = hp(base)
     pre = torch.sigmoid(mix[..., :hc] * scale[0] + base[:hc]) + hc_eps     # [B, S, hc]
     post = 2 * torch.sigmoid(mix[..., hc:2 * hc] * scale[1] + base[hc:2 * hc])
     comb = mix[..., 2 * hc:] * scale[2] + base[2 * hc:]
     comb = sinkhorn(comb.unflatten(-1, (hc, hc)), iters, hc_eps)           # [B, S, hc, hc]
-    y = (pre.unsqueeze(-1) * x.float()).sum(-2)                            # [B, S, D]
+    y = (pre.unsqueeze(-1) * hp(x)).sum(-2)                            # [B, S, D]
     return y.to(x.dtype), post, comb
 
 
 def hc_post(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """f [B,S,D], res [B,S,hc,D] -> [B,S,hc,D]: out_k = post_k f + sum_j comb[j,k] res_j."""
-    out = post.unsqueeze(-1) * f.float().unsqueeze(-2) + comb.transpose(-1, -2) @ res.float()
+    out = post.unsqueeze(-1) * hp(f).unsqueeze(-2) + comb.transpose(-1, -2) @ hp(res)
     return out.to(res.dtype)
 
 
@@ -49,5 +51,5 @@ def hc_head(x: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.
             hc_eps: float, norm_eps: float) -> torch.Tensor:
     """Final collapse x [B,S,hc,D] -> [B,S,D] (no Sinkhorn, no post)."""
     mix = _mix(x, fn, norm_eps)                                            # [B, S, hc]
-    pre = torch.sigmoid(mix * scale.float() + base.float()) + hc_eps
-    return (pre.unsqueeze(-1) * x.float()).sum(-2).to(x.dtype)
+    pre = torch.sigmoid(mix * hp(scale) + hp(base)) + hc_eps
+    return (pre.unsqueeze(-1) * hp(x)).sum(-2).to(x.dtype)

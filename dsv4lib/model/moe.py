@@ -15,6 +15,7 @@ from torch import nn
 from ..config import ModelConfig
 from .experts import DenseExperts, ExpertBackend, swiglu
 from .linear import Linear
+from .lowp import hp
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,13 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None):
         """x [T,D] -> (scores [T,E] fp32, idx [T,k], weight [T,k] fp32)."""
-        s = F.softplus(x.float() @ self.weight.float().t()).sqrt()          # [T, E]
+        s = F.softplus(hp(x) @ hp(self.weight).t()).sqrt()          # [T, E]
         if self.hash:
             if input_ids is None:
                 raise ValueError("hash-routed MoE layer needs input_ids")
             idx = self.tid2eid[input_ids]                                   # [T, k]
         else:
-            idx = (s + self.bias.float()).topk(self.k, -1).indices          # bias only selects
+            idx = (s + hp(self.bias)).topk(self.k, -1).indices          # bias only selects
         w = s.gather(1, idx)                                                # [T, k]
         if self.renorm:
             w = w / w.sum(-1, keepdim=True)
@@ -96,5 +97,5 @@ class MoE(nn.Module):
             fn(self.layer_idx, MoEEvent(xf, ids, s, idx, w))
         y = self.experts(xf, idx, w, self.limit)                            # [T, D] fp32
         if self.shared_experts is not None:
-            y = y + self.shared_experts(xf).float()
+            y = y + hp(self.shared_experts(xf))
         return y.to(x.dtype).reshape(shape)

@@ -11,6 +11,7 @@ import math
 import torch
 
 from ..config import ModelConfig, RopeScaling
+from .lowp import hp
 
 
 def rope_freqs(dim: int, base: float, yarn: RopeScaling | None) -> torch.Tensor:
@@ -51,7 +52,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
         cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     if inverse:
         sin = -sin
-    xr = x[..., -r:].float().unflatten(-1, (-1, 2))                        # [..., r/2, 2]
+    xr = hp(x[..., -r:]).unflatten(-1, (-1, 2))                        # [..., r/2, 2]
     a, b = xr[..., 0], xr[..., 1]
     rot = torch.stack((a * cos - b * sin, a * sin + b * cos), -1).flatten(-2)
     return torch.cat([x[..., :-r], rot.to(x.dtype)], -1)

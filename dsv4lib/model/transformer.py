@@ -109,6 +109,14 @@ class DeepseekV4(nn.Module):
             if name.endswith("tid2eid"):
                 b.copy_(torch.rand(b.shape[0], E, generator=g).argsort(-1)[:, :k])
 
+    @torch.no_grad()
+    def reinit_buffers(self) -> None:
+        """Recompute derived (non-persistent) buffers, e.g. after ``to_empty``."""
+        from .rope import layer_freqs
+        for m in self.modules():
+            if "freqs" in m._buffers:
+                m.freqs = layer_freqs(self.config, m.ratio).to(m.freqs.device)
+
     # ------------------------------------------------------------------ switches
     def set_lowp_sim(self, on: bool) -> None:
         """DeepSeek's FP8-activation / FP8-KV / indexer Hadamard+FP4 simulation on or off."""

@@ -47,6 +47,11 @@ def _importance(importance: torch.Tensor | None, W: torch.Tensor, group_size: in
     return imp.unflatten(-1, (-1, group_size)).unsqueeze(-3)  # [..., 1, ng, G]
 
 
+def _cand(imp: torch.Tensor) -> torch.Tensor:
+    """Importance broadcast against candidate errors [..., out, ng, K, G]."""
+    return imp.unsqueeze(-2)
+
+
 def _finish(g: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> QuantizedWeight:
     q = quantize_codes(g, scale[..., None], zero[..., None], MAXQ)  # [..., out, ng, G]
     return QuantizedWeight(q.flatten(-2).to(torch.uint8), scale.to(torch.float16), zero.to(torch.uint8),
@@ -65,7 +70,8 @@ def mse(W: torch.Tensor, group_size: int = 64, importance: torch.Tensor | None =
     """Grid search per (row, group) minimising ``Σ importance · err²``."""
     g = _groups(W, group_size)
     imp = _importance(importance, W, group_size)
-    scale, zero = search_grid(g, lambda err: (err.square() * imp).sum(-1), MAXQ, ZERO_MAX,
+    imp_k = _cand(imp)
+    scale, zero = search_grid(g, lambda err: (err.square() * imp_k).sum(-1), MAXQ, ZERO_MAX,
                               search or GridSearch(n_shrink=24, max_shrink=0.5))
     return _finish(g, scale, zero, group_size)
 

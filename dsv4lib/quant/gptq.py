@@ -158,8 +158,11 @@ def _static_metrics(Hinv: torch.Tensor, G: int) -> torch.Tensor:
 
 
 def _row_loss(M: torch.Tensor):
-    """Loss ``‖err @ M‖²`` per row for err [E, R, G], M [E, G, G]."""
-    return lambda err: torch.bmm(err, M).square().sum(-1)
+    """Loss ``‖err @ M‖²`` per row and candidate for err [E, R, K, G], M [E, G, G] → [E, R, K]."""
+    def loss(err: torch.Tensor) -> torch.Tensor:
+        E, R, K, G = err.shape
+        return torch.bmm(err.reshape(E, R * K, G), M).square_().sum(-1).view(E, R, K)
+    return loss
 
 
 def _gptq_chunk(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig):
@@ -192,39 +195,44 @@ def _gptq_chunk(W: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig):
     if perm is not None:
         W = torch.gather(W, 2, perm[:, None, :].expand(E, R, C))
         col_group = perm // G  # [E, C] original group of each permuted column
-    ar = torch.arange(E, device=dev)
 
     Q = torch.empty(E, R, C, dtype=torch.uint8, device=dev)
-    s = z = None
     for i1 in range(0, C, B):
         i2 = min(i1 + B, C)
         nb = i2 - i1
-        W1 = W[:, :, i1:i2].transpose(1, 2).contiguous()  # [E, nb, R] working copy of the block
-        Err1 = torch.empty_like(W1)  # [E, nb, R]
-        U1 = U[:, i1:i2, i1:i2]  # [E, nb, nb]
-        for i in range(nb):
-            j = i1 + i
-            if cfg.static_groups:
-                if perm is None:
-                    s, z = scale[:, :, j // G], zero[:, :, j // G]  # [E, R]
-                else:
-                    g = col_group[:, j]  # [E]
-                    s, z = scale[ar, :, g], zero[ar, :, g]  # [E, R]
-            elif j % G == 0:
-                g = j // G
-                src = W[:, :, j:j + G]  # block-start weights (the reference rule)
+        if not cfg.static_groups:
+            # Reference rule: a group's grid comes from W as it stands at the start of the current
+            # block, so all grids of the block can be computed here, before its columns.
+            for j in range(i1, i2, G):
                 loss = None
                 if cfg.grid_search is not None:
                     Mg = torch.linalg.solve_triangular(U[:, j:j + G, j:j + G], eye_g.expand(E, G, G), upper=True)
                     loss = _row_loss(Mg)
-                s, z = search_grid(src, loss, maxq, ZERO_MAX, cfg.grid_search)  # [E, R]
-                scale[:, :, g], zero[:, :, g] = s, z
-            w = W1[:, i]  # [E, R]
-            q = quantize_codes(w, s, z, maxq)  # [E, R]
-            Q[:, :, j] = q.to(torch.uint8)
-            err = (w - (q - z) * s) / U1[:, i, i, None]  # [E, R]
-            W1[:, i:] -= U1[:, i, i:, None] * err[:, None, :]  # rank-1 update of the rest of the block
-            Err1[:, i] = err
+                scale[:, :, j // G], zero[:, :, j // G] = search_grid(W[:, :, j:j + G], loss, maxq, ZERO_MAX,
+                                                                      cfg.grid_search)
+            s_blk = scale[:, :, i1 // G:i2 // G].repeat_interleave(G, dim=-1).transpose(1, 2).contiguous()
+            z_blk = zero[:, :, i1 // G:i2 // G].repeat_interleave(G, dim=-1).transpose(1, 2).contiguous()
+        elif perm is None:
+            s_blk = scale[:, :, i1 // G:i2 // G].repeat_interleave(G, dim=-1).transpose(1, 2).contiguous()
+            z_blk = zero[:, :, i1 // G:i2 // G].repeat_interleave(G, dim=-1).transpose(1, 2).contiguous()
+        else:
+            g = col_group[:, i1:i2]  # [E, nb] original group of each column of the block
+            gi = g[:, None, :].expand(E, R, nb)
+            s_blk = torch.gather(scale, 2, gi).transpose(1, 2).contiguous()  # [E, nb, R]
+            z_blk = torch.gather(zero, 2, gi).transpose(1, 2).contiguous()
+        W1 = W[:, :, i1:i2].transpose(1, 2).contiguous()  # [E, nb, R] working copy of the block
+        Q1 = torch.empty_like(W1)  # [E, nb, R] codes (float)
+        Err1 = torch.empty_like(W1)  # [E, nb, R]
+        U1 = U[:, i1:i2, i1:i2].contiguous()  # [E, nb, nb]
+        dinv = 1.0 / U1.diagonal(dim1=-2, dim2=-1)  # [E, nb]
+        for i in range(nb):
+            w, s, z, q, err = W1[:, i], s_blk[:, i], z_blk[:, i], Q1[:, i], Err1[:, i]  # [E, R] views
+            torch.div(w, s, out=q)
+            q.round_().add_(z).clamp_(0, maxq)
+            torch.sub(q, z, out=err)
+            err.mul_(s).sub_(w).mul_(-dinv[:, i, None])  # (w − dequant(q)) / U[i, i]
+            W1[:, i + 1:].addcmul_(U1[:, i, i + 1:, None], err[:, None, :], value=-1.0)  # rank-1 in block
+        Q[:, :, i1:i2] = Q1.transpose(1, 2).to(torch.uint8)
         if i2 < C:
             W[:, :, i2:] -= torch.bmm(Err1.transpose(1, 2), U[:, i1:i2, i2:])  # lazy block update
 

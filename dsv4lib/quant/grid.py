@@ -99,35 +99,44 @@ def minmax_grid(x: torch.Tensor, maxq: int, zero_max: int = 15,
     return grid_from_range(lo, hi, maxq, zero_max)
 
 
-def _candidates(x: torch.Tensor, maxq: int, zero_max: int, search: GridSearch):
-    """Yield (scale, zero) candidates [...] for x [..., G]; the first is the reference grid."""
-    gmin, gmax = x.amin(-1), x.amax(-1)
-    for p in search.shrinks():
-        yield minmax_grid(x, maxq, zero_max, shrink=p)
+def _candidate_ranges(x: torch.Tensor, search: GridSearch):
+    """Candidate ranges for x [..., G]: (lo, hi, allow_flip) each [..., K]; candidate 0 = the reference."""
+    gmin, gmax = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)  # [..., 1]
+    p = torch.tensor(search.shrinks(), dtype=x.dtype, device=x.device)  # [S]
+    lo0, hi0 = gmin.clamp(max=0.0), gmax.clamp(min=0.0)
+    both0 = (lo0 == 0) & (hi0 == 0)
+    lo0 = torch.where(both0, torch.full_like(lo0, -1.0), lo0)
+    hi0 = torch.where(both0, torch.full_like(hi0, 1.0), hi0)
+    los, his = [lo0 * p], [hi0 * p]
+    flips = [torch.zeros(p.shape[0], dtype=torch.bool, device=x.device)]
     if search.free_zero:
         center, half = (gmax + gmin) / 2, (gmax - gmin) / 2
-        for p in search.shrinks():
-            yield grid_from_range(center - half * p, center + half * p, maxq, zero_max,
-                                  negative_scale=search.negative_scale)
+        los.append(center - half * p)
+        his.append(center + half * p)
+        flips.append(torch.full_like(flips[0], search.negative_scale))
+    return torch.cat(los, -1), torch.cat(his, -1), torch.cat(flips)
 
 
-def search_grid(x: torch.Tensor, row_loss: Callable[[torch.Tensor], torch.Tensor], maxq: int,
-                zero_max: int = 15, search: GridSearch | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best grid per row of ``x [..., G]`` under ``row_loss(err [..., G]) -> [...]``.
+def search_grid(x: torch.Tensor, row_loss: Callable[[torch.Tensor], torch.Tensor] | None, maxq: int,
+                zero_max: int = 15, search: GridSearch | None = None,
+                cand_chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best grid per row of ``x [..., G]`` under ``row_loss(err [..., K, G]) -> [..., K]``.
 
-    Without ``search`` this is :func:`minmax_grid`.
+    Candidates are scored ``cand_chunk`` at a time (one batched evaluation each); ties keep the
+    earlier candidate, so the reference grid wins unless another is strictly better. Without
+    ``search`` this is :func:`minmax_grid`.
     """
     if search is None:
         return minmax_grid(x, maxq, zero_max)
-    best_s = best_z = best_l = None
-    for scale, zero in _candidates(x, maxq, zero_max, search):
-        err = x - fake_quantize(x, scale[..., None], zero[..., None], maxq)  # [..., G]
-        loss = row_loss(err)  # [...]
-        if best_l is None:
-            best_s, best_z, best_l = scale, zero, loss
-            continue
-        better = loss < best_l
-        best_s = torch.where(better, scale, best_s)
-        best_z = torch.where(better, zero, best_z)
-        best_l = torch.where(better, loss, best_l)
-    return best_s, best_z
+    lo, hi, flip = _candidate_ranges(x, search)  # [..., K]
+    scale_p, zero_p = grid_from_range(lo, hi, maxq, zero_max)
+    scale_n, zero_n = grid_from_range(lo, hi, maxq, zero_max, negative_scale=True)
+    scale = torch.where(flip, scale_n, scale_p)  # [..., K]
+    zero = torch.where(flip, zero_n, zero_p)
+    xs = x.unsqueeze(-2)  # [..., 1, G]
+    losses = []
+    for k0 in range(0, scale.shape[-1], cand_chunk):
+        s, z = scale[..., k0:k0 + cand_chunk, None], zero[..., k0:k0 + cand_chunk, None]
+        losses.append(row_loss(xs - fake_quantize(xs, s, z, maxq)))  # [..., k]
+    best = torch.cat(losses, -1).argmin(-1, keepdim=True)  # first minimum
+    return scale.gather(-1, best)[..., 0], zero.gather(-1, best)[..., 0]
