@@ -1,0 +1,45 @@
+"""Kernel dispatch for the expert backends and FP8 linears (docs/CONTRACTS.md "Experts").
+
+The backends call these on CUDA tensors (elsewhere they keep their torch paths):
+
+* ``int2_moe`` -> fp32 ``[T, D]``: ``int2_moe_decode`` for ``T <= DECODE_MAX_TOKENS`` (weights read
+  once per step, split-K), ``int2_moe_prefill`` (grouped GEMM over expert-sorted tokens) above.
+* ``fp8_linear`` -> ``x @ dequant(w, scale)^T`` in x's dtype (Triton kernel for every M; see
+  kernels/BENCHMARKS.md for the measured comparison with the torch dequant-then-matmul path).
+* ``mxfp4_moe`` -> fp32 ``[T, D]``: dequantise the routed MXFP4 experts (Triton) + torch matmuls.
+"""
+from __future__ import annotations
+
+import torch
+
+from .fp8_linear import fp8_linear as _fp8_linear
+from .int2_moe_decode import int2_moe_decode
+from .int2_moe_prefill import int2_moe_prefill
+from .mxfp4 import mxfp4_moe as _mxfp4_moe
+
+DECODE_MAX_TOKENS = 16
+
+
+def int2_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
+             w1_packed: torch.Tensor, w1_scale: torch.Tensor, w1_zero_packed: torch.Tensor,
+             w3_packed: torch.Tensor, w3_scale: torch.Tensor, w3_zero_packed: torch.Tensor,
+             w2_packed: torch.Tensor, w2_scale: torch.Tensor, w2_zero_packed: torch.Tensor,
+             limit: float) -> torch.Tensor:
+    """Routed INT2 experts: ``sum_j W2_e(weight_j * swiglu(W1_e x, W3_e x, limit))`` -> fp32 ``[T, D]``."""
+    args = (x, idx, weight, w1_packed, w1_scale, w1_zero_packed, w3_packed, w3_scale, w3_zero_packed,
+            w2_packed, w2_scale, w2_zero_packed, limit)
+    if x.shape[0] <= DECODE_MAX_TOKENS:
+        return int2_moe_decode(*args)
+    return int2_moe_prefill(*args)
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """FP8 e4m3 weight with 128x128 block scales (fp32 multiplier or E8M0) -> x's dtype."""
+    return _fp8_linear(x, w, scale)
+
+
+def mxfp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
+              w1: torch.Tensor, w1_scale: torch.Tensor, w3: torch.Tensor, w3_scale: torch.Tensor,
+              w2: torch.Tensor, w2_scale: torch.Tensor, limit: float) -> torch.Tensor:
+    """Routed MXFP4 experts (packed ``[E, out, in/2]`` + E8M0 ``[E, out, in/32]``) -> fp32 ``[T, D]``."""
+    return _mxfp4_moe(x, idx, weight, w1, w1_scale, w3, w3_scale, w2, w2_scale, limit)

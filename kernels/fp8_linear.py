@@ -1,0 +1,155 @@
+"""FP8 (e4m3) block-scaled linear: ``y = x @ (W * S)^T`` with one fp32 multiplier per 128x128 block.
+
+Layout (v4_arch.md section 3.3): ``w`` ``torch.float8_e4m3fn [N, K]``; ``scale [ceil(N/128), ceil(K/128)]``
+fp32 multiplier (E8M0 bytes / ``torch.float8_e8m0fnu`` are decoded to fp32 ``2^(e-127)`` by the
+launcher; the caller should keep them fp32 to save that launch). ``W[n, k] = e4m3(w[n, k]) * S[n//128, k//128]``.
+
+Kernel: one program per ``[BLOCK_M, BLOCK_N]`` output tile and K-split; the K loop steps one
+128-wide scale block at a time: e4m3 -> fp16 in registers (exact), ``tl.dot`` with the fp16
+activation tile (fp32 accumulation), times the block's scale column. Split-K (fp32 atomics) gives
+the small layers (wq_a 1024 rows, wkv 512 rows) enough programs for 132 SMs. Activations must stay
+below 65504 in magnitude (fp16 operands; the CPU interpreter's bf16 dot is broken).
+
+For many tokens (prefill) ``fp8_linear`` uses the same kernel with larger M tiles; the torch path
+(``fp8_linear_reference``: dequantise then matmul) is what the benchmark compares against.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 128
+
+
+@dataclass(frozen=True)
+class FP8Config:
+    block_m: int = 16
+    block_n: int = 64
+    split_k: int = 1
+    warps: int = 4
+    stages: int = 4
+
+
+def fp8_configs(m: int) -> list[FP8Config]:
+    """Candidates swept by the benchmark for M rows of activations; the first is the default."""
+    if m <= 16:
+        return [FP8Config(), FP8Config(16, 32), FP8Config(16, 128, warps=8), FP8Config(16, 64, 2),
+                FP8Config(16, 32, 4), FP8Config(16, 64, 4), FP8Config(16, 128, 2, warps=8)]
+    return [FP8Config(128, 128, warps=8, stages=3), FP8Config(64, 128, warps=4, stages=4),
+            FP8Config(128, 256, warps=8, stages=3)]
+
+
+def pick_config(m: int, n: int, k: int) -> FP8Config:
+    """Default tile: small M -> GEMV tiles with split-K until >= ~2 programs per SM."""
+    if m > 16:
+        return fp8_configs(m)[0]
+    bn = 64
+    tiles = triton.cdiv(n, bn)
+    split = 1
+    while tiles * split < 264 and split < 8 and triton.cdiv(k, BLOCK) >= 2 * split * 2:
+        split *= 2
+    return FP8Config(16, bn, split)
+
+
+@triton.jit
+def _fp8_linear_kernel(
+    # activations x [M, K] (fp32/bf16/fp16), weight [N, K] e4m3, scale [NB, KB] fp32
+    x_ptr, w_ptr, s_ptr,
+    # output y [M, N] (fp32 when SPLIT_K > 1: atomic adds into zeros)
+    y_ptr,
+    # sizes
+    M, N, K, KB,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm = rm < M
+    nm = rn < N
+    kk = tl.arange(0, 128)
+    per = tl.cdiv(KB, SPLIT_K)
+    kb_lo = pid_k * per
+    kb_hi = tl.minimum(kb_lo + per, KB)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for kb in range(kb_lo, kb_hi):
+        k = kb * 128 + kk
+        km = k < K
+        a = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + k[None, :], mask=mm[:, None] & km[None, :],
+                    other=0.0).to(tl.float16)                            # [BM, 128]
+        b = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + k[None, :], mask=nm[:, None] & km[None, :],
+                    other=0.0).to(tl.float16)                            # [BN, 128]
+        sc = tl.load(s_ptr + (rn // 128) * KB + kb, mask=nm, other=0.0)  # [BN]
+        acc += tl.dot(a, tl.trans(b)) * sc[None, :]
+    ptrs = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+    if SPLIT_K == 1:
+        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
+    else:
+        tl.atomic_add(ptrs, acc, mask=mm[:, None] & nm[None, :])
+
+
+def decode_scale(scale: torch.Tensor) -> torch.Tensor:
+    """fp32 multiplier from fp32 / ``float8_e8m0fnu`` / uint8 (E8M0 bytes) block scales."""
+    if scale.dtype == torch.float32:
+        return scale
+    if scale.dtype == torch.uint8:
+        return torch.exp2(scale.float() - 127.0)
+    if str(scale.dtype) == "torch.float8_e8m0fnu" or scale.dtype in (torch.float64, torch.float16, torch.bfloat16):
+        return scale.float()
+    raise ValueError(f"kernels.fp8_linear: scale must be fp32 or e8m0, got {scale.dtype}")
+
+
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *,
+               config: FP8Config | None = None) -> torch.Tensor:
+    """``x [..., K] @ dequant(w [N, K], scale)^T -> [..., N]`` in x's dtype."""
+    if w.dtype != torch.float8_e4m3fn or w.dim() != 2:
+        raise ValueError(f"kernels.fp8_linear: w must be float8_e4m3fn [N, K], got {w.dtype} {tuple(w.shape)}")
+    N, K = w.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"kernels.fp8_linear: x has K={x.shape[-1]}, w has K={K}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"kernels.fp8_linear: x must be fp32/bf16/fp16, got {x.dtype}")
+    NB, KB = triton.cdiv(N, BLOCK), triton.cdiv(K, BLOCK)
+    if tuple(scale.shape) != (NB, KB):
+        raise ValueError(f"kernels.fp8_linear: scale shape {tuple(scale.shape)} != {(NB, KB)}")
+    if not w.is_contiguous():
+        raise ValueError("kernels.fp8_linear: w must be contiguous")
+    if w.device != x.device or scale.device != x.device:
+        raise ValueError(f"kernels.fp8_linear: x on {x.device}, w on {w.device}, scale on {scale.device}")
+    s = decode_scale(scale).contiguous()
+    x2 = x.reshape(-1, K).contiguous()
+    M = x2.shape[0]
+    cfg = config or pick_config(M, N, K)
+    if cfg.split_k > 1:
+        y = torch.zeros((M, N), dtype=torch.float32, device=x.device)
+    else:
+        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), cfg.split_k)
+    _fp8_linear_kernel[grid](x2, w, s, y, M, N, K, KB,
+                             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
+                             num_warps=cfg.warps, num_stages=cfg.stages)
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+# ----------------------------------------------------------------------------- torch reference
+def dequantize_fp8_reference(w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """fp32 ``W = e4m3(w) * S[n//128, k//128]``."""
+    N, K = w.shape
+    s = decode_scale(scale).repeat_interleave(BLOCK, 0)[:N].repeat_interleave(BLOCK, 1)[:, :K]
+    return w.float() * s
+
+
+def fp8_linear_reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Torch path: dequantise to x's dtype, then matmul."""
+    return x @ dequantize_fp8_reference(w, scale).to(x.dtype).T
+
+
+def random_fp8(n: int, k: int, device="cpu", generator: torch.Generator | None = None):
+    """Synthetic FP8 weight (e4m3 of N(0,1)) with random fp32 power-of-two block scales ~1e-2."""
+    w = torch.randn((n, k), device=device, generator=generator).to(torch.float8_e4m3fn)
+    e = torch.randint(-9, -5, (triton.cdiv(n, BLOCK), triton.cdiv(k, BLOCK)), device=device, generator=generator)
+    return w, torch.exp2(e.float())

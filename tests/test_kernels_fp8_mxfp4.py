@@ -1,0 +1,79 @@
+"""FP8 block-scaled linear and MXFP4 dequant / MoE kernels against their torch references."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from dsv4lib.kernels.dispatch import fp8_linear, mxfp4_moe  # noqa: E402
+from dsv4lib.kernels.fp8_linear import FP8Config, fp8_linear_reference, random_fp8  # noqa: E402
+from dsv4lib.kernels.mxfp4 import (dequantize_mxfp4, dequantize_mxfp4_reference, mxfp4_moe_reference,  # noqa: E402
+                                   random_mxfp4)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _rel(a, b):
+    assert torch.isfinite(a).all()
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("M,N,K,cfg", [(1, 200, 384, None), (3, 130, 256, FP8Config(16, 32, 2)),
+                                       (16, 64, 128, None), (40, 70, 256, FP8Config(32, 32))])
+def test_fp8_linear_matches_reference(M, N, K, cfg):
+    g = torch.Generator(device=DEV).manual_seed(M)
+    w, s = random_fp8(N, K, DEV, g)
+    x = torch.randn(M, K, device=DEV, generator=g)
+    from dsv4lib.kernels.fp8_linear import fp8_linear as kernel
+    y = kernel(x, w, s, config=cfg)
+    assert y.shape == (M, N) and y.dtype == x.dtype
+    assert _rel(y, fp8_linear_reference(x.double(), w, s.double())) < 1e-3
+
+
+def test_fp8_linear_e8m0_scale_and_batch_dims():
+    g = torch.Generator(device=DEV).manual_seed(7)
+    w, s = random_fp8(96, 256, DEV, g)
+    e8 = (torch.log2(s) + 127).to(torch.uint8)                           # E8M0 bytes of the same scales
+    x = torch.randn(2, 3, 256, device=DEV, generator=g).to(torch.bfloat16)
+    y = fp8_linear(x, w, e8)
+    assert y.shape == (2, 3, 96) and y.dtype == torch.bfloat16
+    assert _rel(y, fp8_linear_reference(x.double(), w, s.double())) < 1e-2
+    with pytest.raises(ValueError, match="scale"):
+        fp8_linear(x, w, s[:, :1])
+
+
+def test_mxfp4_dequant_exact():
+    g = torch.Generator(device=DEV).manual_seed(3)
+    p, sc = random_mxfp4(3, 40, 128, device=DEV, generator=g)
+    sc[0, 0, 0] = 0                                                       # smallest E8M0 (2^-127)
+    out = dequantize_mxfp4(p, sc, torch.float32)
+    assert torch.equal(out, dequantize_mxfp4_reference(p, sc))
+    code = torch.tensor([[0x9F]], dtype=torch.uint8, device=DEV)          # low 0xF = -6, high 0x9 = -0.5
+    one = torch.tensor([[127]], dtype=torch.uint8, device=DEV)
+    small = dequantize_mxfp4(code.repeat(1, 16), one, torch.float32)
+    assert small[0, :2].tolist() == [-6.0, -0.5]
+
+
+def test_mxfp4_moe_matches_reference():
+    g = torch.Generator(device=DEV).manual_seed(4)
+    E, D, I = 4, 128, 64
+    w1, w3, w2 = (random_mxfp4(E, I, D, device=DEV, generator=g), random_mxfp4(E, I, D, device=DEV, generator=g),
+                  random_mxfp4(E, D, I, device=DEV, generator=g))
+    x = torch.randn(3, D, device=DEV, generator=g)
+    idx = torch.tensor([[0, 1], [1, 2], [3, 1]], device=DEV)
+    wt = torch.rand(3, 2, device=DEV, generator=g) + 0.5
+    y = mxfp4_moe(x, idx, wt, *w1, *w3, *w2, 7.0)
+    assert _rel(y, mxfp4_moe_reference(x, idx, wt, *w1, *w3, *w2, 7.0)) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("M", [1, 16, 300])
+@pytest.mark.parametrize("N,K", [(1024, 4096), (32768, 1024), (4096, 8192)])
+def test_fp8_full_shapes_gpu(M, N, K):
+    g = torch.Generator(device=DEV).manual_seed(N + M)
+    w, s = random_fp8(N, K, DEV, g)
+    x = torch.randn(M, K, device=DEV, generator=g, dtype=torch.bfloat16)
+    assert _rel(fp8_linear(x, w, s), fp8_linear_reference(x.double(), w, s.double())) < 1e-2
