@@ -81,7 +81,7 @@ def main() -> int:
     ap.add_argument("--experts", type=int, default=256)
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--inter", type=int, default=2048)
-    ap.add_argument("--chunk", type=int, default=32, help="experts per batched solve")
+    ap.add_argument("--chunk", type=int, default=64, help="experts per batched solve")
     ap.add_argument("--tokens", type=int, default=262144, help="calibration tokens for the Hessian timing")
     ap.add_argument("--token-chunk", type=int, default=65536)
     ap.add_argument("--variants", default="default,reference,actorder", help="comma list")
@@ -110,6 +110,7 @@ def main() -> int:
     W2 = torch.randn(E, D, I, device=dev, generator=gen, dtype=torch.bfloat16) * 0.02
     _sync(dev)
     result["setup_s"] = time.perf_counter() - t
+    print(f"setup {result['setup_s']:.1f} s", flush=True)
     torch.backends.cuda.matmul.allow_tf32 = False
     for name in [v for v in args.variants.split(",") if v]:
         base, _, chunk = name.partition("@")  # "default@64": another expert chunk
@@ -127,6 +128,7 @@ def main() -> int:
             print(*rows[-1], flush=True)
             del res
         result["solves"][name] = {"layer_s": layer_t, "peak_gib": peak, "rel_err": rel}
+        _write(args.out, result)  # partial results survive a timeout
     if not args.skip_hessian:
         for D_in in (D, I):
             dt = time_hessian(args.tokens, D_in, E, min(6, E), dev, args.token_chunk)
@@ -139,9 +141,13 @@ def main() -> int:
         print(f"{r[0]:<10} {r[1]:<9} {r[2]:8.2f} {r[3]:9.1f} {r[4]:8.4f} {r[5]:7d}")
     for name, v in result["solves"].items():
         print(f"{name}: {v['layer_s']:.2f} s per layer (w1+w3 stacked, w2), peak {v['peak_gib']:.1f} GiB")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    _write(args.out, result)
     return 0
+
+
+def _write(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ class GPTQConfig:
     zero_dead_columns: bool = False
     damp_factor: float = 10.0
     max_damp_tries: int = 4
-    expert_chunk: int = 32
+    expert_chunk: int = 64
 
     def __post_init__(self):
         if self.bits != 2:

@@ -32,7 +32,7 @@ class GridSearch:
     lets all-positive groups use ``s < 0`` so their levels need not include 0.
     """
 
-    n_shrink: int = 16
+    n_shrink: int = 8
     max_shrink: float = 0.45
     free_zero: bool = True
     negative_scale: bool = True
