@@ -207,3 +207,23 @@ def test_bad_release_raises_one_clear_error(release, tmp_path, defect):
             call()
         msg = str(ei.value)
         assert file in msg and tensor in msg and what in msg, msg
+
+
+def test_release_without_mtp_shard_loads_without_mtp(release, rounded, tmp_path, ids, cfg):
+    d = tmp_path / "nomtp"
+    shutil.copytree(release, d)
+    mtp_file = expected_tensors(cfg)[-1].file
+    (d / mtp_file).unlink()
+    _index_edit(d, lambda wm: [wm.pop(n) for n in [k for k in wm if k.startswith("mtp.")]])
+    loaded = load_model(d)
+    assert len(loaded.mtp) == 0 and "mtp" not in model_memory_report(loaded)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), rounded(ids))
+
+
+def test_unvalidated_load_still_names_missing_tensor(release, tmp_path):
+    d = tmp_path / "bad"
+    shutil.copytree(release, d)
+    _drop_from_index(d)
+    with pytest.raises(CheckpointError, match="layers.0.attn.kv_norm.weight"):
+        load_model(d, validate=False)

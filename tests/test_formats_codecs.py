@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from dsv4lib.formats import e8m0, fp8, int2, mxfp4
 
-FAST = settings(max_examples=25, deadline=None)
+FAST = settings(max_examples=25, deadline=None, database=None)  # no .hypothesis dir in the tree
 
 
 # ---------------------------------------------------------------- e8m0

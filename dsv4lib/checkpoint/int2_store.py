@@ -129,7 +129,7 @@ class Int2Store:
         self._check_tensors(layer, tensors, str(self.root / layer_file(layer)))
         flat = {f"{p}.{k}": tensors[p][k].detach().cpu().contiguous() for p in PROJS for k in KEYS}
         path = atomic.save_safetensors(self.root / layer_file(layer), flat,
-                                       metadata={"format": FORMAT, "group_size": str(self.group_size)})
+                                       metadata={"format": "pt"})  # one key: safetensors orders metadata randomly
         m = self._checked_manifest() or self._new_manifest()
         m["library_version"] = library_version()
         m["files"][path.name] = {"sha256": file_sha256(path), "bytes": path.stat().st_size, "layer": layer}

@@ -17,7 +17,7 @@ from torch import nn
 
 from dsv4lib.checkpoint.errors import CheckpointError, Problem
 from dsv4lib.checkpoint.int2_store import Int2Store, layer_file
-from dsv4lib.checkpoint.reader import ReleaseReader, scale_finite
+from dsv4lib.checkpoint.reader import INDEX, ReleaseReader, scale_finite
 from dsv4lib.checkpoint.schema import layer_prefix, release_format
 from dsv4lib.formats import fp8
 from dsv4lib.formats import int2 as int2_codec
@@ -38,10 +38,6 @@ def _meta_dense_experts() -> Iterator[None]:
         yield
     finally:
         moe.DenseExperts = saved
-
-
-def _moe_layers(config) -> list[int]:
-    return list(range(config.num_hidden_layers + config.num_nextn_predict_layers))
 
 
 def _assign(model: nn.Module, name: str, t: torch.Tensor, file: str) -> None:
@@ -88,11 +84,11 @@ def load_model(ref_dir: str | Path, int2_dir: str | Path | None = None, device: 
 
     with _meta_dense_experts():
         model = DeepseekV4(cfg, dtype=dtype, device=device)
+    if not any(n.startswith("mtp.") for n in reader.weight_map):
+        model.mtp = nn.ModuleList()  # release without the MTP shard (e.g. Flash-Base): no MTP module
     E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
     backends: dict[str, tuple[int, nn.Module]] = {}
-    for li in _moe_layers(cfg):
-        if li >= cfg.num_hidden_layers + len(model.mtp):
-            continue
+    for li in range(cfg.num_hidden_layers + len(model.mtp)):
         if li in int2_layers:
             t = store.read_layer(li, verify_sha=verify_sha, device=device)
             backends[layer_prefix(cfg, li)] = (li, INT2Experts.from_tensors(t, int2_codec.GROUP))
@@ -102,8 +98,14 @@ def load_model(ref_dir: str | Path, int2_dir: str | Path | None = None, device: 
             backends[layer_prefix(cfg, li)] = (li, DenseExperts(E, D, I, dtype, device))
 
     names = set(reader.weight_map)
+    int2_prefixes = {p for p, (_, b) in backends.items() if isinstance(b, INT2Experts)}
+
+    def needed(name: str) -> bool:  # routed experts replaced by INT2 are never read
+        return not (".ffn.experts." in name and name.split("ffn.experts.")[0] in int2_prefixes)
+
+    loaded: set[str] = set()
     for file in reader.files:
-        shard = dict(reader.iter_shard(file))
+        shard = dict(reader.iter_shard(file, [n for n, f in reader.weight_map.items() if f == file and needed(n)]))
         path = str(reader.root / file)
         for name, t in shard.items():
             if name.endswith(".scale"):
@@ -114,8 +116,6 @@ def load_model(ref_dir: str | Path, int2_dir: str | Path | None = None, device: 
                 prefix, rest = name.split("ffn.experts.")
                 e, proj = int(rest.split(".")[0]), rest.split(".")[1]
                 li, backend = backends[prefix]
-                if isinstance(backend, INT2Experts):
-                    continue
                 sc = shard.get(name[: -len("weight")] + "scale")
                 if isinstance(backend, MXFP4Experts):
                     backend.set_expert(e, proj, t.to(device), sc.to(device))
@@ -131,12 +131,19 @@ def load_model(ref_dir: str | Path, int2_dir: str | Path | None = None, device: 
                 sc = shard[sname] if sname in shard else reader.get(sname)
                 lin = model.get_submodule(name[: -len(".weight")])
                 lin.set_fp8(t.to(device), fp8.scale_to_float(sc).to(device))
+                loaded.add(name)
                 continue
             _assign(model, name, t.to(device), path)
+            loaded.add(name)
         del shard
     reader.close()
     for prefix, (li, backend) in backends.items():
         model.set_expert_backend(li, backend)
+    state_names = {n for n in model.state_dict() if ".ffn.experts." not in n and not n.endswith(".scale")}
+    if state_names - loaded:
+        left = sorted(state_names - loaded)
+        raise CheckpointError([Problem(str(reader.root / INDEX), n, "model tensor not found in the release")
+                               for n in left])
     for p in model.parameters():
         p.requires_grad_(False)
     if any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers()):
