@@ -62,6 +62,9 @@ def test_reader_accepts_underscore_spelling_and_int32(tmp_path, cfg):
     back = Int2Store(tmp_path, cfg).read_layer(3)
     assert back["w2"]["w_packed"].dtype == torch.uint32
     assert torch.equal(back["w2"]["w_packed"], t["w2"]["w_packed"])
+    prefixed = {f"layers.4.ffn.experts.{p}.{k}": v for p, d in t.items() for k, v in d.items()}
+    save_file(prefixed, str(tmp_path / layer_file(4)))
+    assert torch.equal(Int2Store(tmp_path, cfg).read_layer(4)["w3"]["w_scale"], t["w3"]["w_scale"])
 
 
 @pytest.mark.parametrize("defect", ["shape", "dtype", "nan", "missing"])
@@ -156,3 +159,14 @@ def test_int2_experts_backend_matches_dequantized_dense(cfg):
             h = torch.nn.functional.silu((a @ x[t_]).clamp(max=10)) * (b @ x[t_]).clamp(-10, 10)
             ref[t_] += c @ (h * wt[t_, j])
     assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_v4_flash_layer_shapes_match_the_contract():
+    from dsv4lib.checkpoint.int2_store import expected_layer_shapes
+    s = expected_layer_shapes(ModelConfig.v4_flash())
+    assert s["w1"]["w_packed"] == ((256, 2048, 256), torch.uint32)
+    assert s["w3"]["w_scale"] == ((256, 2048, 64), torch.float16)
+    assert s["w2"]["w_zero_packed"] == ((256, 4096, 16), torch.int8)
+    nbytes = sum(torch.Size(sh).numel() * torch.empty((), dtype=dt).element_size()
+                 for p in s.values() for sh, dt in p.values())
+    assert nbytes * 43 == 277_025_390_592 * 2.3125 / 8  # 2 bits + fp16 scale/64 + 4-bit zero/64

@@ -63,10 +63,13 @@ def expected_layer_shapes(config, group_size: int = int2.GROUP) -> dict[str, dic
 
 
 def _find(keys: set[str], p: str, k: str) -> str | None:
+    """``{p}.{k}`` or ``{p}_{k}``; else a unique key ending in one of them after a prefix
+    (e.g. ``layers.3.ffn.experts.w1.w_packed``)."""
     for cand in (f"{p}.{k}", f"{p}_{k}"):
         if cand in keys:
             return cand
-    return None
+    hits = [n for n in keys if any(n.endswith(sep + c) for c in (f"{p}.{k}", f"{p}_{k}") for sep in "._")]
+    return hits[0] if len(hits) == 1 else None
 
 
 class Int2Store:
