@@ -62,6 +62,7 @@ def test_thinking_reply_split_into_reasoning_and_content(tok):
         assert msg["reasoning_content"] == res.text and msg["content"] == ""
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (ROOT / "data" / "tiny-v4" / "config.json").is_file(), reason="embedded model not built yet")
 def test_cli_chat_through_a_pipe():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

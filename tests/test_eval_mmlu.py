@@ -163,3 +163,5 @@ def test_resume_skips_finished_subjects(tok, questions, tmp_path):
     r3 = M.evaluate_mmlu(model, tok, qs, subjects=subjects, per_subject=3, results_dir=tmp_path)
     assert r3.n == 6                                          # different settings: not reused
     assert "OVERALL" in M.format_table(r3)
+    r4 = M.evaluate_mmlu(model, tok, qs, subjects=subjects, limit=5)
+    assert r4.n == 5 and r4.acc == 1.0 and [r.n for r in r4.subjects.values()] == [5]

@@ -18,6 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dev", default=None, help="dev split file for the exemplars (else first test questions)")
     p.add_argument("--subjects", default=None, help="comma-separated subjects (default: all 57)")
     p.add_argument("--per-subject", type=int, default=None, help="seeded sample of N questions per subject")
+    p.add_argument("--limit", type=int, default=None, help="score at most N questions in total (smoke runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-batch-tokens", type=int, default=8192)
     p.add_argument("--max-prompt-tokens", type=int, default=None)
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     model, tok = load_model_and_tokenizer(args)
     res = M.evaluate_mmlu(model, tok, questions, shots=args.shots, template=args.template, dev_questions=dev,
                           subjects=args.subjects.split(",") if args.subjects else None,
-                          per_subject=args.per_subject, seed=args.seed, max_batch_tokens=args.max_batch_tokens,
+                          per_subject=args.per_subject, limit=args.limit, seed=args.seed, max_batch_tokens=args.max_batch_tokens,
                           max_prompt_tokens=args.max_prompt_tokens, results_dir=args.results_dir,
                           progress=lambda r: print(f"{r.subject:40s} {r.n:5d} {r.acc:7.2%}", file=sys.stderr))
     print(M.format_table(res))

@@ -269,11 +269,13 @@ def select_questions(subject_qs: Sequence[Question], shots: int, dev: Sequence[Q
 
 def evaluate_mmlu(model, tokenizer, questions: Sequence[Question], *, shots: int = 0, template: str = "chat",
                   dev_questions: Sequence[Question] | None = None, subjects: Sequence[str] | None = None,
-                  per_subject: int | None = None, seed: int = 0, max_batch_tokens: int = 8192, max_batch: int = 32,
+                  per_subject: int | None = None, limit: int | None = None, seed: int = 0, max_batch_tokens: int = 8192, max_batch: int = 32,
                   max_prompt_tokens: int | None = None, results_dir: str | Path | None = None,
                   progress: Callable[[SubjectResult], None] | None = None) -> MMLUResult:
     """Score ``questions`` subject by subject; see the module docstring for the protocol.
 
+    ``limit``: score at most this many questions in total (subjects in alphabetical order; a quick
+    smoke run — the last subject may be partial and later ones skipped).
     ``max_prompt_tokens``: a k-shot prompt longer than this drops exemplars (last first) until it fits.
     ``results_dir``: per-subject JSON files for resuming (a file is reused only if its settings match).
     """
@@ -286,20 +288,26 @@ def evaluate_mmlu(model, tokenizer, questions: Sequence[Question], *, shots: int
             raise ValueError(f"unknown MMLU subjects {sorted(unknown)}")
         groups = {s: groups[s] for s in subjects}
     choice_ids = letter_ids(tokenizer, template)
-    settings = {"shots": shots, "template": template, "per_subject": per_subject, "seed": seed,
+    settings = {"shots": shots, "template": template, "per_subject": per_subject, "limit": limit, "seed": seed,
                 "dev": bool(dev_questions), "vocab_size": tokenizer.vocab_size}
     rdir = Path(results_dir) if results_dir is not None else None
     if rdir is not None:
         rdir.mkdir(parents=True, exist_ok=True)
     results: dict[str, SubjectResult] = {}
+    remaining = limit if limit is not None else float("inf")
     for subject, qs in groups.items():
+        if remaining <= 0:
+            break
         part = rdir / f"{subject}.json" if rdir is not None else None
         if part is not None and part.is_file():
             saved = json.loads(part.read_text())
             if saved.get("settings") == settings:
                 results[subject] = _subject_result(subject, saved["preds"], saved["answers"])
+                remaining -= results[subject].n
                 continue
         exemplars, pool = select_questions(qs, shots, dev_groups.get(subject), per_subject, seed)
+        pool = pool[: int(min(len(pool), remaining))]
+        remaining -= len(pool)
         prompts = []
         for q in pool:
             k = len(exemplars)
