@@ -112,6 +112,10 @@ def test_int2_dir_loads_and_runs(release, rounded, tmp_path, ids, cfg):
     E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
     per_layer = 3 * E * (I * D // 4 + I * D // 64 * 2 + I * D // 128)
     assert rep["routed_experts"] == cfg.num_hidden_layers * per_layer
+    sim = load_model(release, tmp_path / "int2", lowp_sim=True)
+    assert sim.lowp_sim and sim.layers[1].ffn.experts.lowp
+    with torch.no_grad():
+        assert torch.isfinite(sim(ids)).all()
     (tmp_path / "int2" / "layer_02.safetensors").unlink()
     with pytest.raises(CheckpointError, match="layer_02.safetensors"):
         load_model(release, tmp_path / "int2")
@@ -227,3 +231,11 @@ def test_unvalidated_load_still_names_missing_tensor(release, tmp_path):
     _drop_from_index(d)
     with pytest.raises(CheckpointError, match="layers.0.attn.kv_norm.weight"):
         load_model(d, validate=False)
+
+
+def test_loader_builds_dense_experts_on_meta(cfg):
+    from dsv4lib.checkpoint.loader import _meta_dense_experts
+    with _meta_dense_experts():
+        m = DeepseekV4(cfg)
+    assert all(p.is_meta for b in list(m.layers) + list(m.mtp) for p in b.ffn.experts.parameters())
+    assert not any(p.is_meta for n, p in m.named_parameters() if ".ffn.experts." not in n)
