@@ -239,3 +239,13 @@ def test_loader_builds_dense_experts_on_meta(cfg):
         m = DeepseekV4(cfg)
     assert all(p.is_meta for b in list(m.layers) + list(m.mtp) for p in b.ffn.experts.parameters())
     assert not any(p.is_meta for n, p in m.named_parameters() if ".ffn.experts." not in n)
+
+
+def test_load_without_experts_leaves_them_on_meta(release, rounded, ids, cfg):
+    m = load_model(release, load_experts=False)
+    assert all(p.is_meta for b in m.layers for p in b.ffn.experts.parameters())
+    assert "routed_experts" not in model_memory_report(m)
+    for li in range(cfg.num_hidden_layers + 1):
+        m.set_expert_backend(li, rounded.moe_layer(li).experts)
+    with torch.no_grad():
+        assert torch.equal(m(ids), rounded(ids))

@@ -57,12 +57,14 @@ def _assign(model: nn.Module, name: str, t: torch.Tensor, file: str) -> None:
 
 def load_model(ref_dir: str | Path, int2_dir: str | Path | None = None, device: str | torch.device = "cpu",
                dtype: torch.dtype = torch.float32, lowp_sim: bool = False, config=None,
-               validate: bool = True, verify_sha: bool = True):
+               validate: bool = True, verify_sha: bool = True, load_experts: bool = True):
     """Build a ``DeepseekV4`` from a release dir (+ optional INT2 expert dir).
 
     ``dtype``: compute dtype of the non-FP8 parameters. ``validate`` checks the release against the
     schema first (headers only; scales are checked for NaN/Inf as they load). With ``int2_dir`` every
     main MoE layer must have an INT2 file; MTP layers without one fall back to the release's MXFP4.
+    ``load_experts=False`` reads no routed expert at all and leaves each layer's dense expert stack
+    on the meta device (for callers that install their own backends layer by layer, e.g. GPTQ).
     Raises :class:`CheckpointError` on bad input.
     """
     from dsv4lib.model import DeepseekV4
@@ -88,7 +90,7 @@ def load_model(ref_dir: str | Path, int2_dir: str | Path | None = None, device: 
         model.mtp = nn.ModuleList()  # release without the MTP shard (e.g. Flash-Base): no MTP module
     E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
     backends: dict[str, tuple[int, nn.Module]] = {}
-    for li in range(cfg.num_hidden_layers + len(model.mtp)):
+    for li in range(cfg.num_hidden_layers + len(model.mtp)) if load_experts else ():
         if li in int2_layers:
             t = store.read_layer(li, verify_sha=verify_sha, device=device)
             backends[layer_prefix(cfg, li)] = (li, INT2Experts.from_tensors(t, int2_codec.GROUP))
@@ -101,7 +103,9 @@ def load_model(ref_dir: str | Path, int2_dir: str | Path | None = None, device: 
     int2_prefixes = {p for p, (_, b) in backends.items() if isinstance(b, INT2Experts)}
 
     def needed(name: str) -> bool:  # routed experts replaced by INT2 are never read
-        return not (".ffn.experts." in name and name.split("ffn.experts.")[0] in int2_prefixes)
+        if ".ffn.experts." not in name:
+            return True
+        return load_experts and name.split("ffn.experts.")[0] not in int2_prefixes
 
     loaded: set[str] = set()
     for file in reader.files:
@@ -146,8 +150,9 @@ def load_model(ref_dir: str | Path, int2_dir: str | Path | None = None, device: 
                                for n in left])
     for p in model.parameters():
         p.requires_grad_(False)
-    if any(p.is_meta for p in model.parameters()) or any(b.is_meta for b in model.buffers()):
-        left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers()) if p.is_meta]
+    left = [n for n, p in list(model.named_parameters()) + list(model.named_buffers())
+            if p.is_meta and (load_experts or ".ffn.experts." not in n)]
+    if left:
         raise CheckpointError(Problem(str(reader.root), left[0], f"not loaded ({len(left)} tensors left on meta)"))
     if lowp_sim:
         model.set_lowp_sim(True)
