@@ -10,7 +10,7 @@ from dsv4lib import DeepseekV4, ModelConfig
 from dsv4lib.checkpoint import Int2Store, load_model, save_release
 from dsv4lib.formats import int2
 from dsv4lib.quant import coverage as cov
-from dsv4lib.quant.pipeline import layer_errors, make_options, quantize, quantize_rtn
+from dsv4lib.quant.pipeline import layer_errors, make_options, quantize
 
 LAYERS = (0, 1, 2)  # hash layers 0, 1 and a top-k layer
 
@@ -104,7 +104,16 @@ def test_pipeline_balanced_vs_routed_resume_and_fallbacks(release, tmp_path):
 @pytest.mark.slow
 def test_rtn_dir_and_loading(release, tmp_path):
     cfg, ref, ids = release
-    quantize_rtn(ref, tmp_path / "rtn")
+    from dsv4lib.cli import main
+    assert main(["quantize", "--ref", str(ref), "--out", str(tmp_path / "rtn"), "--rtn-only"]) == 0
+    t = Int2Store(tmp_path / "rtn", cfg).read_layer(3)
+    dense = load_model(ref).moe_layer(3).experts.dequantize_expert(5)[2]  # w2 of expert 5
+    deq = int2.dequantize(t["w2"]["w_packed"][5], t["w2"]["w_scale"][5], t["w2"]["w_zero_packed"][5])
+    half_step = t["w2"]["w_scale"][5].float().repeat_interleave(64, -1) / 2
+    assert bool(((deq - dense).abs() <= half_step * 1.001).all())  # min-max grid: every weight within ½ step
+    q, s, z = int2.quantize_rtn(dense)  # same grid; rounding of exact MXFP4 ties may differ
+    assert torch.equal(s, t["w2"]["w_scale"][5])
+    assert (deq == int2.dequantize_codes(q, s, z)).float().mean() > 0.9
     model = load_model(ref, tmp_path / "rtn")
     logits = model(ids[:1, :8])
     assert logits.shape == (1, 8, cfg.vocab_size) and torch.isfinite(logits).all()

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from dsv4lib.model.experts import ExpertBackend, swiglu
+from dsv4lib.model.experts import DenseExperts, ExpertBackend, swiglu
 from dsv4lib.quant import coverage as cov
 from dsv4lib.quant.fallback import fallback_quantize
 from dsv4lib.quant.gptq import GPTQConfig, gptq_batched, output_error
@@ -237,6 +237,14 @@ def _capture(model, li: int, X: torch.Tensor, ids: torch.Tensor, bs: int, device
     return {k: torch.cat(v) for k, v in got.items()}
 
 
+def _dense_backend(ws: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> DenseExperts:
+    w1, w3, w2 = ws
+    be = DenseExperts(w1.shape[0], w1.shape[2], w1.shape[1], w1.dtype, w1.device)
+    with torch.no_grad():
+        be.w1.copy_(w1), be.w3.copy_(w3), be.w2.copy_(w2)
+    return be
+
+
 def _save_state(path: Path, layer: int, X: torch.Tensor, fingerprint: str) -> None:
     from dsv4lib.checkpoint import atomic
     atomic.atomic_write(path, lambda p: torch.save({"next_layer": layer, "hidden": X, "options": fingerprint}, p))
@@ -321,10 +329,12 @@ def quantize(ref_dir: str | Path, out_dir: str | Path, *, options: QuantizeOptio
             written += 1
             if on_layer is not None:
                 on_layer(li, lstats)
-        else:  # finished (or not selected) layer: feed its INT2 experts (or null) forward
+        else:  # finished layer: its INT2 experts; layer not selected: the release's own experts
             if store.has_layer(li):
                 t = store.read_layer(li, device=device)
                 model.set_expert_backend(li, INT2Experts.from_tensors(t))
+            else:
+                model.set_expert_backend(li, _dense_backend(read_layer_experts(reader, li, device)))
             X = _run_layer(model, li, X, ids, opts.batch_size, device)
         model.set_expert_backend(li, NullExperts(E, D, I))  # keep at most one layer's experts resident
         bar.update(1)
