@@ -280,7 +280,7 @@ def quantize(ref_dir: str | Path, out_dir: str | Path, *, options: QuantizeOptio
     ids = calib_ids if calib_ids is not None else calibration_ids(ref_dir, opts)  # [N, S]
     if ids.dim() != 2 or int(ids.max()) >= cfg.vocab_size or int(ids.min()) < 0:
         raise ValueError(f"quantize: calibration ids must be [N, S] in 0..{cfg.vocab_size - 1}")
-    model = load_model(ref_dir, device=device)
+    model = load_model(ref_dir, device=device, load_experts=False)  # no routed expert is read here
     E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
     for li in range(cfg.num_hidden_layers):  # only the current layer's experts will ever be resident
         model.set_expert_backend(li, NullExperts(E, D, I))
