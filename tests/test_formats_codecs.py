@@ -209,3 +209,12 @@ def test_int2_rejects_bad_codes():
         int2.pack_codes(torch.zeros(15, dtype=torch.uint8))
     with pytest.raises(TypeError):
         int2.unpack_codes(torch.zeros(3, dtype=torch.int64))
+
+
+def test_int2_rtn_degenerate_groups():
+    w = torch.zeros(2, 128)
+    w[1, 64:] = 1e-9  # constant / subnormal-range group
+    q, s, z = int2.quantize_rtn(w)
+    assert torch.isfinite(s.float()).all() and (s.float() > 0).all()
+    d = int2.dequantize_codes(q, s, z)
+    assert torch.isfinite(d).all() and d.abs().max() < 1e-4

@@ -107,7 +107,8 @@ def quantize_rtn(w: torch.Tensor, group_size: int = GROUP,
     g = w.float().unflatten(-1, (-1, group_size))  # [..., K/G, G]
     lo = g.amin(-1).clamp(max=0.0)
     hi = g.amax(-1).clamp(min=0.0)
-    scale = ((hi - lo) / 3).clamp_min(1e-8).to(torch.float16)  # [..., K/G]
+    fp16 = torch.finfo(torch.float16)
+    scale = ((hi - lo) / 3).clamp(fp16.smallest_normal, fp16.max).to(torch.float16)  # [..., K/G]
     s = scale.float()
     zero = torch.round(-lo / s).clamp(0, 3)
     q = torch.round(g / s.unsqueeze(-1) + zero.unsqueeze(-1)).clamp(0, 3)
