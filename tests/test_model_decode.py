@@ -67,3 +67,19 @@ def test_mtp_logits_and_cache():
     with torch.no_grad():
         other = m.mtp_logits(X, (ids[:, 1:] + 1) % cfg.vocab_size)
     assert not torch.allclose(other, full)
+
+
+@pytest.mark.parametrize("prefill", [5, 16, 20, 30, 31, 40])
+def test_decode_after_prefill_shorter_than_the_window(prefill):
+    """Regression: a prefill shorter than sliding_window−1 once kept only its *last* few window
+    entries (negative slice start), so the next decode step lost keys (embedded config, window 32)."""
+    cfg = ModelConfig.embedded()
+    m = _model(cfg, torch.float32, False)
+    ids = torch.randint(0, cfg.vocab_size, (1, prefill + 3), generator=torch.Generator().manual_seed(prefill))
+    with torch.no_grad():
+        full = m(ids)
+        cache = m.new_cache(1, prefill + 3)
+        parts = [m(ids[:, :prefill], cache)] + [m(ids[:, t:t + 1], cache) for t in range(prefill, prefill + 3)]
+    got = torch.cat(parts, 1)
+    rel = ((got - full).abs().max() / full.abs().max()).item()
+    assert rel <= 1e-4, rel

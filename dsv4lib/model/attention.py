@@ -57,7 +57,7 @@ class Attention(nn.Module):
             prev = lc.window if lc.window is not None else kv.new_zeros(B, 0, c)
             win = torch.cat([prev, kv], 1)                                  # [B, Nw, c]
             keep = self.window - 1
-            lc.window = win[:, win.shape[1] - keep:] if keep > 0 else win[:, :0]
+            lc.window = win[:, max(0, win.shape[1] - keep):] if keep > 0 else win[:, :0]
         else:
             win = kv
         kpos = start_pos - (win.shape[1] - S) + torch.arange(win.shape[1], device=x.device)
