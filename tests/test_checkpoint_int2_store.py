@@ -148,9 +148,10 @@ def test_int2_experts_backend_matches_dequantized_dense(cfg):
                                            t["w2"]["w_zero_packed"][5]))
     E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
     assert m.resident_bytes() == 3 * E * I * D // 4 + 3 * E * I * D // 64 * 2 + 3 * E * I * D // 128
-    x = torch.randn(7, D)
-    idx = torch.randint(0, E, (7, 2))
-    wt = torch.rand(7, 2)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(7, D, generator=g)
+    idx = torch.randint(0, E, (7, 2), generator=g)
+    wt = torch.rand(7, 2, generator=g)
     y = m(x, idx, wt, cfg.swiglu_limit)
     ref = torch.zeros(7, D)
     for t_ in range(7):
@@ -158,7 +159,7 @@ def test_int2_experts_backend_matches_dequantized_dense(cfg):
             a, b, c = m.dequantize_expert(int(idx[t_, j]))
             h = torch.nn.functional.silu((a @ x[t_]).clamp(max=10)) * (b @ x[t_]).clamp(-10, 10)
             ref[t_] += c @ (h * wt[t_, j])
-    assert torch.allclose(y, ref, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))  # fp32 summation order
 
 
 def test_v4_flash_layer_shapes_match_the_contract():
