@@ -302,8 +302,10 @@ def int2_moe_decode(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
                     use_dot: bool | None = None) -> torch.Tensor:
     """Routed-expert MoE for a few tokens -> fp32 ``[T, D]`` (see module docstring).
 
-    ``use_dot`` defaults to ``T > 1`` (one pair per program is only exact for distinct experts per
-    program, which the de-duplication guarantees either way; it is just slower for shared experts).
+    ``use_dot`` defaults to False: the CUDA-core path (one pair per program) measured faster on the
+    H200 for T=3 (161 vs 484 us/layer) and, by its per-pair cost, for T=16 with independent routing;
+    the dot path wins only when many tokens share experts (T=16 sharing 6: 388 vs 722 us).
+    See kernels/BENCHMARKS.md.
     """
     T, k = _check_routing(x, idx, weight)
     w1 = (w1_packed, w1_scale, w1_zero_packed)
@@ -314,7 +316,7 @@ def int2_moe_decode(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
     if S > 4096:
         raise ValueError(f"kernels.int2_moe_decode: T*k={S} too large for the decode kernel; use prefill")
     if use_dot is None:
-        use_dot = T > 1
+        use_dot = False
     cfg = config or decode_configs(use_dot)[0]
     gu, dn = cfg.gate_up, cfg.down
     gu_w, dn_w = fit_w(gu.w, D // 16), fit_w(dn.w, I // 16)

@@ -138,7 +138,8 @@ def align_pairs(idx: torch.Tensor, num_experts: int, block_m: int) -> tuple[torc
     flat = idx.reshape(-1).to(torch.int64)                               # [S]
     S = flat.numel()
     dev = flat.device
-    counts = torch.bincount(flat, minlength=num_experts)                 # [E]
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(
+        0, flat, torch.ones_like(flat))                                   # [E] (bincount would sync)
     padded = (counts + block_m - 1) // block_m * block_m                 # [E]
     ends = torch.cumsum(padded, 0)                                       # [E]
     starts = ends - padded

@@ -59,6 +59,9 @@ class Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lowp and self.fp8_act:
             x = act_quant_fp8(x)
+        elif x.is_cuda and self.weight.dtype == torch.float8_e4m3fn:   # Triton FP8 block-scaled GEMV/GEMM
+            from dsv4lib.kernels.dispatch import fp8_linear
+            return fp8_linear(x, self.weight, self.scale)
         w = self.dequantized_weight(x.dtype) if self.weight.dtype == torch.float8_e4m3fn else self.weight
         return F.linear(x, w.to(x.dtype))
 

@@ -58,6 +58,13 @@ class MXFP4Experts(ExpertBackend):
             getattr(m, f"{p}_scales").copy_(s)
         return m
 
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, limit: float) -> torch.Tensor:
+        if x.is_cuda and not self.lowp:   # Triton dequant of the routed experts + bf16 matmuls
+            from dsv4lib.kernels.dispatch import mxfp4_moe
+            return mxfp4_moe(x, idx, weight, self.w1_blocks, self.w1_scales, self.w3_blocks, self.w3_scales,
+                             self.w2_blocks, self.w2_scales, limit)
+        return super().forward(x, idx, weight, limit)
+
     def dequantize_expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(mxfp4.dequantize(getattr(self, f"{p}_blocks")[e], getattr(self, f"{p}_scales")[e])
                      for p in PROJS)  # fp32 (w1 [I,D], w3 [I,D], w2 [D,I])
@@ -106,6 +113,14 @@ class INT2Experts(ExpertBackend):
         """``{p: {"w_packed", "w_scale", "w_zero_packed"}}`` views of the stored tensors."""
         return {p: {k: getattr(self, f"{p}_{k[2:]}") for k in ("w_packed", "w_scale", "w_zero_packed")}
                 for p in PROJS}
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, limit: float) -> torch.Tensor:
+        if x.is_cuda and not self.lowp and self.group_size == 64:   # fused INT2 kernels (decode / prefill)
+            from dsv4lib.kernels.dispatch import int2_moe
+            return int2_moe(x, idx, weight, self.w1_packed, self.w1_scale, self.w1_zero_packed,
+                            self.w3_packed, self.w3_scale, self.w3_zero_packed,
+                            self.w2_packed, self.w2_scale, self.w2_zero_packed, limit)
+        return super().forward(x, idx, weight, limit)
 
     def dequantize_expert(self, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(int2.dequantize(getattr(self, f"{p}_packed")[e], getattr(self, f"{p}_scale")[e],

@@ -1,0 +1,346 @@
+"""Kernel benchmarks at V4-Flash shapes (GPU script): prints a table, writes JSON to --out.
+
+    python bench/bench_kernels.py --out results.json            # on a CUDA machine
+    python bench/bench_kernels.py --smoke --out /tmp/s.json     # tiny shapes, CPU interpreter
+
+Measures (kernels/BENCHMARKS.md explains each number):
+* device-to-device copy bandwidth (bytes read + written), the ceiling for the ratios below;
+* INT2 MoE decode over 43 DISTINCT layers' weights (CUDA-graph replay, so L2 cannot hold them):
+  achieved GB/s of routed-expert weight bytes, for 1 / 3 / 16 tokens, a config sweep, the
+  dequantise-then-matmul baseline;
+* FP8 GEMV at the attention shapes (weights rotated through > 256 MB), vs the torch path;
+* INT2 prefill grouped GEMM TFLOP/s at 2048 tokens vs a torch bf16 matmul of the same FLOPs;
+* MXFP4 MoE (dequantise + bf16 matmul) for one decode token.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from dsv4lib.kernels.fp8_linear import fp8_configs, fp8_linear, fp8_linear_reference, pick_config, random_fp8  # noqa: E402
+from dsv4lib.kernels.int2_dequant import dequantize_int2, random_int2  # noqa: E402
+from dsv4lib.kernels.int2_moe_decode import decode_configs, int2_moe_decode, int2_moe_reference  # noqa: E402
+from dsv4lib.kernels.int2_moe_prefill import PrefillConfig, int2_moe_prefill, prefill_configs  # noqa: E402
+from dsv4lib.kernels.mxfp4 import mxfp4_moe, random_mxfp4  # noqa: E402
+
+INT2_BYTES_PER_WEIGHT = 0.25 + 2 / 64 + 1 / 128       # codes + fp16 scale + 4-bit zero, per weight
+
+
+def timed(fn, reps: int, graph: bool) -> float:
+    """Median seconds per call of fn (CUDA-graph replay when graph=True)."""
+    if not torch.cuda.is_available():
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    fn()
+    torch.cuda.synchronize()
+    if graph:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        run = g.replay
+    else:
+        run = fn
+    run()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def copy_bandwidth(dev, nbytes: int) -> float:
+    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=dev)
+    dst = torch.empty_like(src)
+    t = timed(lambda: dst.copy_(src), 20, graph=False)
+    return 2 * nbytes / t / 1e9
+
+
+class Int2Layers:
+    """L distinct layers of synthetic INT2 experts, stored as one stacked tensor per projection."""
+
+    def __init__(self, L, E, D, I, dev, seed):
+        g = torch.Generator(device=dev).manual_seed(seed)
+        self.L, self.E, self.D, self.I = L, E, D, I
+        self.w1 = random_int2(L * E, I, D, dev, g)
+        self.w3 = random_int2(L * E, I, D, dev, g)
+        self.w2 = random_int2(L * E, D, I, dev, g)
+
+    def layer(self, l):
+        sl = slice(l * self.E, (l + 1) * self.E)
+        return [t[sl] for p in (self.w1, self.w3, self.w2) for t in p]
+
+    def expert_bytes(self):
+        return 3 * self.D * self.I * INT2_BYTES_PER_WEIGHT
+
+
+def routing(T, E, k, dev, seed, shared=False):
+    g = torch.Generator().manual_seed(seed)
+    if shared:
+        pool = torch.randperm(E, generator=g)[:k]
+        idx = torch.stack([pool[torch.randperm(k, generator=g)] for _ in range(T)])
+    else:
+        idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    return idx.to(dev), (torch.rand(T, k, generator=g) + 0.25).to(dev)
+
+
+def bench_decode(res, layers: Int2Layers, dev, reps, sweep):
+    L, E, D = layers.L, layers.E, layers.D
+    xs = torch.randn(L, 16, D, device=dev, dtype=torch.bfloat16)
+    weights = [layers.layer(l) for l in range(L)]
+    rows = []
+
+    def run_case(T, shared, use_dot, cfg, seed=0):
+        routes = [routing(T, E, 6, dev, seed + l, shared) for l in range(L)]
+        distinct = sum(torch.unique(r[0]).numel() for r in routes)
+        fn = lambda: [int2_moe_decode(xs[l, :T], *routes[l], *weights[l], 10.0, config=cfg, use_dot=use_dot)
+                      for l in range(L)]
+        t = timed(fn, reps, graph=True)
+        nbytes = distinct * layers.expert_bytes()
+        return dict(T=T, shared=shared, use_dot=use_dot, cfg=repr(cfg), us_per_layer=t / L * 1e6,
+                    GBps=nbytes / t / 1e9, distinct_experts_per_layer=distinct / L)
+
+    cands = decode_configs(False) if sweep else decode_configs(False)[:1]
+    sweep_rows = [run_case(1, False, False, c) for c in cands]
+    best = min(sweep_rows, key=lambda r: r["us_per_layer"])
+    res["decode_sweep_T1"] = sweep_rows
+    best_cfg = cands[sweep_rows.index(best)]
+    rows.append(dict(best, case="T=1"))
+    rows.append(dict(run_case(3, False, False, best_cfg), case="T=3 distinct (CUDA-core path)"))
+    dcands = decode_configs(True) if sweep else decode_configs(True)[:1]
+    dot_rows = [run_case(16, True, True, c) for c in dcands]
+    res["decode_sweep_T16_shared"] = dot_rows
+    bd = dcands[dot_rows.index(min(dot_rows, key=lambda r: r["us_per_layer"]))]
+    rows.append(dict(min(dot_rows, key=lambda r: r["us_per_layer"]), case="T=16, all share 6 experts"))
+    rows.append(dict(run_case(16, True, False, best_cfg), case="T=16 shared, CUDA-core path"))
+    rows.append(dict(run_case(3, False, True, bd), case="T=3 distinct (dot path)"))
+    res["decode"] = rows
+    res["decode_best_config"] = dict(ew=repr(best_cfg), dot=repr(bd))
+    return best_cfg, bd
+
+
+def bench_decode_random256(res, layers: Int2Layers, dev, reps, cfg_dot, cfg_ew):
+    """T=16 with independent routing over all 256 experts: bytes grow with distinct experts."""
+    L, E, D = layers.L, layers.E, layers.D
+    weights = [layers.layer(l) for l in range(L)]
+    xs = torch.randn(L, 16, D, device=dev, dtype=torch.bfloat16)
+    out = []
+    for T, use_dot, cfg in ((1, False, cfg_ew), (16, True, cfg_dot)):
+        routes = [routing(T, E, 6, dev, 100 + l) for l in range(L)]
+        distinct = sum(torch.unique(r[0]).numel() for r in routes)
+        fn = lambda: [int2_moe_decode(xs[l, :T], *routes[l], *weights[l], 10.0, config=cfg, use_dot=use_dot)
+                      for l in range(L)]
+        t = timed(fn, reps, graph=True)
+        out.append(dict(T=T, layers=L, us_per_layer=t / L * 1e6, distinct_experts_per_layer=distinct / L,
+                        GBps=distinct * layers.expert_bytes() / t / 1e9))
+    res["decode_random256"] = out
+
+
+def bench_dequant_matmul_decode(res, layers: Int2Layers, dev, reps):
+    """Baseline: gather the 6 routed experts, dequantise to bf16 (Triton), bf16 matmuls (one layer)."""
+    w = layers.layer(0)
+    x = torch.randn(1, layers.D, device=dev, dtype=torch.bfloat16)
+    idx, wt = routing(1, layers.E, 6, dev, 7)
+    e = idx[0]
+
+    w = [t.view(torch.int32) if t.dtype == torch.uint32 else t for t in w]   # uint32 has no CUDA gather
+
+    def fn():
+        a1 = dequantize_int2(w[0][e], w[1][e], w[2][e])                  # [6, I, D] bf16
+        a3 = dequantize_int2(w[3][e], w[4][e], w[5][e])
+        a2 = dequantize_int2(w[6][e], w[7][e], w[8][e])                  # [6, D, I]
+        g = torch.bmm(a1, x.T.expand(6, -1, -1).contiguous()).float().clamp(max=10.0)
+        u = torch.bmm(a3, x.T.expand(6, -1, -1).contiguous()).float().clamp(-10.0, 10.0)
+        h = (torch.nn.functional.silu(g) * u * wt[0][:, None, None]).to(torch.bfloat16)
+        return torch.bmm(a2, h).float().sum(0)
+
+    t = timed(fn, reps, graph=True)
+    res["decode_dequant_then_matmul_T1_us"] = t * 1e6
+
+
+def bench_fp8(res, dev, reps, sweep, copy_gbps):
+    shapes = [("wq_a", 1024, 4096, 1), ("wq_b", 32768, 1024, 1), ("wkv", 512, 4096, 1),
+              ("wo_a (8 groups)", 1024, 4096, 8), ("wo_b", 4096, 8192, 1)]
+    rows = []
+    for name, N, K, groups in shapes:
+        nbytes = N * K * groups
+        copies = max(2, -(-256 * 2**20 // nbytes))
+        g = torch.Generator(device=dev).manual_seed(N)
+        ws = [random_fp8(N, K, dev, g) for _ in range(min(copies, 64) * groups)]
+        n_sets = len(ws) // groups
+        for M in (1, 16):
+            x = torch.randn(groups, M, K, device=dev, dtype=torch.bfloat16)
+            cands = fp8_configs(M)[1:4] if sweep else []
+            cfgs = [None] + cands
+            best = None
+            for cfg in cfgs:
+                fn = lambda: [fp8_linear(x[gi], *ws[si * groups + gi], config=cfg)
+                              for si in range(n_sets) for gi in range(groups)]
+                t = timed(fn, reps, graph=True) / n_sets
+                r = dict(layer=name, M=M, cfg=repr(cfg or pick_config(M, N, K)), us=t * 1e6,
+                         GBps=nbytes / t / 1e9, frac_copy=nbytes / t / 1e9 / copy_gbps)
+                if best is None or r["us"] < best["us"]:
+                    best = r
+            torch_fn = lambda: [fp8_linear_reference(x[gi], *ws[si * groups + gi])
+                                for si in range(min(n_sets, 4)) for gi in range(groups)]
+            tt = timed(torch_fn, max(3, reps // 4), graph=False) / min(n_sets, 4)
+            best["torch_dequant_matmul_us"] = tt * 1e6
+            rows.append(best)
+        del ws
+    # one prefill-sized GEMM: Triton vs torch (dequantise + bf16 matmul)
+    N, K, M = 4096, 8192, 2048
+    w, s = random_fp8(N, K, dev, torch.Generator(device=dev).manual_seed(1))
+    x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
+    tk = timed(lambda: fp8_linear(x, w, s), reps, graph=False)
+    tt = timed(lambda: fp8_linear_reference(x, w, s), reps, graph=False)
+    res["fp8_gemm_2048x8192x4096"] = dict(triton_TFLOPs=2 * M * N * K / tk / 1e12, torch_TFLOPs=2 * M * N * K / tt / 1e12)
+    res["fp8_gemv"] = rows
+
+
+def bench_prefill(res, layers: Int2Layers, dev, reps, sweep):
+    T, k, D, I = 2048, 6, layers.D, layers.I
+    w = layers.layer(0)
+    x = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
+    idx, wt = routing(T, layers.E, k, dev, 11)
+    flops = 2 * T * k * 3 * D * I
+    cands = prefill_configs()[:4] if sweep else prefill_configs()[:1]
+    rows = []
+    for cfg in cands:
+        t = timed(lambda: int2_moe_prefill(x, idx, wt, *w, 10.0, config=cfg), reps, graph=True)
+        rows.append(dict(cfg=repr(cfg), ms=t * 1e3, TFLOPs=flops / t / 1e12))
+    best = min(rows, key=lambda r: r["ms"])
+    xa = torch.randn(T * k, D, device=dev, dtype=torch.bfloat16)
+    b13 = torch.randn(D, 2 * I, device=dev, dtype=torch.bfloat16)
+    hb = torch.randn(T * k, I, device=dev, dtype=torch.bfloat16)
+    b2 = torch.randn(I, D, device=dev, dtype=torch.bfloat16)
+    tb = timed(lambda: (xa @ b13, hb @ b2), reps, graph=True)
+    # dequantise-then-matmul baseline: all experts to bf16 (Triton) + the dense-equivalent matmuls
+    td = timed(lambda: (dequantize_int2(*w[0:3]), dequantize_int2(*w[3:6]), dequantize_int2(*w[6:9])), 3, graph=False)
+    res["prefill_sweep"] = rows
+    # the grouped-GEMM kernel at decode sizes (4 distinct layers, graph replay)
+    small = []
+    for T, shared in ((1, False), (3, False), (16, True), (16, False)):
+        for cfg in (PrefillConfig(16, 64, 8, 4, 3), PrefillConfig(16, 32, 8, 4, 3)):
+            routes = [routing(T, layers.E, k, dev, 50 + l, shared) for l in range(layers.L)]
+            distinct = sum(torch.unique(r[0]).numel() for r in routes)
+            ws = [layers.layer(l) for l in range(layers.L)]
+            xs = torch.randn(layers.L, T, D, device=dev, dtype=torch.bfloat16)
+            t = timed(lambda: [int2_moe_prefill(xs[l], *routes[l], *ws[l], 10.0, config=cfg)
+                               for l in range(layers.L)], reps, graph=True)
+            small.append(dict(T=T, shared=shared, cfg=repr(cfg), us_per_layer=t / layers.L * 1e6,
+                              GBps=distinct * layers.expert_bytes() / t / 1e9, distinct=distinct / layers.L))
+    res["prefill_kernel_at_decode_sizes"] = small
+    res["prefill"] = dict(best, bf16_matmul_TFLOPs=flops / tb / 1e12, frac_bf16=best["TFLOPs"] / (flops / tb / 1e12),
+                          dequant_all_experts_ms=td * 1e3, dequant_then_matmul_ms=(td + tb) * 1e3)
+
+
+def bench_mxfp4(res, dev, reps, D, I, E):
+    g = torch.Generator(device=dev).manual_seed(5)
+    w1, w3, w2 = random_mxfp4(E, I, D, device=dev, generator=g), random_mxfp4(E, I, D, device=dev, generator=g), \
+        random_mxfp4(E, D, I, device=dev, generator=g)
+    x = torch.randn(1, D, device=dev, dtype=torch.bfloat16)
+    idx, wt = routing(1, E, 6, dev, 3)
+    t = timed(lambda: mxfp4_moe(x, idx, wt, *w1, *w3, *w2, 10.0), reps, graph=False)
+    res["mxfp4_moe_T1_us"] = t * 1e6
+    res["mxfp4_bytes_per_token_layer"] = 6 * 3 * D * I * (0.5 + 1 / 32)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter ok)")
+    ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--skip-decode", action="store_true", help="skip the INT2 decode sections")
+    args = ap.parse_args(argv)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    sweep = not args.no_sweep and not args.smoke
+    if args.smoke:
+        L, E, D, I, E256, L256, reps = 2, 8, 256, 128, 16, 1, 1
+    else:
+        L, E, D, I, E256, L256, reps = 43, 24, 4096, 2048, 256, 4, args.reps
+    res = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", torch=torch.__version__,
+               date=time.strftime("%Y-%m-%d %H:%M"), shapes=dict(L=L, E_per_layer=E, D=D, I=I))
+    import triton
+    res["triton"] = triton.__version__
+    res["copy_GBps"] = copy_bandwidth(dev, 2**31 if not args.smoke else 2**20)
+    layers = Int2Layers(L, E, D, I, dev, 0)
+    # correctness at these shapes before timing
+    lw = layers.layer(0)
+    for T, shared in ((1, False), (16, True)):
+        x = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
+        idx, wt = routing(T, E, 6, dev, 42, shared)
+        ref = int2_moe_reference(x, idx, wt, *lw, 10.0)
+        y = int2_moe_decode(x, idx, wt, *lw, 10.0)
+        res[f"check_decode_T{T}_rel"] = ((y - ref).norm() / ref.norm()).item()
+    def save(section):
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"[{time.strftime('%H:%M:%S')}] {section}: " + json.dumps({k: v for k, v in res.items()
+              if k.startswith(section)})[:1500], flush=True)
+
+    if not args.skip_decode:
+        cfg_ew, cfg_dot = bench_decode(res, layers, dev, reps, sweep)
+        save("decode")
+        bench_dequant_matmul_decode(res, layers, dev, reps)
+        save("decode_dequant")
+    del layers
+    big = Int2Layers(L256, E256, D, I, dev, 1)
+    if not args.skip_decode:
+        bench_decode_random256(res, big, dev, reps, cfg_dot, cfg_ew)
+        save("decode_random")
+    bench_prefill(res, big, dev, max(3, reps // 4), sweep)
+    save("prefill")
+    del big
+    if not args.smoke:
+        bench_fp8(res, dev, reps, sweep, res["copy_GBps"])
+        save("fp8")
+    bench_mxfp4(res, dev, reps, D, I, E256)
+    save("mxfp4")
+    # ---- table
+    cp = res["copy_GBps"]
+    print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}  copy {cp:.0f} GB/s")
+    print(f"check rel err: T1 {res['check_decode_T1_rel']:.2e}  T16 {res['check_decode_T16_rel']:.2e}")
+    if args.skip_decode:
+        res["decode"], res["decode_random256"] = [], []
+        res["decode_best_config"], res["decode_dequant_then_matmul_T1_us"] = {}, float("nan")
+    print(f"{'INT2 decode case':34s} {'us/layer':>9s} {'GB/s':>7s} {'%copy':>6s} {'experts':>7s}")
+    for r in res["decode"] + [dict(r, case=f"T={r['T']} random/256, {r['layers']} layers") for r in res["decode_random256"]]:
+        print(f"{r['case']:34s} {r['us_per_layer']:9.2f} {r['GBps']:7.0f} {100 * r['GBps'] / cp:6.1f} "
+              f"{r['distinct_experts_per_layer']:7.1f}")
+    print(f"decode best cfgs: {res['decode_best_config']}")
+    print(f"dequant-then-matmul T=1: {res['decode_dequant_then_matmul_T1_us']:.1f} us/layer")
+    if "fp8_gemv" in res:
+        print(f"{'FP8 GEMV':18s} {'M':>3s} {'us':>8s} {'GB/s':>7s} {'%copy':>6s} {'torch us':>9s}")
+        for r in res["fp8_gemv"]:
+            print(f"{r['layer']:18s} {r['M']:3d} {r['us']:8.2f} {r['GBps']:7.0f} {100 * r['frac_copy']:6.1f} "
+                  f"{r['torch_dequant_matmul_us']:9.1f}")
+        print(f"FP8 GEMM 2048x8192x4096 TFLOP/s: {res['fp8_gemm_2048x8192x4096']}")
+    p = res["prefill"]
+    print(f"INT2 prefill 2048 tok: {p['ms']:.2f} ms {p['TFLOPs']:.0f} TFLOP/s vs bf16 {p['bf16_matmul_TFLOPs']:.0f} "
+          f"({100 * p['frac_bf16']:.0f}%); dequant+matmul {p['dequant_then_matmul_ms']:.2f} ms; {p['cfg']}")
+    print(f"MXFP4 MoE T=1 (dequant+bf16): {res['mxfp4_moe_T1_us']:.0f} us/layer")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
