@@ -114,14 +114,20 @@ def bench_decode(res, layers: Int2Layers, dev, reps, sweep):
         distinct = sum(torch.unique(r[0]).numel() for r in routes)
         fn = lambda: [int2_moe_decode(xs[l, :T], *routes[l], *weights[l], 10.0, config=cfg, use_dot=use_dot)
                       for l in range(L)]
+        ref = int2_moe_reference(xs[0, :T], *routes[0], *weights[0], 10.0)
+        y = int2_moe_decode(xs[0, :T], *routes[0], *weights[0], 10.0, config=cfg, use_dot=use_dot)
+        rel = ((y - ref).norm() / ref.norm()).item()
         t = timed(fn, reps, graph=True)
         nbytes = distinct * layers.expert_bytes()
-        return dict(T=T, shared=shared, use_dot=use_dot, cfg=repr(cfg), us_per_layer=t / L * 1e6,
-                    GBps=nbytes / t / 1e9, distinct_experts_per_layer=distinct / L)
+        r = dict(T=T, shared=shared, use_dot=use_dot, cfg=repr(cfg), us_per_layer=t / L * 1e6,
+                 GBps=nbytes / t / 1e9, distinct_experts_per_layer=distinct / L, rel_err=rel)
+        print(f"  decode T={T} shared={shared} dot={use_dot} {t / L * 1e6:8.2f} us/layer rel {rel:.1e} {cfg}",
+              flush=True)
+        return r
 
     cands = decode_configs(False) if sweep else decode_configs(False)[:1]
     sweep_rows = [run_case(1, False, False, c) for c in cands]
-    best = min(sweep_rows, key=lambda r: r["us_per_layer"])
+    best = min((r for r in sweep_rows if r["rel_err"] < 1e-4), key=lambda r: r["us_per_layer"])
     res["decode_sweep_T1"] = sweep_rows
     best_cfg = cands[sweep_rows.index(best)]
     rows.append(dict(best, case="T=1"))
@@ -129,10 +135,14 @@ def bench_decode(res, layers: Int2Layers, dev, reps, sweep):
     dcands = decode_configs(True) if sweep else decode_configs(True)[:1]
     dot_rows = [run_case(16, True, True, c) for c in dcands]
     res["decode_sweep_T16_shared"] = dot_rows
-    bd = dcands[dot_rows.index(min(dot_rows, key=lambda r: r["us_per_layer"]))]
-    rows.append(dict(min(dot_rows, key=lambda r: r["us_per_layer"]), case="T=16, all share 6 experts"))
+    best_dot = min((r for r in dot_rows if r["rel_err"] < 3e-3), key=lambda r: r["us_per_layer"])
+    bd = dcands[dot_rows.index(best_dot)]
+    rows.append(dict(best_dot, case="T=16, all share 6 experts"))
     rows.append(dict(run_case(16, True, False, best_cfg), case="T=16 shared, CUDA-core path"))
     rows.append(dict(run_case(3, False, True, bd), case="T=3 distinct (dot path)"))
+    rows.append(dict(run_case(1, False, True, bd), case="T=1 (dot path)"))
+    rows.append(dict(run_case(4, True, True, bd), case="T=4, all share 6 experts (dot)"))
+    rows.append(dict(run_case(1, False, False, best_cfg), case="T=1 again (timing spread)"))
     res["decode"] = rows
     res["decode_best_config"] = dict(ew=repr(best_cfg), dot=repr(bd))
     return best_cfg, bd
@@ -144,13 +154,13 @@ def bench_decode_random256(res, layers: Int2Layers, dev, reps, cfg_dot, cfg_ew):
     weights = [layers.layer(l) for l in range(L)]
     xs = torch.randn(L, 16, D, device=dev, dtype=torch.bfloat16)
     out = []
-    for T, use_dot, cfg in ((1, False, cfg_ew), (16, True, cfg_dot)):
+    for T, use_dot, cfg in ((1, False, cfg_ew), (16, True, cfg_dot), (16, False, cfg_ew)):
         routes = [routing(T, E, 6, dev, 100 + l) for l in range(L)]
         distinct = sum(torch.unique(r[0]).numel() for r in routes)
         fn = lambda: [int2_moe_decode(xs[l, :T], *routes[l], *weights[l], 10.0, config=cfg, use_dot=use_dot)
                       for l in range(L)]
         t = timed(fn, reps, graph=True)
-        out.append(dict(T=T, layers=L, us_per_layer=t / L * 1e6, distinct_experts_per_layer=distinct / L,
+        out.append(dict(T=T, use_dot=use_dot, layers=L, us_per_layer=t / L * 1e6, distinct_experts_per_layer=distinct / L,
                         GBps=distinct * layers.expert_bytes() / t / 1e9))
     res["decode_random256"] = out
 
@@ -271,6 +281,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--skip-decode", action="store_true", help="skip the INT2 decode sections")
+    ap.add_argument("--decode-only", action="store_true", help="only copy bandwidth + the INT2 decode sections")
     args = ap.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     sweep = not args.no_sweep and not args.smoke
@@ -308,14 +319,18 @@ def main(argv=None) -> int:
     if not args.skip_decode:
         bench_decode_random256(res, big, dev, reps, cfg_dot, cfg_ew)
         save("decode_random")
-    bench_prefill(res, big, dev, max(3, reps // 4), sweep)
-    save("prefill")
-    del big
-    if not args.smoke:
+    if args.decode_only:
+        del big
+    else:
+        bench_prefill(res, big, dev, max(3, reps // 4), sweep)
+        save("prefill")
+        del big
+    if not args.smoke and not args.decode_only:
         bench_fp8(res, dev, reps, sweep, res["copy_GBps"])
         save("fp8")
-    bench_mxfp4(res, dev, reps, D, I, E256)
-    save("mxfp4")
+    if not args.decode_only:
+        bench_mxfp4(res, dev, reps, D, I, E256)
+        save("mxfp4")
     # ---- table
     cp = res["copy_GBps"]
     print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}  copy {cp:.0f} GB/s")
@@ -323,10 +338,10 @@ def main(argv=None) -> int:
     if args.skip_decode:
         res["decode"], res["decode_random256"] = [], []
         res["decode_best_config"], res["decode_dequant_then_matmul_T1_us"] = {}, float("nan")
-    print(f"{'INT2 decode case':34s} {'us/layer':>9s} {'GB/s':>7s} {'%copy':>6s} {'experts':>7s}")
-    for r in res["decode"] + [dict(r, case=f"T={r['T']} random/256, {r['layers']} layers") for r in res["decode_random256"]]:
+    print(f"{'INT2 decode case':34s} {'us/layer':>9s} {'GB/s':>7s} {'%copy':>6s} {'experts':>7s} {'rel err':>8s}")
+    for r in res["decode"] + [dict(r, case=f"T={r['T']} random/256 {'dot' if r['use_dot'] else 'ew'}, {r['layers']} layers") for r in res["decode_random256"]]:
         print(f"{r['case']:34s} {r['us_per_layer']:9.2f} {r['GBps']:7.0f} {100 * r['GBps'] / cp:6.1f} "
-              f"{r['distinct_experts_per_layer']:7.1f}")
+              f"{r['distinct_experts_per_layer']:7.1f} {r.get('rel_err', float('nan')):8.1e}")
     print(f"decode best cfgs: {res['decode_best_config']}")
     print(f"dequant-then-matmul T=1: {res['decode_dequant_then_matmul_T1_us']:.1f} us/layer")
     if "fp8_gemv" in res:
@@ -335,6 +350,8 @@ def main(argv=None) -> int:
             print(f"{r['layer']:18s} {r['M']:3d} {r['us']:8.2f} {r['GBps']:7.0f} {100 * r['frac_copy']:6.1f} "
                   f"{r['torch_dequant_matmul_us']:9.1f}")
         print(f"FP8 GEMM 2048x8192x4096 TFLOP/s: {res['fp8_gemm_2048x8192x4096']}")
+    if args.decode_only:
+        return 0
     p = res["prefill"]
     print(f"INT2 prefill 2048 tok: {p['ms']:.2f} ms {p['TFLOPs']:.0f} TFLOP/s vs bf16 {p['bf16_matmul_TFLOPs']:.0f} "
           f"({100 * p['frac_bf16']:.0f}%); dequant+matmul {p['dequant_then_matmul_ms']:.2f} ms; {p['cfg']}")

@@ -38,12 +38,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .int2_dequant import _int2_tile, as_int32, check_int2, dequantize_int2_reference, fit_w
+from .int2_dequant import as_int32, check_int2, dequantize_int2_reference, fit_w
 
 
 @dataclass(frozen=True)
 class StageConfig:
-    """Tile of one decode launch: output rows per program, packed words per K chunk, warps, split-K."""
+    """Tile of one decode launch: output rows per program, packed words per K step, warps, K splits.
+
+    ``split`` programs share the K axis of one output tile (fp32 atomics); with ``split = KW / w``
+    every program issues all of its loads in a single step (no dependent K loop).
+    """
     block_n: int
     w: int
     warps: int = 4
@@ -58,22 +62,25 @@ class DecodeConfig:
 
 
 def decode_configs(use_dot: bool) -> list[DecodeConfig]:
-    """Candidate configurations swept by bench/bench_kernels.py; the first is the default."""
+    """Candidate configurations swept by bench/bench_kernels.py; the first is the default.
+
+    V4-Flash shapes: gate/up K = D = 4096 (256 words), down K = I = 2048 (128 words).
+    """
     if use_dot:
-        gu = [StageConfig(32, 8), StageConfig(16, 16), StageConfig(64, 8), StageConfig(32, 16, 8)]
-        dn = [StageConfig(32, 16, split=2), StageConfig(64, 16, split=2), StageConfig(32, 16, split=4),
-              StageConfig(16, 32, split=2)]
+        pairs = [(StageConfig(64, 8, 4, 8, 3), StageConfig(64, 8, 4, 4, 3)),
+                 (StageConfig(64, 4, 4, 16, 3), StageConfig(64, 4, 4, 8, 3)),
+                 (StageConfig(64, 8, 4, 4, 3), StageConfig(64, 8, 4, 2, 3)),
+                 (StageConfig(128, 8, 8, 8, 3), StageConfig(128, 8, 8, 4, 3)),
+                 (StageConfig(64, 16, 4, 8, 2), StageConfig(64, 16, 4, 4, 2))]
     else:
-        gu = [StageConfig(16, 32), StageConfig(16, 64), StageConfig(32, 32), StageConfig(16, 16),
-              StageConfig(16, 32, 2), StageConfig(32, 64, 8)]
-        dn = [StageConfig(32, 32, split=2), StageConfig(64, 32, split=2), StageConfig(32, 64, split=1),
-              StageConfig(16, 32, 2, split=4), StageConfig(32, 32, split=4), StageConfig(64, 64, 8, split=2)]
-    out = [DecodeConfig(gu[0], dn[0])]
-    out += [DecodeConfig(g, dn[0]) for g in gu[1:]] + [DecodeConfig(gu[0], d) for d in dn[1:]]
-    return out
-
-
-
+        pairs = [(StageConfig(64, 32, 4, 8), StageConfig(64, 32, 4, 4)),
+                 (StageConfig(32, 32, 2, 8), StageConfig(32, 32, 2, 4)),
+                 (StageConfig(64, 16, 4, 16), StageConfig(64, 16, 4, 8)),
+                 (StageConfig(32, 64, 4, 4), StageConfig(32, 64, 4, 2)),
+                 (StageConfig(128, 32, 8, 8), StageConfig(128, 32, 8, 4)),
+                 (StageConfig(64, 32, 4, 4), StageConfig(64, 32, 4, 2)),
+                 (StageConfig(16, 32, 2, 1), StageConfig(32, 32, 4, 2))]   # the issue-6 default
+    return [DecodeConfig(g, d) for g, d in pairs]
 
 
 _MAGIC = 0x4B000000  # float bits of 2^23
@@ -97,75 +104,165 @@ def _expert_pairs(idx_ptr, s, S, BLOCK_S: tl.constexpr, BLOCK_P: tl.constexpr):
 
 
 @triton.jit
-def _ew_chunk(acc, w_ptr, s_ptr, z_ptr, x_ptr, xs_ptr, rows, row_mask, kw0, KW, magic, W: tl.constexpr):
-    """One K chunk (16*W channels) of the CUDA-core GEMV: acc [BN, W] += s * (x.q - z * sum x).
+def _ew_chunk2(acc1, acc3, w1_ptr, s1_ptr, z1_ptr, w3_ptr, s3_ptr, z3_ptr, x_ptr, xs_ptr,
+               rows, row_mask, kw0, KW, magic, W: tl.constexpr, TWO: tl.constexpr):
+    """One K step (16*W channels) of the CUDA-core GEMV for one or two matrices sharing x.
 
-    x_ptr points at the pre-scaled transposed activation ``x[16*kw + j] * 4^-(j%8)`` laid out
-    [16, KW]; xs_ptr at the per-word sums ``sum_j x[16*kw + j]`` [KW].
+    ``acc [BN, W] += s * (x.q - z * sum x)`` per packed word. x_ptr points at the pre-scaled
+    transposed activation ``x[16*kw + j] * 4^-(j%8)`` laid out [16, KW]; xs_ptr at the per-word sums
+    ``sum_j x[16*kw + j]`` [KW]. All weight, scale and zero loads are issued before the first use.
     """
     kw = kw0 + tl.arange(0, W)                                           # [W] (W divides KW)
     m2 = row_mask[:, None] & (kw >= 0)[None, :]
-    words = tl.load(w_ptr + rows[:, None] * KW + kw[None, :], mask=m2, other=0)   # [BN, W]
-    hi = words >> 16
-    part = tl.zeros(acc.shape, tl.float32)                               # [BN, W]
+    g = kw // 4
+    wofs = rows[:, None] * KW + kw[None, :]                              # [BN, W]
+    sofs = rows[:, None] * (KW // 4) + g[None, :]
+    zofs = rows[:, None] * (KW // 8) + (g // 2)[None, :]
+    zsh = ((g % 2) * 4)[None, :]
+    words1 = tl.load(w1_ptr + wofs, mask=m2, other=0)                   # [BN, W] int32
+    if TWO:
+        words3 = tl.load(w3_ptr + wofs, mask=m2, other=0)
+    sc1 = tl.load(s1_ptr + sofs, mask=m2, other=0.0)
+    zb1 = tl.load(z1_ptr + zofs, mask=m2, other=0)
+    if TWO:
+        sc3 = tl.load(s3_ptr + sofs, mask=m2, other=0.0)
+        zb3 = tl.load(z3_ptr + zofs, mask=m2, other=0)
+    hi1 = words1 >> 16
+    part1 = tl.zeros(acc1.shape, tl.float32)                             # [BN, W]
+    if TWO:
+        hi3 = words3 >> 16
+        part3 = tl.zeros(acc3.shape, tl.float32)
     for j in tl.static_range(16):
         xj = tl.load(x_ptr + j * KW + kw)                                # [W]
-        if j < 8:
-            src = words
-        else:
-            src = hi
         mbits = 3 << (2 * (j % 8))
-        f = ((src & mbits) | magic).to(tl.float32, bitcast=True) - 8388608.0   # q * 4^(j%8), exact
-        part += f * xj[None, :]
-    xs = tl.load(xs_ptr + kw)                                            # [W]
-    g = kw // 4
-    sc = tl.load(s_ptr + rows[:, None] * (KW // 4) + g[None, :], mask=m2, other=0.0).to(tl.float32)
-    zb = tl.load(z_ptr + rows[:, None] * (KW // 8) + (g // 2)[None, :], mask=m2, other=0)
-    z = ((zb.to(tl.int32) & 0xFF) >> ((g % 2) * 4)[None, :]) & 0xF
-    return acc + sc * (part - z.to(tl.float32) * xs[None, :])
+        if j < 8:
+            f1 = ((words1 & mbits) | magic).to(tl.float32, bitcast=True) - 8388608.0   # q * 4^(j%8)
+        else:
+            f1 = ((hi1 & mbits) | magic).to(tl.float32, bitcast=True) - 8388608.0
+        part1 += f1 * xj[None, :]
+        if TWO:
+            if j < 8:
+                f3 = ((words3 & mbits) | magic).to(tl.float32, bitcast=True) - 8388608.0
+            else:
+                f3 = ((hi3 & mbits) | magic).to(tl.float32, bitcast=True) - 8388608.0
+            part3 += f3 * xj[None, :]
+    xs = tl.load(xs_ptr + kw)[None, :]                                   # [1, W]
+    z1 = ((zb1.to(tl.int32) & 0xFF) >> zsh) & 0xF
+    acc1 += sc1.to(tl.float32) * (part1 - z1.to(tl.float32) * xs)
+    if TWO:
+        z3 = ((zb3.to(tl.int32) & 0xFF) >> zsh) & 0xF
+        acc3 += sc3.to(tl.float32) * (part3 - z3.to(tl.float32) * xs)
+    return acc1, acc3
 
 
 @triton.jit
-def _prep_x_kernel(
-    # x [T, D] (any float dtype) -> xt [T, 16, D/16] fp32 scaled by 4^-(j%8), xs [T, D/16] fp32
+def _q_group_dot(w_ptr, s_ptr, z_ptr, rows, row_mask, kw0, KW, xa, xg):
+    """One 64-channel group (4 packed words) on the tensor cores: ``s * (q @ x - z * sum x)`` [BN, P].
+
+    The codes become fp16 by the magic-number trick (``0x6400 | q`` reads ``1024 + q``); scale and
+    zero are applied to the [BN, P] product, so the dot operand is the raw code (exact in fp16).
+    xa [64, P] fp16 activations of this group, xg [P] fp32 their sums.
+    """
+    kw = kw0 + tl.arange(0, 4)
+    words = tl.load(w_ptr + rows[:, None] * KW + kw[None, :], mask=row_mask[:, None], other=0)   # [BN, 4]
+    grp = kw0 // 4
+    sc = tl.load(s_ptr + rows * (KW // 4) + grp, mask=row_mask, other=0.0).to(tl.float32)       # [BN]
+    zb = tl.load(z_ptr + rows * (KW // 8) + grp // 2, mask=row_mask, other=0)
+    z = (((zb.to(tl.int32) & 0xFF) >> ((grp % 2) * 4)) & 0xF).to(tl.float32)                     # [BN]
+    sh = tl.arange(0, 16) * 2
+    q = ((words[:, :, None] >> sh[None, None, :]) & 3) | 0x6400                                 # [BN, 4, 16]
+    qf = q.to(tl.int16).to(tl.float16, bitcast=True) - 1024.0                                   # exact codes
+    qt = tl.reshape(qf, (qf.shape[0], 64))                                                      # [BN, 64]
+    part = tl.dot(qt, xa)                                                                       # [BN, P] fp32
+    return sc[:, None] * (part - z[:, None] * xg[None, :])
+
+
+@triton.jit
+def _prep_kernel(
+    # x [T, D] (any float dtype) ->
+    #   EW:  xt [T, 16, D/16] fp32 scaled by 4^-(j%8), xs [T, D/16] fp32 per-word sums
+    #   DOT: xt [T, D] fp16, xs [T, D/64] fp32 per-group sums of the fp16 values
     x_ptr, xt_ptr, xs_ptr,
-    # words per row
-    KW,
-    BLOCK_W: tl.constexpr,
+    # workspace to zero (y, gate/up partial sums, split counters), fp32 [NZ]
+    ws_ptr, NZ,
+    # words per row, the number of x programs (T * cdiv(KW, BLOCK_W))
+    KW, NX,
+    BLOCK_W: tl.constexpr, BLOCK_Z: tl.constexpr, DOT: tl.constexpr,
 ):
-    t = tl.program_id(0).to(tl.int64)
-    kw = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
-    j = tl.arange(0, 16)
-    m = kw < KW
-    x = tl.load(x_ptr + t * KW * 16 + kw[:, None] * 16 + j[None, :], mask=m[:, None], other=0.0).to(tl.float32)
-    tl.store(xs_ptr + t * KW + kw, tl.sum(x, axis=1), mask=m)
-    sc = tl.exp2(-2.0 * (j % 8).to(tl.float32))                          # 4^-(j%8), exact
-    tl.store(xt_ptr + t * KW * 16 + j[None, :] * KW + kw[:, None], x * sc[None, :], mask=m[:, None])
+    pid = tl.program_id(0)
+    zo = pid * BLOCK_Z + tl.arange(0, BLOCK_Z)
+    tl.store(ws_ptr + zo, tl.zeros([BLOCK_Z], tl.float32), mask=zo < NZ)
+    if pid < NX:
+        nb = tl.cdiv(KW, BLOCK_W)
+        t = (pid // nb).to(tl.int64)
+        kw = (pid % nb) * BLOCK_W + tl.arange(0, BLOCK_W)
+        j = tl.arange(0, 16)
+        m = kw < KW
+        x = tl.load(x_ptr + t * KW * 16 + kw[:, None] * 16 + j[None, :], mask=m[:, None], other=0.0)
+        if DOT:
+            xh = x.to(tl.float16)                                        # [BW, 16]
+            tl.store(xt_ptr + t * KW * 16 + kw[:, None] * 16 + j[None, :], xh, mask=m[:, None])
+            ws = tl.sum(xh.to(tl.float32), axis=1)                       # [BW] per-word sums
+            gs = tl.sum(tl.reshape(ws, (BLOCK_W // 4, 4)), axis=1)       # [BW/4] per-group sums
+            gi = (pid % nb) * (BLOCK_W // 4) + tl.arange(0, BLOCK_W // 4)
+            tl.store(xs_ptr + t * (KW // 4) + gi, gs, mask=gi < KW // 4)
+        else:
+            x = x.to(tl.float32)
+            tl.store(xs_ptr + t * KW + kw, tl.sum(x, axis=1), mask=m)
+            sc = tl.exp2(-2.0 * (j % 8).to(tl.float32))                  # 4^-(j%8), exact
+            tl.store(xt_ptr + t * KW * 16 + j[None, :] * KW + kw[:, None], x * sc[None, :], mask=m[:, None])
+
+
+@triton.jit
+def _swiglu_store(g, u, rw, rows, rmask, pair, valid, h_ptr, hs_ptr, I, limit, pid_n,
+                  BLOCK_N: tl.constexpr, DOT: tl.constexpr):
+    """SwiGLU * routing weight on a finished [BN] (EW) or [BN, P] (DOT) tile of g, u; writes h (+ sums)."""
+    g = tl.minimum(g, limit)
+    u = tl.minimum(tl.maximum(u, -limit), limit)
+    if DOT:
+        h = (g * tl.sigmoid(g) * u * rw[None, :]).to(tl.float16)         # [BN, P]
+        m = rmask[:, None] & valid[None, :]
+        tl.store(h_ptr + pair[None, :].to(tl.int64) * I + rows[:, None], h, mask=m)
+        hg = tl.sum(tl.reshape(tl.where(m, h.to(tl.float32), 0.0), (BLOCK_N // 64, 64, h.shape[1])), axis=1)
+        gi = pid_n * (BLOCK_N // 64) + tl.arange(0, BLOCK_N // 64)
+        tl.store(hs_ptr + pair[None, :].to(tl.int64) * (I // 64) + gi[:, None], hg,
+                 mask=(gi < I // 64)[:, None] & valid[None, :])
+    else:
+        h = g * tl.sigmoid(g) * u * rw                                   # [BN]
+        IW = I // 16
+        hsc = tl.exp2(-2.0 * ((rows % 16) % 8).to(tl.float32))
+        tl.store(h_ptr + pair.to(tl.int64) * I + (rows % 16) * IW + rows // 16, h * hsc, mask=rmask)
+        wrd = pid_n * (BLOCK_N // 16) + tl.arange(0, BLOCK_N // 16)
+        hs = tl.sum(tl.reshape(tl.where(rmask, h, 0.0), (BLOCK_N // 16, 16)), axis=1)
+        tl.store(hs_ptr + pair.to(tl.int64) * IW + wrd, hs, mask=wrd < IW)
 
 
 @triton.jit
 def _gate_up_kernel(
-    # activations: xt [T, 16, D/16] + xs [T, D/16] fp32 from _prep_x_kernel (USE_DOT=False) or x [T, D]
+    # activations from _prep_kernel (layout per DOT, see there)
     x_ptr, xs_ptr,
     # routing: idx [T*k] int32/int64 expert ids, rw [T*k] fp32 weights, S = T*k, TOPK = k
     idx_ptr, rw_ptr, S, TOPK,
     # gate / up INT2 weights: packed [E, I, D/16] int32, scale [E, I, D/64] fp16, zero [E, I, D/128] int8
     w1_ptr, s1_ptr, z1_ptr, w3_ptr, s3_ptr, z3_ptr,
-    # output h [S, I] fp32 (USE_DOT=True), or (USE_DOT=False) h [S, 16, I/16] transposed and scaled
-    # like xt, plus hs [S, I/16] its per-word sums
+    # split-K partial sums gu [S, 2, I] fp32 and arrival counters cnt [S, cdiv(I, BLOCK_N)] fp32,
+    # both zeroed by _prep_kernel (unused when SPLIT_K == 1)
+    gu_ptr, cnt_ptr,
+    # outputs: EW h [S, 16, I/16] fp32 transposed and scaled like xt + hs [S, I/16] per-word sums;
+    # DOT h [S, I] fp16 + hs [S, I/64] per-group sums of the fp16 values
     h_ptr, hs_ptr,
     # sizes (KW = D/16 packed words per row), the SwiGLU clamp, MAGIC = 0x4B000000 (a runtime
     # value so that ptxas fuses the mask and the OR into one LOP3 instead of two immediates)
     I, D, KW, limit, MAGIC,
-    # tiles
     BLOCK_N: tl.constexpr, W: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
-    USE_DOT: tl.constexpr,
+    SPLIT_K: tl.constexpr, STAGES: tl.constexpr, DOT: tl.constexpr,
 ):
     s = tl.program_id(0)
+    pid_n = tl.program_id(1)
     e, pair, valid, active = _expert_pairs(idx_ptr, s, S, BLOCK_S, BLOCK_P)
     if not active:
         return
-    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < I
     w1_ptr += e * I * KW
     w3_ptr += e * I * KW
@@ -173,61 +270,70 @@ def _gate_up_kernel(
     s3_ptr += e * I * (KW // 4)
     z1_ptr += e * I * (KW // 8)
     z3_ptr += e * I * (KW // 8)
-    tok = pair // TOPK                                                   # [BLOCK_P]
-    rw = tl.load(rw_ptr + pair, mask=valid, other=0.0)                   # [BLOCK_P]
-    if USE_DOT:
+    per_split = KW // SPLIT_K                                            # a multiple of W (host checks)
+    k_lo = tl.program_id(2) * per_split
+    if DOT:
+        tok = (pair // TOPK).to(tl.int64)                                # [P]
+        rw = tl.load(rw_ptr + pair, mask=valid, other=0.0)               # [P]
         acc1 = tl.zeros([BLOCK_N, BLOCK_P], tl.float32)
         acc3 = tl.zeros([BLOCK_N, BLOCK_P], tl.float32)
-        kk = tl.arange(0, 16 * W)
-        for kw0 in range(0, KW, W):
-            k = kw0 * 16 + kk
-            xa = tl.load(x_ptr + tok[None, :] * D + k[:, None], mask=valid[None, :],
-                         other=0.0).to(tl.float16)                       # [16W, BLOCK_P]
-            w1 = _int2_tile(w1_ptr, s1_ptr, z1_ptr, rows, rmask, kw0, KW, W).to(tl.float16)
-            w3 = _int2_tile(w3_ptr, s3_ptr, z3_ptr, rows, rmask, kw0, KW, W).to(tl.float16)
-            acc1 = tl.dot(w1, xa, acc1)                                  # [BN, BLOCK_P]
-            acc3 = tl.dot(w3, xa, acc3)
-        g = tl.minimum(acc1, limit)
-        u = tl.minimum(tl.maximum(acc3, -limit), limit)
-        h = g * tl.sigmoid(g) * u * rw[None, :]
-        tl.store(h_ptr + pair[None, :] * I + rows[:, None], h, mask=rmask[:, None] & valid[None, :])
+        kk = tl.arange(0, 64)
+        for kw0 in tl.range(k_lo, k_lo + per_split, W, num_stages=STAGES):
+            for gi in tl.static_range(W // 4):
+                kg = kw0 + 4 * gi
+                xa = tl.load(x_ptr + tok[None, :] * D + (kg * 16 + kk)[:, None], mask=valid[None, :],
+                             other=0.0)                                  # [64, P] fp16
+                xg = tl.load(xs_ptr + tok * (D // 64) + kg // 4, mask=valid, other=0.0)   # [P]
+                acc1 += _q_group_dot(w1_ptr, s1_ptr, z1_ptr, rows, rmask, kg, KW, xa, xg)
+                acc3 += _q_group_dot(w3_ptr, s3_ptr, z3_ptr, rows, rmask, kg, KW, xa, xg)
+        gout = acc1
+        uout = acc3
+        m = rmask[:, None] & valid[None, :]
+        gofs = pair[None, :].to(tl.int64) * (2 * I) + rows[:, None]      # [BN, P]
     else:
-        t0 = tl.sum(tok, axis=0)
-        p0 = tl.sum(pair, axis=0)
-        r0 = tl.sum(rw, axis=0)
-        x_ptr += t0.to(tl.int64) * D
-        xs_ptr += t0.to(tl.int64) * KW
+        t0 = (s // TOPK).to(tl.int64)
+        rw = tl.load(rw_ptr + s)
+        x_ptr += t0 * D
+        xs_ptr += t0 * KW
         acc1 = tl.zeros([BLOCK_N, W], tl.float32)
         acc3 = tl.zeros([BLOCK_N, W], tl.float32)
-        for kw0 in range(0, KW, W):
-            acc1 = _ew_chunk(acc1, w1_ptr, s1_ptr, z1_ptr, x_ptr, xs_ptr, rows, rmask, kw0, KW, MAGIC, W)
-            acc3 = _ew_chunk(acc3, w3_ptr, s3_ptr, z3_ptr, x_ptr, xs_ptr, rows, rmask, kw0, KW, MAGIC, W)
-        g = tl.minimum(tl.sum(acc1, axis=1), limit)                      # [BN]
-        u = tl.minimum(tl.maximum(tl.sum(acc3, axis=1), -limit), limit)
-        h = g * tl.sigmoid(g) * u * r0
-        IW = I // 16
-        hsc = tl.exp2(-2.0 * ((rows % 16) % 8).to(tl.float32))
-        tl.store(h_ptr + p0.to(tl.int64) * I + (rows % 16) * IW + rows // 16, h * hsc, mask=rmask)
-        wrd = tl.program_id(1) * (BLOCK_N // 16) + tl.arange(0, BLOCK_N // 16)
-        hs = tl.sum(tl.reshape(tl.where(rmask, h, 0.0), (BLOCK_N // 16, 16)), axis=1)
-        tl.store(hs_ptr + p0.to(tl.int64) * IW + wrd, hs, mask=wrd < IW)
+        for kw0 in range(k_lo, k_lo + per_split, W):
+            acc1, acc3 = _ew_chunk2(acc1, acc3, w1_ptr, s1_ptr, z1_ptr, w3_ptr, s3_ptr, z3_ptr, x_ptr, xs_ptr,
+                                    rows, rmask, kw0, KW, MAGIC, W, True)
+        gout = tl.sum(acc1, axis=1)                                      # [BN]
+        uout = tl.sum(acc3, axis=1)
+        m = rmask
+        gofs = s.to(tl.int64) * (2 * I) + rows
+        pair = s
+    if SPLIT_K == 1:
+        _swiglu_store(gout, uout, rw, rows, rmask, pair, valid, h_ptr, hs_ptr, I, limit, pid_n, BLOCK_N, DOT)
+    else:
+        # split-K: partial sums by atomics; the last program of this tile to arrive applies SwiGLU
+        tl.atomic_add(gu_ptr + gofs, gout, mask=m, sem="relaxed")
+        tl.atomic_add(gu_ptr + gofs + I, uout, mask=m, sem="relaxed")
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + s * tl.num_programs(1) + pid_n, 1.0, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            gsum = tl.load(gu_ptr + gofs, mask=m, other=0.0, cache_modifier=".cg")
+            usum = tl.load(gu_ptr + gofs + I, mask=m, other=0.0, cache_modifier=".cg")
+            _swiglu_store(gsum, usum, rw, rows, rmask, pair, valid, h_ptr, hs_ptr, I, limit, pid_n,
+                          BLOCK_N, DOT)
 
 
 @triton.jit
 def _down_kernel(
-    # h (and hs) from _gate_up_kernel (layout per USE_DOT, see there)
+    # h (and hs) from _gate_up_kernel (layout per DOT, see there)
     h_ptr, hs_ptr,
     # routing (as in _gate_up_kernel)
     idx_ptr, S, TOPK,
     # down INT2 weight: packed [E, D, I/16] int32, scale [E, D, I/64] fp16, zero [E, D, I/128] int8
     w2_ptr, s2_ptr, z2_ptr,
-    # output y [T, D] fp32, zero-initialised; receives atomic adds
+    # output y [T, D] fp32, zeroed by _prep_kernel; receives atomic adds
     y_ptr,
     # sizes (KW = I/16 packed words per row), MAGIC as in _gate_up_kernel
     I, D, KW, MAGIC,
-    # tiles; SPLIT_K programs share the I axis of one output tile
     BLOCK_N: tl.constexpr, W: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
-    SPLIT_K: tl.constexpr, USE_DOT: tl.constexpr,
+    SPLIT_K: tl.constexpr, STAGES: tl.constexpr, DOT: tl.constexpr,
 ):
     s = tl.program_id(0)
     e, pair, valid, active = _expert_pairs(idx_ptr, s, S, BLOCK_S, BLOCK_P)
@@ -238,29 +344,30 @@ def _down_kernel(
     w2_ptr += e * D * KW
     s2_ptr += e * D * (KW // 4)
     z2_ptr += e * D * (KW // 8)
-    per_split = tl.cdiv(tl.cdiv(KW, SPLIT_K), W) * W
+    per_split = KW // SPLIT_K
     k_lo = tl.program_id(2) * per_split
-    k_hi = tl.minimum(k_lo + per_split, KW)
-    tok = pair // TOPK
-    if USE_DOT:
+    if DOT:
+        tok = (pair // TOPK).to(tl.int64)
         acc = tl.zeros([BLOCK_N, BLOCK_P], tl.float32)
-        kk = tl.arange(0, 16 * W)
-        for kw0 in range(k_lo, k_hi, W):
-            k = kw0 * 16 + kk
-            ha = tl.load(h_ptr + pair[None, :] * I + k[:, None], mask=valid[None, :],
-                         other=0.0).to(tl.float16)                       # [16W, BLOCK_P]
-            w2 = _int2_tile(w2_ptr, s2_ptr, z2_ptr, rows, rmask, kw0, KW, W).to(tl.float16)
-            acc = tl.dot(w2, ha, acc)
-        tl.atomic_add(y_ptr + tok[None, :] * D + rows[:, None], acc, mask=rmask[:, None] & valid[None, :])
+        kk = tl.arange(0, 64)
+        for kw0 in tl.range(k_lo, k_lo + per_split, W, num_stages=STAGES):
+            for gi in tl.static_range(W // 4):
+                kg = kw0 + 4 * gi
+                ha = tl.load(h_ptr + pair[None, :].to(tl.int64) * I + (kg * 16 + kk)[:, None],
+                             mask=valid[None, :], other=0.0)             # [64, P] fp16
+                hg = tl.load(hs_ptr + pair.to(tl.int64) * (I // 64) + kg // 4, mask=valid, other=0.0)
+                acc += _q_group_dot(w2_ptr, s2_ptr, z2_ptr, rows, rmask, kg, KW, ha, hg)
+        tl.atomic_add(y_ptr + tok[None, :] * D + rows[:, None], acc, mask=rmask[:, None] & valid[None, :],
+                      sem="relaxed")
     else:
-        t0 = tl.sum(tok, axis=0)
-        p0 = tl.sum(pair, axis=0)
-        h_ptr += p0.to(tl.int64) * I
-        hs_ptr += p0.to(tl.int64) * KW
+        t0 = (s // TOPK).to(tl.int64)
+        h_ptr += s.to(tl.int64) * I
+        hs_ptr += s.to(tl.int64) * KW
         acc = tl.zeros([BLOCK_N, W], tl.float32)
-        for kw0 in range(k_lo, k_hi, W):
-            acc = _ew_chunk(acc, w2_ptr, s2_ptr, z2_ptr, h_ptr, hs_ptr, rows, rmask, kw0, KW, MAGIC, W)
-        tl.atomic_add(y_ptr + t0.to(tl.int64) * D + rows, tl.sum(acc, axis=1), mask=rmask)
+        for kw0 in range(k_lo, k_lo + per_split, W):
+            acc, _ = _ew_chunk2(acc, acc, w2_ptr, s2_ptr, z2_ptr, w2_ptr, s2_ptr, z2_ptr, h_ptr, hs_ptr,
+                                  rows, rmask, kw0, KW, MAGIC, W, False)
+        tl.atomic_add(y_ptr + t0 * D + rows, tl.sum(acc, axis=1), mask=rmask, sem="relaxed")
 
 
 def _check_routing(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> tuple[int, int]:
@@ -294,6 +401,17 @@ def check_moe_weights(x, w1, w3, w2) -> tuple[int, int, int]:
     return E, D, I
 
 
+def _stage(cfg: StageConfig, kw: int, dot: bool, name: str) -> tuple[int, int]:
+    """(words per K step, K splits) fitted to a row of kw packed words."""
+    w = fit_w(cfg.w, kw)
+    if dot and w % 4:
+        raise ValueError(f"kernels.int2_moe_decode: {name}: the dot path needs w to be a multiple of 4")
+    split = max(1, min(cfg.split, kw // w))
+    while (kw // w) % split:
+        split -= 1
+    return w, split
+
+
 def int2_moe_decode(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
                     w1_packed: torch.Tensor, w1_scale: torch.Tensor, w1_zero_packed: torch.Tensor,
                     w3_packed: torch.Tensor, w3_scale: torch.Tensor, w3_zero_packed: torch.Tensor,
@@ -302,10 +420,9 @@ def int2_moe_decode(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
                     use_dot: bool | None = None) -> torch.Tensor:
     """Routed-expert MoE for a few tokens -> fp32 ``[T, D]`` (see module docstring).
 
-    ``use_dot`` defaults to False: the CUDA-core path (one pair per program) measured faster on the
-    H200 for T=3 (161 vs 484 us/layer) and, by its per-pair cost, for T=16 with independent routing;
-    the dot path wins only when many tokens share experts (T=16 sharing 6: 388 vs 722 us).
-    See kernels/BENCHMARKS.md.
+    ``use_dot`` defaults to False (the CUDA-core path, one pair per program); True reads each
+    expert once for all its tokens (tensor cores). See kernels/BENCHMARKS.md for the measurements.
+    Three launches, no host sync (CUDA-graph capturable).
     """
     T, k = _check_routing(x, idx, weight)
     w1 = (w1_packed, w1_scale, w1_zero_packed)
@@ -315,38 +432,49 @@ def int2_moe_decode(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
     S = T * k
     if S > 4096:
         raise ValueError(f"kernels.int2_moe_decode: T*k={S} too large for the decode kernel; use prefill")
-    if use_dot is None:
-        use_dot = False
+    use_dot = bool(use_dot)
     cfg = config or decode_configs(use_dot)[0]
     gu, dn = cfg.gate_up, cfg.down
-    gu_w, dn_w = fit_w(gu.w, D // 16), fit_w(dn.w, I // 16)
-    if use_dot and min(gu.block_n, dn.block_n) < 16:
-        raise ValueError("kernels.int2_moe_decode: the dot path needs block_n >= 16")
+    gu_w, gu_split = _stage(gu, D // 16, use_dot, "gate_up")
+    dn_w, dn_split = _stage(dn, I // 16, use_dot, "down")
+    if gu.block_n % (64 if use_dot else 16):
+        raise ValueError(f"kernels.int2_moe_decode: gate_up block_n must be a multiple of {64 if use_dot else 16}")
+    if use_dot and dn.block_n < 16:
+        raise ValueError("kernels.int2_moe_decode: the dot path needs down block_n >= 16")
     block_p = 16 if use_dot else 1
     block_s = max(16, triton.next_power_of_2(S))
     idx_f = idx.reshape(-1).contiguous()
     rw = weight.reshape(-1).to(torch.float32).contiguous()
-    h = torch.empty((S, I), dtype=torch.float32, device=x.device)
+    dev = x.device
+    n_tiles = triton.cdiv(I, gu.block_n)
+    ws = torch.empty(T * D + S * 2 * I + S * n_tiles, dtype=torch.float32, device=dev)
+    y = ws[:T * D].view(T, D)                                            # [T, D]
+    gu_buf = ws[T * D:T * D + S * 2 * I]                                 # [S, 2, I]
+    cnt = ws[T * D + S * 2 * I:]                                         # [S, n_tiles]
     if use_dot:
-        xin, xs, hs = x.contiguous(), h, h
+        xin = torch.empty((T, D), dtype=torch.float16, device=dev)
+        xs = torch.empty((T, D // 64), dtype=torch.float32, device=dev)
+        h = torch.empty((S, I), dtype=torch.float16, device=dev)
+        hs = torch.empty((S, I // 64), dtype=torch.float32, device=dev)
     else:
-        if gu.block_n % 16:
-            raise ValueError("kernels.int2_moe_decode: gate_up block_n must be a multiple of 16")
-        xin = torch.empty((T, 16, D // 16), dtype=torch.float32, device=x.device)
-        xs = torch.empty((T, D // 16), dtype=torch.float32, device=x.device)
-        hs = torch.empty((S, I // 16), dtype=torch.float32, device=x.device)
-        _prep_x_kernel[(T, triton.cdiv(D // 16, 64))](x.contiguous(), xin, xs, D // 16, BLOCK_W=64)
-    y = torch.zeros((T, D), dtype=torch.float32, device=x.device)
-    _gate_up_kernel[(S, triton.cdiv(I, gu.block_n))](
+        xin = torch.empty((T, 16, D // 16), dtype=torch.float32, device=dev)
+        xs = torch.empty((T, D // 16), dtype=torch.float32, device=dev)
+        h = torch.empty((S, I), dtype=torch.float32, device=dev)
+        hs = torch.empty((S, I // 16), dtype=torch.float32, device=dev)
+    nx = T * triton.cdiv(D // 16, 64)
+    nz = ws.numel()
+    _prep_kernel[(max(nx, triton.cdiv(nz, 1024)),)](x.contiguous(), xin, xs, ws, nz, D // 16, nx,
+                                                    BLOCK_W=64, BLOCK_Z=1024, DOT=use_dot)
+    _gate_up_kernel[(S, n_tiles, gu_split)](
         xin, xs, idx_f, rw, S, k,
         as_int32(w1_packed), w1_scale, w1_zero_packed, as_int32(w3_packed), w3_scale, w3_zero_packed,
-        h, hs, I, D, D // 16, float(limit), _MAGIC,
-        BLOCK_N=gu.block_n, W=gu_w, BLOCK_P=block_p, BLOCK_S=block_s, USE_DOT=use_dot,
-        num_warps=gu.warps, num_stages=gu.stages)
-    _down_kernel[(S, triton.cdiv(D, dn.block_n), dn.split)](
+        gu_buf, cnt, h, hs, I, D, D // 16, float(limit), _MAGIC,
+        BLOCK_N=gu.block_n, W=gu_w, BLOCK_P=block_p, BLOCK_S=block_s, SPLIT_K=gu_split,
+        STAGES=gu.stages, DOT=use_dot, num_warps=gu.warps, num_stages=gu.stages)
+    _down_kernel[(S, triton.cdiv(D, dn.block_n), dn_split)](
         h, hs, idx_f, S, k, as_int32(w2_packed), w2_scale, w2_zero_packed, y, I, D, I // 16, _MAGIC,
-        BLOCK_N=dn.block_n, W=dn_w, BLOCK_P=block_p, BLOCK_S=block_s, SPLIT_K=dn.split,
-        USE_DOT=use_dot, num_warps=dn.warps, num_stages=dn.stages)
+        BLOCK_N=dn.block_n, W=dn_w, BLOCK_P=block_p, BLOCK_S=block_s, SPLIT_K=dn_split,
+        STAGES=dn.stages, DOT=use_dot, num_warps=dn.warps, num_stages=dn.stages)
     return y
 
 

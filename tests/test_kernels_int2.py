@@ -13,7 +13,8 @@ if not torch.cuda.is_available():
 
 from dsv4lib.kernels.dispatch import int2_moe  # noqa: E402
 from dsv4lib.kernels.int2_dequant import dequantize_int2, dequantize_int2_reference, random_int2  # noqa: E402
-from dsv4lib.kernels.int2_moe_decode import decode_configs, int2_moe_decode, int2_moe_reference  # noqa: E402
+from dsv4lib.kernels.int2_moe_decode import (DecodeConfig, StageConfig, decode_configs,  # noqa: E402
+                                             int2_moe_decode, int2_moe_reference)
 from dsv4lib.kernels.int2_moe_prefill import PrefillConfig, align_pairs, int2_moe_prefill  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,6 +72,24 @@ def test_decode_matches_reference(T, use_dot, shared):
     assert _rel(y, ref) < (2e-3 if use_dot else 1e-5)
 
 
+@pytest.mark.parametrize("use_dot,cfg", [
+    (False, DecodeConfig(StageConfig(16, 4, 2, split=4), StageConfig(32, 4, 2, split=2))),
+    (False, DecodeConfig(StageConfig(32, 8, 2, split=2), StageConfig(16, 2, 2, split=4))),
+    (True, DecodeConfig(StageConfig(64, 4, 4, split=4), StageConfig(16, 4, 4, split=2))),
+    (True, DecodeConfig(StageConfig(64, 8, 4, split=2), StageConfig(32, 8, 4, split=1)))])
+def test_decode_split_k_matches_reference(use_dot, cfg):
+    # several K splits per tile: partial sums by atomics, SwiGLU applied by the last program to arrive
+    E, D, I, k, T = 8, 256, 128, 3, 4
+    w = _experts(E, D, I, seed=21)
+    x = torch.randn(T, D, device=DEV)
+    idx, wt = _routing(T, E, k, seed=22, shared=True)
+    ref = int2_moe_reference(x, idx, wt, *w, LIMIT)
+    y = int2_moe_decode(x, idx, wt, *w, LIMIT, use_dot=use_dot, config=cfg)
+    assert _rel(y, ref) < (2e-3 if use_dot else 1e-5)
+    y2 = int2_moe_decode(x, idx, wt, *w, LIMIT, use_dot=use_dot, config=cfg)   # workspace re-zeroed
+    assert torch.equal(y, y2) or _rel(y2, ref) < (2e-3 if use_dot else 1e-5)
+
+
 def test_decode_duplicate_expert_in_one_token():
     # a token routed twice to the same expert: de-duplication must still count both pairs
     E, D, I = 4, 128, 128
@@ -86,8 +105,10 @@ def test_decode_duplicate_expert_in_one_token():
 def test_decode_config_candidates_valid():
     for use_dot in (False, True):
         for cfg in decode_configs(use_dot):
-            assert cfg.gate_up.block_n % 16 == 0
-            assert not use_dot or min(cfg.gate_up.block_n, cfg.down.block_n) >= 16
+            assert cfg.gate_up.block_n % (64 if use_dot else 16) == 0
+            assert not use_dot or (cfg.down.block_n >= 16 and cfg.gate_up.w % 4 == 0 and cfg.down.w % 4 == 0)
+            # V4-Flash rows: 256 / 128 packed words, every K split a whole number of steps
+            assert 256 % (cfg.gate_up.w * cfg.gate_up.split) == 0 and 128 % (cfg.down.w * cfg.down.split) == 0
 
 
 def test_align_pairs_covers_every_pair_once():
