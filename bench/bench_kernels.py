@@ -103,7 +103,7 @@ def routing(T, E, k, dev, seed, shared=False):
     return idx.to(dev), (torch.rand(T, k, generator=g) + 0.25).to(dev)
 
 
-def bench_decode(res, layers: Int2Layers, dev, reps, sweep):
+def bench_decode(res, layers: Int2Layers, dev, reps, sweep, quick=False):
     L, E, D = layers.L, layers.E, layers.D
     xs = torch.randn(L, 16, D, device=dev, dtype=torch.bfloat16)
     weights = [layers.layer(l) for l in range(L)]
@@ -131,6 +131,15 @@ def bench_decode(res, layers: Int2Layers, dev, reps, sweep):
     res["decode_sweep_T1"] = sweep_rows
     best_cfg = cands[sweep_rows.index(best)]
     rows.append(dict(best, case="T=1"))
+    if quick:
+        dcands = decode_configs(True)
+        dot_rows = [run_case(16, True, True, c) for c in dcands]
+        res["decode_sweep_T16_shared"] = dot_rows
+        best_dot = min((r for r in dot_rows if r["rel_err"] < 3e-3), key=lambda r: r["us_per_layer"])
+        rows.append(dict(best_dot, case="T=16, all share 6 experts"))
+        rows.append(dict(run_case(1, False, False, cands[0]), case="T=1 default again (spread)"))
+        res["decode"] = rows
+        return best_cfg, dcands[dot_rows.index(best_dot)]
     rows.append(dict(run_case(3, False, False, best_cfg), case="T=3 distinct (CUDA-core path)"))
     dcands = decode_configs(True) if sweep else decode_configs(True)[:1]
     dot_rows = [run_case(16, True, True, c) for c in dcands]
@@ -281,6 +290,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--skip-decode", action="store_true", help="skip the INT2 decode sections")
+    ap.add_argument("--quick", action="store_true", help="decode config sweeps only (implies --decode-only)")
     ap.add_argument("--decode-only", action="store_true", help="only copy bandwidth + the INT2 decode sections")
     args = ap.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -310,8 +320,10 @@ def main(argv=None) -> int:
               if k.startswith(section)})[:1500], flush=True)
 
     if not args.skip_decode:
-        cfg_ew, cfg_dot = bench_decode(res, layers, dev, reps, sweep)
+        cfg_ew, cfg_dot = bench_decode(res, layers, dev, reps, sweep, args.quick)
         save("decode")
+        if args.quick:
+            return 0
         bench_dequant_matmul_decode(res, layers, dev, reps)
         save("decode_dequant")
     del layers
