@@ -69,6 +69,8 @@ class Attention(nn.Module):
             new = self.compressor(x, lc.comp if lc is not None else None)
             ent = lc.comp.entries if lc is not None else new                # [B, T, c]
             T = 0 if ent is None else ent.shape[1]
+            if not T and self.indexer is not None and lc is not None:
+                self.indexer.compressor(x, lc.index)   # keep the indexer's stream in step with the main one
             if T:
                 thr = (pos + 1) // self.ratio                               # [S]
                 if self.indexer is not None:

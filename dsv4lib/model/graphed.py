@@ -1,0 +1,185 @@
+"""Static-shape one-token decode step and its CUDA-graph capture (spec §2.1–2.7, §2.10).
+
+``static_decode_step(model, cache, ids)`` is the eager model's decode math (attention with the
+window ring + CSA/HCA entries + indexer, mHC, MoE, head) on a :class:`StaticCache`: fixed shapes,
+the position a device tensor, every mask computed on the device (invalid keys get -inf; the
+indexer's top-k runs over the fixed ``ceil(max_seq_len/4)`` keys with the future ones masked) and
+no host synchronisation, so the whole step can be captured once and replayed
+(:class:`GraphedDecoder`). Uncaptured, the same function runs anywhere (the CPU tests compare it
+with the eager ``Cache`` path). The MoE layer is the model's own module: capture needs a backend
+without host syncs (INT2 on CUDA; the dense and MXFP4 backends sync).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .compressor import Compressor
+from .lowp import hp
+from .mhc import hc_post
+from .rope import apply_rope, cos_sin
+from .static_cache import StaticCache, StaticCompressorState, StaticLayerCache
+
+
+def _linear_f32(lin, x: torch.Tensor) -> torch.Tensor:
+    """fp32 result of a (float-weight) Linear; bf16 weights are not upcast (one read of the weight)."""
+    if lin.weight.dtype in (torch.float32, torch.float64) or lin.weight.dtype == torch.float8_e4m3fn:
+        return lin(hp(x))
+    return F.linear(x.to(lin.weight.dtype), lin.weight).float()
+
+
+def compressor_step(comp: Compressor, x: torch.Tensor, pos: torch.Tensor, st: StaticCompressorState) -> None:
+    """Append the token x [B,1,D] at position ``pos`` and (re)write entry pos // r (spec §2.4)."""
+    r, hd = comp.ratio, comp.head_dim
+    kv = _linear_f32(comp.wkv, x)                                       # [B, 1, coff*hd]
+    gate = _linear_f32(comp.wgate, x)
+    slot = (pos % r).view(1)
+    st.buf_kv.index_copy_(1, slot, kv)
+    st.buf_gate.index_copy_(1, slot, gate)
+    ck = st.buf_kv                                                      # [B, r, coff*hd]
+    cg = st.buf_gate + comp.ape
+    if comp.overlap:
+        complete = (pos % r) == r - 1
+        a_kv, a_g = ck[..., :hd], cg[..., :hd]
+        ck = torch.cat([st.prev_kv, ck[..., hd:]], 1)                  # [B, 2r, hd]
+        cg = torch.cat([st.prev_gate, cg[..., hd:]], 1)
+    e = (ck * cg.softmax(1)).sum(1, keepdim=True)                       # [B, 1, hd]
+    e = comp.norm(e)
+    i = pos // r
+    cos, sin = cos_sin(comp.freqs, (i * r).view(1))
+    e = apply_rope(e, cos, sin)
+    st.entries.index_copy_(1, i.view(1), e.to(st.entries.dtype))
+    if comp.overlap:
+        st.prev_kv.copy_(torch.where(complete, a_kv, st.prev_kv))
+        st.prev_gate.copy_(torch.where(complete, a_g, st.prev_gate))
+
+
+def indexer_select(idx_mod, x: torch.Tensor, qr: torch.Tensor, pos: torch.Tensor, cos, sin,
+                   st: StaticCompressorState) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k entries for the token at ``pos`` (spec §2.5) -> (indices [B, k], valid [B, k])."""
+    compressor_step(idx_mod.compressor, x, pos, st)
+    keys = st.entries                                                   # [B, T, cI] fp32
+    T = keys.shape[1]
+    q = idx_mod.wq_b(qr).unflatten(-1, (idx_mod.n_heads, idx_mod.head_dim))   # [B, 1, nI, cI]
+    q = apply_rope(q, cos, sin)
+    w = hp(idx_mod.weights_proj(x)) * (idx_mod.head_dim ** -0.5 * idx_mod.n_heads ** -0.5)   # [B, 1, nI]
+    s = torch.einsum("bshd,btd->bsht", hp(q), hp(keys)).relu()         # [B, 1, nI, T]
+    score = (s * w.unsqueeze(-1)).sum(2)[:, 0]                          # [B, T]
+    thr = (pos + 1) // idx_mod.ratio
+    future = torch.arange(T, device=x.device) >= thr                    # [T]
+    score = score.masked_fill(future, float("-inf"))
+    k = min(idx_mod.topk, T)
+    sel = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :k]   # [B, k]
+    return sel, sel < thr
+
+
+def _wo_a(attn, o: torch.Tensor) -> torch.Tensor:
+    """Grouped output projection o [B,1,G,H*c/G] -> [B,1,G*o_lora] (spec §2.3)."""
+    B = o.shape[0]
+    G, R = attn.groups, attn.o_lora
+    w = attn.wo_a.weight
+    if w.dtype == torch.float8_e4m3fn and o.is_cuda:
+        # one FP8 GEMV over all groups' rows (each weight byte read once), keep the diagonal blocks
+        y = attn.wo_a(o.reshape(B * G, -1))                            # [B*G, G*R]
+        return y.view(B, G, G, R).diagonal(dim1=1, dim2=2).permute(0, 2, 1).reshape(B, 1, G * R)
+    wa = attn.wo_a.dequantized_weight(o.dtype).view(G, R, -1)
+    return torch.einsum("bsgi,goi->bsgo", o, wa).flatten(2)
+
+
+def attention_step(attn, x: torch.Tensor, pos: torch.Tensor, lc: StaticLayerCache) -> torch.Tensor:
+    """x [B,1,D] (post attn_norm) at device position ``pos`` -> [B,1,D] (spec §2.3)."""
+    B = x.shape[0]
+    H, c = attn.n_heads, attn.head_dim
+    p1 = pos.view(1)
+    cos, sin = cos_sin(attn.freqs, p1)                                  # [1, r/2]
+    qr = attn.q_norm(attn.wq_a(x))                                      # [B, 1, q_lora]
+    q = attn.wq_b(qr).unflatten(-1, (H, c))                             # [B, 1, H, c]
+    q = q * torch.rsqrt(hp(q).pow(2).mean(-1, keepdim=True) + attn.eps).to(q.dtype)
+    q = apply_rope(q, cos, sin)
+    kv = apply_rope(attn.kv_norm(attn.wkv(x)), cos, sin)                # [B, 1, c]
+    W = lc.window.shape[1]
+    lc.window.index_copy_(1, (pos % W).view(1), kv.to(lc.window.dtype))
+    keys = lc.window                                                    # [B, W, c]
+    zero = torch.zeros((), device=x.device)
+    ninf = torch.full((), float("-inf"), device=x.device)
+    bias = torch.where(torch.arange(W, device=x.device) <= pos, zero, ninf).expand(B, W)   # [B, W]
+    if attn.ratio:
+        compressor_step(attn.compressor, x, pos, lc.comp)
+        ent = lc.comp.entries                                           # [B, T, c]
+        if attn.indexer is not None:
+            sel, ok = indexer_select(attn.indexer, x, qr, pos, cos, sin, lc.index)   # [B, k]
+            ent = ent.gather(1, sel.unsqueeze(-1).expand(-1, -1, c))   # [B, k, c]
+            cb = torch.where(ok, zero, ninf)                            # [B, k]
+        else:
+            thr = (pos + 1) // attn.ratio
+            cb = torch.where(torch.arange(ent.shape[1], device=x.device) < thr, zero, ninf).expand(B, -1)
+        keys = torch.cat([keys, ent.to(keys.dtype)], 1)
+        bias = torch.cat([bias, cb], -1)
+    z = torch.einsum("bshd,bnd->bhsn", hp(q), hp(keys)) * c ** -0.5 + bias[:, None, None, :]
+    sink = hp(attn.attn_sink).view(1, H, 1, 1).expand(B, H, 1, 1)
+    p = torch.cat([z, sink], -1).softmax(-1)[..., :-1]                  # [B, H, 1, N]
+    o = torch.einsum("bhsn,bnd->bshd", p, hp(keys)).to(x.dtype)         # [B, 1, H, c]
+    o = apply_rope(o, cos, sin, inverse=True)
+    u = _wo_a(attn, o.reshape(B, 1, attn.groups, -1))                   # [B, 1, G*o_lora]
+    return attn.wo_b(u)
+
+
+def block_step(layer, X: torch.Tensor, pos: torch.Tensor, ids: torch.Tensor, lc: StaticLayerCache) -> torch.Tensor:
+    """One mHC block (spec §2.2) for X [B,1,hc,D]."""
+    x, post, comb = layer._pre(X, "hc_attn")
+    X = hc_post(attention_step(layer.attn, layer.attn_norm(x), pos, lc), X, post, comb)
+    x, post, comb = layer._pre(X, "hc_ffn")
+    return hc_post(layer.ffn(layer.ffn_norm(x), ids), X, post, comb)
+
+
+def check_static_ready(model) -> None:
+    if model.lowp_sim:
+        raise ValueError("static decode: the low-precision simulation is not implemented on this path")
+
+
+@torch.no_grad()
+def static_decode_step(model, cache: StaticCache, ids: torch.Tensor) -> torch.Tensor:
+    """ids [B,1] at position ``cache.pos`` -> fp32 logits [B, V]; advances ``cache.pos`` on device."""
+    B = ids.shape[0]
+    if B != cache.batch_size or ids.shape[1] != 1:
+        raise ValueError(f"static decode: ids {tuple(ids.shape)}, cache made for batch {cache.batch_size}, 1 token")
+    X = model.embed(ids).unsqueeze(2).expand(-1, -1, model.config.hc_mult, -1).contiguous()   # [B, 1, hc, D]
+    for i, layer in enumerate(model.layers):
+        X = block_step(layer, X, cache.pos, ids, cache.layers[i])
+    cache.pos.add_(1)
+    return model.logits_from_hidden(X)[:, 0]
+
+
+class GraphedDecoder:
+    """The whole decode step captured in one CUDA graph over a :class:`StaticCache`.
+
+    ``step(ids [B,1]) -> logits [B, V]`` (a view of the graph's static output: copy it if kept
+    across steps). Warm-up runs (kernel compilation) happen before capture at the cache's current
+    position; the position and the CSA ``prev_*`` state are restored afterwards, and every other
+    slot they touched is rewritten by the real step before it is read.
+    """
+
+    def __init__(self, model, cache: StaticCache, warmup: int = 2) -> None:
+        check_static_ready(model)
+        self.model, self.cache = model, cache
+        dev = cache.pos.device
+        self.ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=dev)
+        saved = [t.clone() for t in cache.small_state()]
+        s = torch.cuda.Stream(dev)
+        s.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(s):
+            for _ in range(warmup):
+                static_decode_step(model, cache, self.ids)
+        torch.cuda.current_stream(dev).wait_stream(s)
+        for t, v in zip(cache.small_state(), saved):
+            t.copy_(v)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = static_decode_step(model, cache, self.ids)
+        for t, v in zip(cache.small_state(), saved):   # capture records, runs nothing; be safe
+            t.copy_(v)
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        self.ids.copy_(ids)
+        self.graph.replay()
+        return self.logits
