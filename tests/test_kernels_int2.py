@@ -73,13 +73,12 @@ def test_decode_matches_reference(T, use_dot, shared):
 
 
 @pytest.mark.parametrize("use_dot,cfg", [
-    (False, DecodeConfig(StageConfig(16, 4, 2, split=4), StageConfig(32, 4, 2, split=2))),
-    (False, DecodeConfig(StageConfig(32, 8, 2, split=2), StageConfig(16, 2, 2, split=4))),
+    (False, DecodeConfig(StageConfig(64, 4, 2, split=4), StageConfig(64, 4, 2, split=2))),
     (True, DecodeConfig(StageConfig(64, 4, 4, split=4), StageConfig(16, 4, 4, split=2))),
     (True, DecodeConfig(StageConfig(64, 8, 4, split=2), StageConfig(32, 8, 4, split=1)))])
 def test_decode_split_k_matches_reference(use_dot, cfg):
     # several K splits per tile: partial sums by atomics, SwiGLU applied by the last program to arrive
-    E, D, I, k, T = 8, 256, 128, 3, 4
+    E, D, I, k, T = 4, 256, 128, 2, 2
     w = _experts(E, D, I, seed=21)
     x = torch.randn(T, D, device=DEV)
     idx, wt = _routing(T, E, k, seed=22, shared=True)
