@@ -6,29 +6,30 @@ Math (v4_arch.md section 2.7, docs/CONTRACTS.md "Experts"), per (token t, slot j
 
 Weight layout: the INT2 g64 contract (see ``int2_dequant.py``); W1/W3 ``[E, I, D]``, W2 ``[E, D, I]``.
 
-Two launches per call (plus a transpose of x and the zeroed output):
+Three launches per call, no host sync (CUDA-graph capturable):
 
-1. ``_gate_up_kernel``, grid ``(T*k pair slots, cdiv(I, BLOCK_N))``: rows of W1 and W3 are read in
-   the same loop, dequantised in registers, and the SwiGLU epilogue writes ``h`` (fp32).
-2. ``_down_kernel``, grid ``(T*k, cdiv(D, BLOCK_N), SPLIT_K)``: split-K over I so that one token's
-   six experts still give >= 132 programs; partial sums go to ``y`` by fp32 atomic add.
+0. ``_prep_kernel``: activations into the layout of the chosen path, and zeroes one fp32 workspace
+   holding ``y``, the split-K partial sums and the arrival counters.
+1. ``_gate_up_kernel``, grid ``(T*k pair slots, cdiv(I, BLOCK_N), SPLIT_K)``: rows of W1 and W3 are
+   read in the same K step. With ``SPLIT_K > 1`` partial sums go to ``gu [S, 2, I]`` by atomics and the
+   last program of a tile to arrive (a per-tile counter) applies SwiGLU; otherwise it does directly.
+2. ``_down_kernel``, grid ``(T*k, cdiv(D, BLOCK_N), SPLIT_K)``: partial sums go to ``y`` by atomics.
 
 Expert de-duplication happens inside the kernels, with no host sync and no sort: the program of
 pair slot s looks at all ``T*k`` routed experts, and only the first ``BLOCK_P``-th occurrence of
-its expert runs; it then serves every pair routed to that expert (up to BLOCK_P of them), so each
-packed weight byte is read once per step even when tokens share experts.
+its expert runs; it then serves every pair routed to that expert (up to BLOCK_P of them).
 
-Two inner loops (constexpr ``USE_DOT``):
+Two inner loops (constexpr ``DOT``):
 
-* ``USE_DOT=False`` (one pair per program, the T=1 path): CUDA-core GEMV with a bit trick that
-  keeps the per-weight cost at one LOP3 + one FADD + one FFMA. A code at bits [2j, 2j+2) of a
-  word is masked in place (no shift) and OR-ed into the mantissa of 2^23, so the float reads
-  ``2^23 + q * 4^j``; subtracting 2^23 is exact and the 4^-j is folded into the activation.
-  Scale and zero are applied once per 16 codes: ``s * (sum_j x_j q_j - z * sum_j x_j)``.
+* ``DOT=False`` (one pair per program, BLOCK_P = 1; the default): CUDA-core GEMV with a bit trick.
+  A code at bits [2j, 2j+2) of a word is masked in place (no shift) and OR-ed into the mantissa of
+  2^23, so the float reads ``2^23 + q * 4^j``; subtracting 2^23 is exact and the 4^-j is folded into
+  the activation. Scale and zero are applied once per 16 codes: ``s * (sum_j x_j q_j - z * sum_j x_j)``.
   Activations are pre-transposed to ``xt [T, 16, K/16]`` so each ``x_j`` slice is contiguous.
-* ``USE_DOT=True`` (BLOCK_P = 16 pairs per program): dequantised fp16 tiles into ``tl.dot``.
-  fp16 operands (the CPU interpreter's bf16 dot is broken); activations must stay below 65504
-  in magnitude, which the clamps guarantee for h and RMS-normed inputs do for x.
+* ``DOT=True`` (BLOCK_P = 16 pairs per program, each expert read once for all its tokens): codes to
+  fp16 by ``0x6400 | q`` (= 1024 + q, minus 1024, exact), one ``tl.dot`` per 64-channel group, scale
+  and zero folded into the product: ``s * (q.x - z * sum x)``. fp16 activations (|x| < 65504; the
+  clamps guarantee it for h, RMS-normed inputs for x).
 """
 from __future__ import annotations
 
