@@ -172,16 +172,24 @@ def perplexity(model, es: EvalSet, batch_size: int = 4) -> float:
     return math.exp(nll / max(1, n))
 
 
+def overall(rows: Sequence[Comparison], name: str = "ALL") -> Comparison:
+    """Token-weighted combination of per-set rows (ppl from the mean NLL over all scored tokens)."""
+    n = sum(r.n_tokens for r in rows)
+    if not n:
+        return Comparison(name, 0, float("nan"), float("nan"), float("nan"), float("nan"))
+    avg = lambda f: sum(f(r) * r.n_tokens for r in rows) / n                        # noqa: E731
+    return Comparison(name, n, math.exp(avg(lambda r: math.log(r.ppl_a))), math.exp(avg(lambda r: math.log(r.ppl_b))),
+                      avg(lambda r: r.kl), avg(lambda r: r.top1))
+
+
 def format_table(rows: Sequence[Comparison], names: tuple[str, str] = ("A", "B")) -> str:
     a, b = names
     head = f"{'set':18s} {'tokens':>7s} {'ppl ' + a:>10s} {'ppl ' + b:>10s} {'KL(A||B)':>9s} {'top-1':>7s}"
     lines = [head]
     for r in rows:
         lines.append(f"{r.name:18s} {r.n_tokens:7d} {r.ppl_a:10.3f} {r.ppl_b:10.3f} {r.kl:9.4f} {r.top1:7.2%}")
-    n = sum(r.n_tokens for r in rows)
-    if n:
-        avg = lambda f: sum(f(r) * r.n_tokens for r in rows) / n                    # noqa: E731
-        lines.append(f"{'ALL (token-weighted)':18s} {n:7d} {math.exp(avg(lambda r: math.log(r.ppl_a))):10.3f} "
-                     f"{math.exp(avg(lambda r: math.log(r.ppl_b))):10.3f} {avg(lambda r: r.kl):9.4f} "
-                     f"{avg(lambda r: r.top1):7.2%}")
+    if sum(r.n_tokens for r in rows):
+        t = overall(rows)
+        lines.append(f"{'ALL (token-weighted)':18s} {t.n_tokens:7d} {t.ppl_a:10.3f} {t.ppl_b:10.3f} {t.kl:9.4f} "
+                     f"{t.top1:7.2%}")
     return "\n".join(lines)
