@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from .compressor import Compressor
 from .lowp import hp
-from .mhc import hc_post
+from .mhc import _mix, hc_post
 from .rope import apply_rope, cos_sin
 from .static_cache import StaticCache, StaticCompressorState, StaticLayerCache
 
@@ -124,11 +124,25 @@ def attention_step(attn, x: torch.Tensor, pos: torch.Tensor, lc: StaticLayerCach
     return attn.wo_b(u)
 
 
+def hc_pre_step(layer, X: torch.Tensor, site: str):
+    """``Block._pre`` (spec §2.2); on CUDA the split + Sinkhorn run as one Triton launch."""
+    c = layer.cfg
+    hc = c.hc_mult
+    if not X.is_cuda or hc & (hc - 1) or X.dtype == torch.float64:
+        return layer._pre(X, site)
+    from dsv4lib.kernels.mhc_sinkhorn import hc_split
+    fn, scale, base = (getattr(layer, f"{site}_{k}") for k in ("fn", "scale", "base"))
+    mix = _mix(X, fn, c.rms_norm_eps)                                   # [B, 1, (2+hc)*hc]
+    pre, post, comb = hc_split(mix, scale, base, hc, c.hc_sinkhorn_iters, c.hc_eps)
+    y = (pre.unsqueeze(-1) * hp(X)).sum(-2)                             # [B, 1, D]
+    return y.to(X.dtype), post, comb
+
+
 def block_step(layer, X: torch.Tensor, pos: torch.Tensor, ids: torch.Tensor, lc: StaticLayerCache) -> torch.Tensor:
     """One mHC block (spec §2.2) for X [B,1,hc,D]."""
-    x, post, comb = layer._pre(X, "hc_attn")
+    x, post, comb = hc_pre_step(layer, X, "hc_attn")
     X = hc_post(attention_step(layer.attn, layer.attn_norm(x), pos, lc), X, post, comb)
-    x, post, comb = layer._pre(X, "hc_ffn")
+    x, post, comb = hc_pre_step(layer, X, "hc_ffn")
     return hc_post(layer.ffn(layer.ffn_norm(x), ids), X, post, comb)
 
 

@@ -1,0 +1,38 @@
+"""``python -m dsv4lib bench``: full-scale synthetic V4-Flash benchmark (dsv4lib.fullscale_bench):
+memory, decode eager / static / CUDA-graph tok/s, prefill, per-component step time, MMLU estimate."""
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="v4_flash", choices=["v4_flash", "tiny", "embedded"],
+                   help="model shape (tiny/embedded: CPU smoke runs)")
+    p.add_argument("--decode", default="1x1024,8x1024,1x16384,8x16384",
+                   help="decode cases BATCHxCONTEXT, comma-separated")
+    p.add_argument("--steps", type=int, default=64, help="timed graphed decode steps per case")
+    p.add_argument("--eager-steps", type=int, default=4)
+    p.add_argument("--prefill-ctx-max", type=int, default=1024,
+                   help="contexts up to this are prefilled eagerly, longer ones filled synthetically")
+    p.add_argument("--prefill-len", type=int, default=2048)
+    p.add_argument("--mmlu-batch", type=int, default=32)
+    p.add_argument("--mmlu-len", type=int, default=192)
+    p.add_argument("--no-components", action="store_true")
+    p.add_argument("--out", default=None, help="write the results JSON here (after every section)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dsv4lib.checkpoint.atomic import write_json
+    from dsv4lib.fullscale_bench import BenchOptions, format_table, run_benchmark
+
+    cases = tuple(tuple(int(v) for v in c.split("x")) for c in args.decode.split(",") if c)
+    opts = BenchOptions(preset=args.preset, decode=cases, decode_steps=args.steps, eager_steps=args.eager_steps,
+                        prefill_ctx_max=args.prefill_ctx_max, prefill_len=args.prefill_len,
+                        mmlu_batch=args.mmlu_batch, mmlu_len=args.mmlu_len, components=not args.no_components)
+    write = (lambda r: write_json(args.out, r)) if args.out else (lambda r: None)
+    res = run_benchmark(opts, write, log=lambda s: print(s, flush=True))
+    print(format_table(res))
+    if not args.out:
+        print(json.dumps(res.get("targets", {}), indent=1))
+    return 0

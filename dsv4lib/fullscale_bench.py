@@ -1,0 +1,315 @@
+"""Full-scale benchmark of the synthetic V4-Flash on one GPU (spec §7): memory, decode (eager /
+static / CUDA graph) at batch 1 and 8 for short and long contexts, prefill, per-component decode
+time, and the MMLU scoring time extrapolated from timed batched prefills.
+
+``run_benchmark(opts, write)`` returns the result dict and calls ``write(result)`` after every
+section (partial results survive a crash or a timeout). Contexts up to ``opts.prefill_ctx_max``
+are prefilled with the eager model in chunks and copied into the static cache; longer ones are
+filled with synthetic entries (``fill_synthetic``), which costs the same per decode step.
+"""
+from __future__ import annotations
+
+import datetime
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .checkpoint.loader import model_memory_report
+from .config import ModelConfig
+from .fullscale import copy_bandwidth, decode_bytes_per_token, synthetic_model, time_cuda, without_mtp
+from .model.graphed import GraphedDecoder, attention_step, check_static_ready, hc_pre_step, static_decode_step
+from .model.mhc import hc_post
+from .model.static_cache import fill_synthetic, new_static_cache, static_from_cache
+
+GB = 1e9
+# MMLU test split (14,042 questions), 0-shot chat prompts (dsv4lib.eval.mmlu.build_prompt) encoded with
+# this repo's 4096-token tokenizer (data/tokenizer): 2,697,892 tokens, mean 192.1, median 144, p90 385.
+# V4's 129K vocabulary gives shorter prompts, so these counts overestimate the work.
+MMLU_QUESTIONS = 14042
+MMLU_TOKENS = 2697892
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    preset: str = "v4_flash"                  # or "tiny" (CPU smoke runs)
+    decode: tuple[tuple[int, int], ...] = ((1, 1024), (8, 1024), (1, 16384), (8, 16384))
+    decode_steps: int = 64
+    eager_steps: int = 4
+    prefill_ctx_max: int = 1024               # longer contexts: synthetic cache fill
+    prefill_chunk: int = 512
+    prefill_len: int = 2048
+    mmlu_batch: int = 32
+    mmlu_len: int = 192
+    components: bool = True
+    seed: int = 0
+    targets: dict = field(default_factory=lambda: {"decode_b1_1k_tok_s": 250.0, "b8_over_b1": 5.0,
+                                                   "prefill_2k_tok_s": 8000.0, "mmlu_minutes": 15.0,
+                                                   "resident_gb": 90.0})
+
+
+def _sync(dev) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _wall(fn, dev, reps: int = 1) -> float:
+    """Median seconds of fn() with device syncs (works on CPU too)."""
+    ts = []
+    for _ in range(reps):
+        _sync(dev)
+        t = time.perf_counter()
+        fn()
+        _sync(dev)
+        ts.append(time.perf_counter() - t)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+@torch.no_grad()
+def prefill_last_logits(model, ids: torch.Tensor, cache=None) -> torch.Tensor:
+    """Prefill ``ids [B,S]`` (optionally into ``cache``) -> fp32 logits of the last position [B, V]."""
+    X = model.forward_hidden(ids, cache)
+    return model.logits_from_hidden(X[:, -1:])[:, 0]
+
+
+@torch.no_grad()
+def component_times(model, cache, dev, reps: int = 10) -> dict[str, float]:
+    """Milliseconds per decode step (batch of the cache) of each component over all main layers,
+    each captured in its own CUDA graph with static inputs: attention (incl. attn_norm, compressor,
+    indexer), mHC (pre + post, both sites), router, routed experts, shared expert, head."""
+    cfg = model.config
+    B, D, hc = cache.batch_size, cfg.hidden_size, cfg.hc_mult
+    g = torch.Generator(device=dev).manual_seed(1)
+    X = torch.randn(B, 1, hc, D, device=dev, generator=g).to(model.dtype)
+    x = torch.randn(B, 1, D, device=dev, generator=g).to(model.dtype)
+    xf = x.reshape(B, D)
+    ids = torch.randint(0, cfg.vocab_size, (B,), device=dev, generator=g)
+    routes = [layer.ffn.gate(xf, ids)[1:] for layer in model.layers]
+    saved = [t.clone() for t in cache.small_state()]
+
+    def attn():
+        for i, layer in enumerate(model.layers):
+            attention_step(layer.attn, layer.attn_norm(x), cache.pos, cache.layers[i])
+
+    def mhc():
+        for layer in model.layers:
+            for site in ("hc_attn", "hc_ffn"):
+                y, post, comb = hc_pre_step(layer, X, site)
+                hc_post(y, X, post, comb)
+
+    def router():
+        for layer in model.layers:
+            layer.ffn.gate(xf, ids)
+
+    def experts():
+        for layer, (idx, w) in zip(model.layers, routes):
+            layer.ffn.experts(xf, idx, w, layer.ffn.limit)
+
+    def shared():
+        for layer in model.layers:
+            layer.ffn.shared_experts(xf)
+
+    def head():
+        model.logits_from_hidden(X)
+
+    out = {}
+    for name, fn in (("attention", attn), ("mhc", mhc), ("router", router), ("routed_experts", experts),
+                     ("shared_expert", shared), ("head", head)):
+        s = torch.cuda.Stream(dev)
+        s.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream(dev).wait_stream(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        out[name] = time_cuda(graph.replay, reps)
+        del graph
+    for t, v in zip(cache.small_state(), saved):
+        t.copy_(v)
+    return out
+
+
+def _decode_case(model, B: int, ctx: int, opts: BenchOptions, dev, res: dict) -> None:
+    cfg = model.config
+    g = torch.Generator(device=dev).manual_seed(opts.seed + B * 7 + ctx)
+    steps = opts.decode_steps
+    max_len = ctx + steps + 8
+    case = {"batch": B, "context": ctx}
+    ecache = None
+    if ctx <= opts.prefill_ctx_max:
+        ids = torch.randint(0, cfg.vocab_size, (B, ctx), device=dev, generator=g)
+        ecache = model.new_cache(B, max_len)
+        t = _wall(lambda: [model.forward_hidden(ids[:, i:i + opts.prefill_chunk], ecache)
+                           for i in range(0, ctx, opts.prefill_chunk)], dev)
+        case.update(context_fill="eager chunked prefill", prefill_s=t, prefill_tok_s=B * ctx / t)
+        cache = static_from_cache(model, ecache, max_len)
+    else:
+        cache = new_static_cache(model, B, max_len)
+        fill_synthetic(cache, ctx, g)
+        case["context_fill"] = "synthetic entries"
+    tok = torch.randint(0, cfg.vocab_size, (B, 1), device=dev, generator=g)
+    pos0 = [t.clone() for t in cache.small_state()]
+    if ecache is not None and opts.eager_steps:   # eager model + growing Cache, from the same state
+        ref = model(tok, ecache)[:, -1]
+        t = _wall(lambda: model(tok, ecache), dev, opts.eager_steps)
+        case["eager_ms"] = t * 1e3
+        case["eager_tok_s"] = B / t
+    st = static_decode_step(model, cache, tok)
+    if ecache is not None and opts.eager_steps:
+        case["static_vs_eager_max_abs"] = float((st - ref).abs().max())
+        case["static_vs_eager_ref_max"] = float(ref.abs().max())
+        case["static_vs_eager_argmax_agree"] = float((st.argmax(-1) == ref.argmax(-1)).float().mean())
+    for t_, v in zip(cache.small_state(), pos0):
+        t_.copy_(v)
+    if dev.type == "cuda":
+        def uncaptured():
+            static_decode_step(model, cache, tok)
+            for t_, v in zip(cache.small_state(), pos0):
+                t_.copy_(v)
+        t = _wall(uncaptured, dev, max(1, opts.eager_steps))
+        case["static_uncaptured_ms"] = t * 1e3
+        t0 = time.perf_counter()
+        dec = GraphedDecoder(model, cache)
+        case["capture_s"] = time.perf_counter() - t0
+        first = dec.step(tok).clone()
+        if "static_vs_eager_max_abs" in case:
+            case["graphed_vs_eager_max_abs"] = float((first - ref).abs().max())
+        ms = time_cuda(lambda: dec.step(dec.logits.argmax(-1, keepdim=True)), steps, warmup=2)
+        case["graphed_ms"] = ms
+        case["graphed_tok_s"] = B / (ms * 1e-3)
+        case["final_position"] = cache.position()
+        del dec
+    case["bytes_per_token"] = decode_bytes_per_token(model, B, ctx)["per_token"]
+    res["decode"].append(case)
+    if B == 1 and ctx == min(c for _, c in opts.decode) and opts.components and dev.type == "cuda":
+        res["components_b1_ms"] = component_times(model, cache, dev)
+        res["components_b1_ms"]["sum"] = sum(res["components_b1_ms"].values())
+        res["components_b1_ms"]["full_step_graphed"] = case.get("graphed_ms")
+    del cache, ecache
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_benchmark(opts: BenchOptions, write=lambda r: None, log=print) -> dict:
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = ModelConfig.v4_flash() if opts.preset == "v4_flash" else getattr(ModelConfig, opts.preset)()
+    cfg = without_mtp(cfg)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    res: dict = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                 "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                 "torch": torch.__version__, "options": asdict(opts), "decode": []}
+    try:
+        import triton
+        res["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if dev.type == "cuda":
+        res["copy_GBps"] = copy_bandwidth(dev) / GB
+        log(f"copy {res['copy_GBps']:.0f} GB/s")
+    t = time.perf_counter()
+    model = synthetic_model(cfg, dev, dtype, seed=opts.seed)
+    check_static_ready(model)
+    _sync(dev)
+    res["build_s"] = time.perf_counter() - t
+    mem = model_memory_report(model)
+    res["resident_GB"] = {k: v / GB for k, v in mem.items()}
+    if dev.type == "cuda":
+        res["allocated_after_build_GB"] = torch.cuda.memory_allocated(dev) / GB
+    bpt = decode_bytes_per_token(model, 1, 1024)
+    res["bytes_per_token_b1_1k"] = bpt
+    if "copy_GBps" in res:
+        res["roofline_b1_tok_s"] = res["copy_GBps"] * GB / bpt["per_token"]
+    log(f"built in {res['build_s']:.1f} s, resident {mem['total'] / GB:.2f} GB, "
+        f"{bpt['per_token'] / GB:.3f} GB/token")
+    write(res)
+
+    S = opts.prefill_len
+    ids = torch.randint(0, cfg.vocab_size, (1, S), device=dev)
+    prefill_last_logits(model, ids)   # compile / warm
+    t = _wall(lambda: prefill_last_logits(model, ids), dev, 2)
+    res["prefill"] = {"batch": 1, "tokens": S, "s": t, "tok_s": S / t}
+    # bf16 sensitivity of the synthetic network: the same tokens through two mathematically equal eager
+    # paths (one forward vs chunked prefill into a Cache) -- the scale of path-to-path logit differences
+    full = prefill_last_logits(model, ids)
+    c = model.new_cache(1, S)
+    for i in range(0, S - opts.prefill_chunk, opts.prefill_chunk):
+        model.forward_hidden(ids[:, i:i + opts.prefill_chunk], c)
+    chunked = prefill_last_logits(model, ids[:, S - opts.prefill_chunk:], c)
+    res["bf16_path_sensitivity"] = {"max_abs": float((full - chunked).abs().max()), "ref_max": float(full.abs().max()),
+                                    "argmax_agree": bool((full.argmax(-1) == chunked.argmax(-1)).all())}
+    del c
+    log(f"bf16 path sensitivity {res['bf16_path_sensitivity']}")
+    log(f"prefill {S}: {S / t:.0f} tok/s")
+    write(res)
+
+    for B, ctx in opts.decode:
+        try:
+            _decode_case(model, B, ctx, opts, dev, res)
+            log(f"decode b{B} ctx {ctx}: {res['decode'][-1]}")
+        except Exception as e:  # keep the other cases
+            res["decode"].append({"batch": B, "context": ctx, "error": repr(e)})
+            log(f"decode b{B} ctx {ctx} FAILED: {e!r}")
+        write(res)
+
+    Bm, Lm = opts.mmlu_batch, opts.mmlu_len
+    ids = torch.randint(0, cfg.vocab_size, (Bm, Lm), device=dev)
+    prefill_last_logits(model, ids)
+    t = _wall(lambda: prefill_last_logits(model, ids), dev, 2)
+    rate = Bm * Lm / t
+    res["mmlu"] = {"batch": Bm, "prompt_len": Lm, "batch_s": t, "tok_s": rate, "questions": MMLU_QUESTIONS,
+                   "tokens": MMLU_TOKENS, "est_minutes": MMLU_TOKENS / rate / 60}
+    log(f"mmlu batches {Bm}x{Lm}: {rate:.0f} tok/s -> {res['mmlu']['est_minutes']:.1f} min")
+    if dev.type == "cuda":
+        res["peak_allocated_GB"] = torch.cuda.max_memory_allocated(dev) / GB
+    res["targets"] = targets(res, opts)
+    write(res)
+    return res
+
+
+def targets(res: dict, opts: BenchOptions) -> dict:
+    tg = opts.targets
+    dec = {(d["batch"], d["context"]): d for d in res["decode"] if "graphed_tok_s" in d}
+    ctx0 = min(c for _, c in opts.decode)
+    out = {}
+    b1 = dec.get((1, ctx0), {}).get("graphed_tok_s")
+    b8 = dec.get((8, ctx0), {}).get("graphed_tok_s")
+    if b1:
+        out["decode_b1_1k_tok_s"] = {"value": b1, "target": tg["decode_b1_1k_tok_s"], "met": b1 >= tg["decode_b1_1k_tok_s"]}
+    if b1 and b8:
+        out["b8_over_b1"] = {"value": b8 / b1, "target": tg["b8_over_b1"], "met": b8 / b1 >= tg["b8_over_b1"]}
+    p = res["prefill"]["tok_s"]
+    out["prefill_2k_tok_s"] = {"value": p, "target": tg["prefill_2k_tok_s"], "met": p >= tg["prefill_2k_tok_s"]}
+    m = res["mmlu"]["est_minutes"]
+    out["mmlu_minutes"] = {"value": m, "target": tg["mmlu_minutes"], "met": m <= tg["mmlu_minutes"]}
+    r = res["resident_GB"]["total"]
+    out["resident_gb"] = {"value": r, "target": tg["resident_gb"], "met": r <= tg["resident_gb"]}
+    return out
+
+
+def format_table(res: dict) -> str:
+    lines = [f"device {res['device']}  torch {res['torch']}  triton {res.get('triton', '-')}  {res['date']}",
+             f"resident {res['resident_GB']['total']:.2f} GB  peak {res.get('peak_allocated_GB', 0):.2f} GB  "
+             f"copy {res.get('copy_GBps', 0):.0f} GB/s  bytes/token(b1,1K) "
+             f"{res['bytes_per_token_b1_1k']['per_token'] / GB:.3f} GB  roofline {res.get('roofline_b1_tok_s', 0):.0f} tok/s",
+             "| batch | context | fill | eager tok/s | static ms | graphed ms | graphed tok/s | GB/token |",
+             "|---|---|---|---|---|---|---|---|"]
+    for d in res["decode"]:
+        if "error" in d:
+            lines.append(f"| {d['batch']} | {d['context']} | ERROR {d['error'][:60]} |||||")
+            continue
+        lines.append(f"| {d['batch']} | {d['context']} | {d['context_fill']} | {d.get('eager_tok_s', float('nan')):.1f} | "
+                     f"{d.get('static_uncaptured_ms', float('nan')):.2f} | {d.get('graphed_ms', float('nan')):.2f} | "
+                     f"{d.get('graphed_tok_s', float('nan')):.1f} | {d['bytes_per_token'] / GB:.3f} |")
+    p = res["prefill"]
+    lines.append(f"prefill b1 x {p['tokens']}: {p['tok_s']:.0f} tok/s")
+    m = res["mmlu"]
+    lines.append(f"MMLU: {m['batch']}x{m['prompt_len']} batches {m['tok_s']:.0f} tok/s -> {m['tokens']} tokens "
+                 f"in {m['est_minutes']:.1f} min")
+    if "components_b1_ms" in res:
+        lines.append("components (b1, ms/step): " + ", ".join(f"{k} {v:.2f}" for k, v in res["components_b1_ms"].items()
+                                                             if v is not None))
+    for k, v in res.get("targets", {}).items():
+        lines.append(f"target {k}: {v['value']:.2f} vs {v['target']} -> {'met' if v['met'] else 'MISSED'}")
+    return "\n".join(lines)

@@ -1,0 +1,116 @@
+"""Static-shape decode path (dsv4lib.model.graphed / static_cache) against the eager Cache path, and the
+synthetic full-format model builder (dsv4lib.fullscale), on CPU configs."""
+import pytest
+import torch
+
+from dsv4lib.config import ModelConfig
+from dsv4lib.model import DeepseekV4
+from dsv4lib.model.graphed import static_decode_step
+from dsv4lib.model.static_cache import fill_synthetic, new_static_cache, static_from_cache
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Many tiny ops: one intra-op thread avoids OpenMP spin contention on loaded CI machines (40x here)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _model(cfg, seed=0):
+    torch.manual_seed(seed)
+    return DeepseekV4(cfg).eval()
+
+
+@pytest.mark.parametrize("preset", ["tiny", "embedded"])
+@torch.no_grad()
+def test_static_decode_matches_eager_cache(preset):
+    cfg = getattr(ModelConfig, preset)()
+    m = _model(cfg)
+    B, N, P = 2, 44, 13
+    ids = torch.randint(0, cfg.vocab_size, (B, N), generator=torch.Generator().manual_seed(1))
+    c = m.new_cache(B, 64)
+    ref = torch.stack([m(ids[:, i:i + 1], c)[:, 0] for i in range(N)], 1)          # [B, N, V]
+    sc = new_static_cache(m, B, 64)
+    got = torch.stack([static_decode_step(m, sc, ids[:, i:i + 1]) for i in range(N)], 1)
+    assert sc.position() == N
+    assert (ref - got).abs().max() <= 1e-4
+    # eager prefill of P tokens, copied into a static cache, then static decode
+    c = m.new_cache(B, 64)
+    m(ids[:, :P], c)
+    sc = static_from_cache(m, c, 64)
+    got = torch.stack([static_decode_step(m, sc, ids[:, i:i + 1]) for i in range(P, N)], 1)
+    assert (ref[:, P:] - got).abs().max() <= 1e-4
+
+
+@torch.no_grad()
+def test_eager_csa_decode_from_position_zero_matches_forward():
+    """Token-by-token eager decode == one full forward on a CSA model (the indexer's compressor must be
+    fed before the first main entry exists)."""
+    cfg = ModelConfig.tiny().with_(compress_ratios=(0, 4, 4, 0, 8, 0))
+    m = _model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 14), generator=torch.Generator().manual_seed(2))
+    full = m(ids)
+    c = m.new_cache(2, 32)
+    step = torch.cat([m(ids[:, i:i + 1], c) for i in range(14)], 1)
+    assert (full - step).abs().max() <= 1e-4
+
+
+def test_static_cache_guards():
+    cfg = ModelConfig.tiny()
+    m = _model(cfg)
+    sc = new_static_cache(m, 1, 16)
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):
+        fill_synthetic(sc, 17)
+    with pytest.raises(ValueError, match="cache made for batch 1"):
+        static_decode_step(m, sc, torch.zeros(2, 1, dtype=torch.long))
+
+
+@torch.no_grad()
+def test_synthetic_model_loader_formats_and_decode():
+    from dsv4lib.checkpoint.loader import model_memory_report
+    from dsv4lib.fullscale import decode_bytes_per_token, synthetic_model, without_mtp
+    from dsv4lib.model.quantized_experts import INT2Experts
+
+    cfg = without_mtp(ModelConfig.tiny())
+    m = synthetic_model(cfg, "cpu", torch.float32, seed=3)
+    assert not any(t.is_meta for t in list(m.parameters()) + list(m.buffers()))
+    a = m.layers[1].attn
+    for lin in (a.wq_a, a.wq_b, a.wkv, a.wo_a, a.wo_b, a.indexer.wq_b, m.layers[0].ffn.shared_experts.w2):
+        assert lin.weight.dtype == torch.float8_e4m3fn and lin.scale.dtype == torch.float32
+        assert tuple(lin.scale.shape) == (-(-lin.out_features // 128), -(-lin.in_features // 128))
+    assert a.compressor.wkv.weight.dtype == torch.float32 and m.head.weight.dtype == torch.float32
+    ex = m.layers[2].ffn.experts
+    assert isinstance(ex, INT2Experts) and ex.w1_packed.dtype == torch.uint32
+    assert ex.w1_packed.shape == (cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.hidden_size // 16)
+    z = ex.w2_zero_packed.to(torch.int32)
+    assert set((z & 0xF).unique().tolist()) <= {1, 2} and set((z >> 4).unique().tolist()) <= {1, 2}
+    rep = model_memory_report(m)
+    assert rep["total"] == sum(v for k, v in rep.items() if k != "total") and rep["routed_experts"] > 0
+    # routing spreads over experts
+    x = torch.randn(64, cfg.hidden_size)
+    idx = m.layers[4].ffn.gate(x, None)[1]
+    assert idx.unique().numel() >= cfg.n_routed_experts // 2
+    b1, b8 = decode_bytes_per_token(m, 1, 100), decode_bytes_per_token(m, 8, 100)
+    assert b1["routed_experts"] < b8["routed_experts"] < 8 * b1["routed_experts"]
+    assert b8["per_token"] < b1["per_token"]
+    # the static path runs on the synthetic INT2/FP8 model and equals the eager one
+    ids = torch.randint(0, cfg.vocab_size, (1, 10), generator=torch.Generator().manual_seed(4))
+    c, sc = m.new_cache(1, 16), new_static_cache(m, 1, 16)
+    for i in range(10):
+        e, s = m(ids[:, i:i + 1], c)[:, 0], static_decode_step(m, sc, ids[:, i:i + 1])
+        assert torch.isfinite(s).all() and (e - s).abs().max() <= 1e-4 * max(1.0, e.abs().max().item())
+
+
+def test_hc_split_kernel_matches_torch_sinkhorn():
+    from dsv4lib.kernels.mhc_sinkhorn import hc_split, hc_split_reference
+    g = torch.Generator().manual_seed(5)
+    mix = torch.randn(3, 5, 24, generator=g) * 3                        # [B, S, (2+hc)*hc]
+    scale, base = torch.rand(3, generator=g) + 0.5, torch.randn(24, generator=g)
+    if torch.cuda.is_available():
+        mix, scale, base = mix.cuda(), scale.cuda(), base.cuda()
+    for got, ref in zip(hc_split(mix, scale, base, 4, 20, 1e-6), hc_split_reference(mix, scale, base, 4, 20, 1e-6)):
+        assert got.shape == ref.shape and (got - ref).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="power of two"):
+        hc_split(mix[..., :15], scale, base[:15], 3, 20, 1e-6)
