@@ -18,7 +18,8 @@ import torch
 from .checkpoint.loader import model_memory_report
 from .config import ModelConfig
 from .fullscale import copy_bandwidth, decode_bytes_per_token, synthetic_model, time_cuda, without_mtp
-from .model.graphed import GraphedDecoder, attention_step, check_static_ready, hc_pre_step, static_decode_step
+from .model.graphed import (GraphedDecoder, attention_step, check_static_ready, hc_pre_step, static_decode_step,
+                           step_context)
 from .model.mhc import hc_post
 from .model.static_cache import fill_synthetic, new_static_cache, static_from_cache
 
@@ -89,8 +90,9 @@ def component_times(model, cache, dev, reps: int = 10) -> dict[str, float]:
     saved = [t.clone() for t in cache.small_state()]
 
     def attn():
+        ctx = step_context(model, cache, dev.type == "cuda")   # once per step (RoPE factors, masks)
         for i, layer in enumerate(model.layers):
-            attention_step(layer.attn, layer.attn_norm(x), cache.pos, cache.layers[i])
+            attention_step(layer.attn, layer.attn_norm(x), ctx, cache.layers[i])
 
     def mhc():
         for layer in model.layers:

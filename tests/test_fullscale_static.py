@@ -114,3 +114,52 @@ def test_hc_split_kernel_matches_torch_sinkhorn():
         assert got.shape == ref.shape and (got - ref).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="power of two"):
         hc_split(mix[..., :15], scale, base[:15], 3, 20, 1e-6)
+
+
+@pytest.mark.parametrize("ratio,hd", [(4, 64), (32, 32)])
+@torch.no_grad()
+def test_compressor_step_kernel_matches_torch(ratio, hd):
+    """kernels/compressor_step.py (TRITON_INTERPRET on CPU) == the torch compressor step, state by state,
+    over two and a half windows (CSA overlap and plain; ratio 32 exercises the chunked online softmax)."""
+    from dsv4lib.kernels.compressor_step import compressor_step_fused
+    from dsv4lib.model.compressor import Compressor
+    from dsv4lib.model.graphed import compressor_step_torch
+    from dsv4lib.model.rope import cos_sin
+    from dsv4lib.model.static_cache import _comp_state
+
+    cfg = ModelConfig.tiny().with_(qk_rope_head_dim=16)
+    torch.manual_seed(6)
+    comp = Compressor(cfg, ratio, hd)
+    for p in (comp.wkv.weight, comp.wgate.weight, comp.ape, comp.norm.weight):
+        p.copy_(torch.randn(p.shape) * (0.3 if p is not comp.norm.weight else 1.0))
+    B = 3
+    ref, got = (_comp_state(B, ratio, hd, 3 * ratio, torch.float32, "cpu") for _ in range(2))
+    for pos in range(5 * ratio // 2):
+        x = torch.randn(B, 1, cfg.hidden_size)
+        p = torch.tensor(pos)
+        cos, sin = (t[0] for t in cos_sin(comp.freqs, torch.tensor([pos // ratio * ratio])))
+        compressor_step_torch(comp, x, p, ref, cos, sin)
+        kv, gate = comp.wkv(x)[:, 0], comp.wgate(x)[:, 0]
+        compressor_step_fused(kv, gate, p, got.buf_kv, got.buf_gate, got.prev_kv, got.prev_gate,
+                              comp.ape, comp.norm.weight, cos, sin, got.entries, comp.norm.eps)
+        for name in ("buf_kv", "buf_gate", "prev_kv", "prev_gate", "entries"):
+            a, b = getattr(ref, name), getattr(got, name)
+            assert torch.equal(a.isinf(), b.isinf()), (pos, name)
+            assert not a.numel() or (a - b).nan_to_num(posinf=0, neginf=0).abs().max() <= 1e-5, (pos, name)
+    with pytest.raises(ValueError, match="compressor_step_fused"):
+        compressor_step_fused(kv[:, :3], gate, p, got.buf_kv, got.buf_gate, got.prev_kv, got.prev_gate,
+                              comp.ape, comp.norm.weight, cos, sin, got.entries, comp.norm.eps)
+
+
+@torch.no_grad()
+def test_static_decode_fused_compressor_matches_eager():
+    """The static step with the fused compressor kernel (interpreted on CPU) == the eager Cache path."""
+    cfg = ModelConfig.tiny()
+    m = _model(cfg)
+    B, N = 2, 18
+    ids = torch.randint(0, cfg.vocab_size, (B, N), generator=torch.Generator().manual_seed(7))
+    c = m.new_cache(B, 32)
+    ref = torch.stack([m(ids[:, i:i + 1], c)[:, 0] for i in range(N)], 1)          # [B, N, V]
+    sc = new_static_cache(m, B, 32)
+    got = torch.stack([static_decode_step(m, sc, ids[:, i:i + 1], fused=True) for i in range(N)], 1)
+    assert (ref - got).abs().max() <= 1e-4

@@ -11,6 +11,8 @@ without host syncs (INT2 on CUDA; the dense and MXFP4 backends sync).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -21,6 +23,73 @@ from .rope import apply_rope, cos_sin
 from .static_cache import StaticCache, StaticCompressorState, StaticLayerCache
 
 
+@dataclass
+class StepContext:
+    """Per-step tensors shared by all layers (computed once per decode step, not per layer).
+
+    ``rot[f]``/``rot_inv[f]``: complex RoPE factors ``cos + i sin`` [r/2] at ``pos`` for flavour
+    ``f`` (0 = sliding-only layers, 1 = compressed layers, spec §2.6); ``comp_cs[r]``: (cos, sin)
+    [r/2] at ``(pos // r) * r`` for the compressor of ratio r; ``win_bias [W]`` and ``ent_bias[r]
+    [T_r]`` (HCA) are 0 / -inf visibility biases; ``idx_future [T_4]`` masks the indexer's future keys.
+    """
+    pos: torch.Tensor
+    fused: bool
+    rot: dict
+    rot_inv: dict
+    comp_cs: dict
+    win_slot: torch.Tensor
+    win_bias: torch.Tensor
+    ent_bias: dict
+    idx_thr: torch.Tensor | None
+    idx_future: torch.Tensor | None
+    zero: torch.Tensor
+    ninf: torch.Tensor
+
+
+def step_context(model, cache: StaticCache, fused: bool) -> StepContext:
+    pos = cache.pos
+    dev = pos.device
+    p1 = pos.view(1)
+    rot, rot_inv, comp_cs, ent_bias = {}, {}, {}, {}
+    zero = torch.zeros((), device=dev)
+    ninf = torch.full((), float("-inf"), device=dev)
+    idx_thr = idx_future = None
+    for layer, lc in zip(model.layers, cache.layers):
+        attn = layer.attn
+        f = 1 if attn.ratio else 0
+        if f not in rot:
+            cos, sin = cos_sin(attn.freqs, p1)                          # [1, r/2]
+            rot[f] = torch.complex(cos[0], sin[0])                      # [r/2]
+            rot_inv[f] = torch.complex(cos[0], -sin[0])
+        r = attn.ratio
+        if r and r not in comp_cs:
+            cos, sin = cos_sin(attn.compressor.freqs, ((pos // r) * r).view(1))
+            comp_cs[r] = (cos[0], sin[0])                               # [r/2] each
+            T = lc.comp.entries.shape[1]
+            if attn.indexer is None:
+                ent_bias[r] = torch.where(torch.arange(T, device=dev) < (pos + 1) // r, zero, ninf)   # [T]
+            else:
+                idx_thr = (pos + 1) // attn.indexer.ratio
+                idx_future = torch.arange(lc.index.entries.shape[1], device=dev) >= idx_thr          # [T4]
+    W = cache.layers[0].window.shape[1]
+    win_bias = torch.where(torch.arange(W, device=dev) <= pos, zero, ninf)   # [W]
+    return StepContext(pos, fused, rot, rot_inv, comp_cs, (pos % W).view(1), win_bias, ent_bias,
+                       idx_thr, idx_future, zero, ninf)
+
+
+def _rope_(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """In-place interleaved RoPE of the trailing ``2*len(rot)`` dims of a fresh tensor ``x`` by the
+    complex factors ``rot`` (same math as ``rope.apply_rope``: (a + ib)(cos + i sin)); returns x."""
+    r = 2 * rot.shape[-1]
+    xr = x[..., -r:]
+    if x.dtype in (torch.float32, torch.float64):
+        torch.view_as_complex(xr.unflatten(-1, (-1, 2))).mul_(rot)
+        return x
+    c = torch.view_as_complex(hp(xr).contiguous().unflatten(-1, (-1, 2)))   # [..., r/2] fp32 copy
+    xr.copy_(torch.view_as_real(c.mul_(rot)).flatten(-2))
+    return x
+
+
 def _linear_f32(lin, x: torch.Tensor) -> torch.Tensor:
     """fp32 result of a (float-weight) Linear; bf16 weights are not upcast (one read of the weight)."""
     if lin.weight.dtype in (torch.float32, torch.float64) or lin.weight.dtype == torch.float8_e4m3fn:
@@ -28,8 +97,29 @@ def _linear_f32(lin, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.to(lin.weight.dtype), lin.weight).float()
 
 
-def compressor_step(comp: Compressor, x: torch.Tensor, pos: torch.Tensor, st: StaticCompressorState) -> None:
-    """Append the token x [B,1,D] at position ``pos`` and (re)write entry pos // r (spec §2.4)."""
+def _linear_raw(lin, x: torch.Tensor) -> torch.Tensor:
+    """A Linear's result in its natural dtype (the fused compressor upcasts in registers)."""
+    if lin.weight.dtype in (torch.float32, torch.float64) or lin.weight.dtype == torch.float8_e4m3fn:
+        return lin(hp(x))
+    return F.linear(x.to(lin.weight.dtype), lin.weight)
+
+
+def compressor_step(comp: Compressor, x: torch.Tensor, ctx: StepContext, st: StaticCompressorState) -> None:
+    """Append the token x [B,1,D] at position ``ctx.pos`` and (re)write entry pos // r (spec §2.4);
+    one Triton launch after the projections when ``ctx.fused`` (kernels/compressor_step.py)."""
+    cos, sin = ctx.comp_cs[comp.ratio]
+    if ctx.fused and x.dtype != torch.float64:
+        from dsv4lib.kernels.compressor_step import compressor_step_fused
+        kv, gate = _linear_raw(comp.wkv, x)[:, 0], _linear_raw(comp.wgate, x)[:, 0]   # [B, coff*hd]
+        compressor_step_fused(kv, gate, ctx.pos, st.buf_kv, st.buf_gate, st.prev_kv, st.prev_gate,
+                              comp.ape, comp.norm.weight, cos, sin, st.entries, comp.norm.eps)
+        return
+    compressor_step_torch(comp, x, ctx.pos, st, cos, sin)
+
+
+def compressor_step_torch(comp: Compressor, x: torch.Tensor, pos: torch.Tensor, st: StaticCompressorState,
+                          cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Torch reference of the compressor step; ``cos``/``sin`` [r/2] at position (pos // r) * r."""
     r, hd = comp.ratio, comp.head_dim
     kv = _linear_f32(comp.wkv, x)                                       # [B, 1, coff*hd]
     gate = _linear_f32(comp.wgate, x)
@@ -45,32 +135,27 @@ def compressor_step(comp: Compressor, x: torch.Tensor, pos: torch.Tensor, st: St
         cg = torch.cat([st.prev_gate, cg[..., hd:]], 1)
     e = (ck * cg.softmax(1)).sum(1, keepdim=True)                       # [B, 1, hd]
     e = comp.norm(e)
-    i = pos // r
-    cos, sin = cos_sin(comp.freqs, (i * r).view(1))
-    e = apply_rope(e, cos, sin)
-    st.entries.index_copy_(1, i.view(1), e.to(st.entries.dtype))
+    e = apply_rope(e, cos.view(1, -1), sin.view(1, -1))
+    st.entries.index_copy_(1, (pos // r).view(1), e.to(st.entries.dtype))
     if comp.overlap:
         st.prev_kv.copy_(torch.where(complete, a_kv, st.prev_kv))
         st.prev_gate.copy_(torch.where(complete, a_g, st.prev_gate))
 
 
-def indexer_select(idx_mod, x: torch.Tensor, qr: torch.Tensor, pos: torch.Tensor, cos, sin,
+def indexer_select(idx_mod, x: torch.Tensor, qr: torch.Tensor, ctx: StepContext,
                    st: StaticCompressorState) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k entries for the token at ``pos`` (spec §2.5) -> (indices [B, k], valid [B, k])."""
-    compressor_step(idx_mod.compressor, x, pos, st)
+    """Top-k entries for the token at ``ctx.pos`` (spec §2.5) -> (indices [B, k], valid [B, k])."""
+    compressor_step(idx_mod.compressor, x, ctx, st)
     keys = st.entries                                                   # [B, T, cI] fp32
     T = keys.shape[1]
-    q = idx_mod.wq_b(qr).unflatten(-1, (idx_mod.n_heads, idx_mod.head_dim))   # [B, 1, nI, cI]
-    q = apply_rope(q, cos, sin)
+    q = _rope_(idx_mod.wq_b(qr).unflatten(-1, (idx_mod.n_heads, idx_mod.head_dim)), ctx.rot[1])   # [B, 1, nI, cI]
     w = hp(idx_mod.weights_proj(x)) * (idx_mod.head_dim ** -0.5 * idx_mod.n_heads ** -0.5)   # [B, 1, nI]
     s = torch.einsum("bshd,btd->bsht", hp(q), hp(keys)).relu()         # [B, 1, nI, T]
     score = (s * w.unsqueeze(-1)).sum(2)[:, 0]                          # [B, T]
-    thr = (pos + 1) // idx_mod.ratio
-    future = torch.arange(T, device=x.device) >= thr                    # [T]
-    score = score.masked_fill(future, float("-inf"))
+    score = score.masked_fill(ctx.idx_future, float("-inf"))
     k = min(idx_mod.topk, T)
     sel = torch.sort(score, dim=-1, descending=True, stable=True).indices[:, :k]   # [B, k]
-    return sel, sel < thr
+    return sel, sel < ctx.idx_thr
 
 
 def _wo_a(attn, o: torch.Tensor) -> torch.Tensor:
@@ -86,40 +171,33 @@ def _wo_a(attn, o: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bsgi,goi->bsgo", o, wa).flatten(2)
 
 
-def attention_step(attn, x: torch.Tensor, pos: torch.Tensor, lc: StaticLayerCache) -> torch.Tensor:
-    """x [B,1,D] (post attn_norm) at device position ``pos`` -> [B,1,D] (spec §2.3)."""
+def attention_step(attn, x: torch.Tensor, ctx: StepContext, lc: StaticLayerCache) -> torch.Tensor:
+    """x [B,1,D] (post attn_norm) at device position ``ctx.pos`` -> [B,1,D] (spec §2.3)."""
     B = x.shape[0]
     H, c = attn.n_heads, attn.head_dim
-    p1 = pos.view(1)
-    cos, sin = cos_sin(attn.freqs, p1)                                  # [1, r/2]
+    f = 1 if attn.ratio else 0
     qr = attn.q_norm(attn.wq_a(x))                                      # [B, 1, q_lora]
     q = attn.wq_b(qr).unflatten(-1, (H, c))                             # [B, 1, H, c]
-    q = q * torch.rsqrt(hp(q).pow(2).mean(-1, keepdim=True) + attn.eps).to(q.dtype)
-    q = apply_rope(q, cos, sin)
-    kv = apply_rope(attn.kv_norm(attn.wkv(x)), cos, sin)                # [B, 1, c]
-    W = lc.window.shape[1]
-    lc.window.index_copy_(1, (pos % W).view(1), kv.to(lc.window.dtype))
+    q = _rope_(q * torch.rsqrt(hp(q).pow(2).mean(-1, keepdim=True) + attn.eps).to(q.dtype), ctx.rot[f])
+    kv = _rope_(attn.kv_norm(attn.wkv(x)), ctx.rot[f])                  # [B, 1, c]
+    lc.window.index_copy_(1, ctx.win_slot, kv.to(lc.window.dtype))
     keys = lc.window                                                    # [B, W, c]
-    zero = torch.zeros((), device=x.device)
-    ninf = torch.full((), float("-inf"), device=x.device)
-    bias = torch.where(torch.arange(W, device=x.device) <= pos, zero, ninf).expand(B, W)   # [B, W]
+    bias = ctx.win_bias.expand(B, -1)                                   # [B, W]
     if attn.ratio:
-        compressor_step(attn.compressor, x, pos, lc.comp)
+        compressor_step(attn.compressor, x, ctx, lc.comp)
         ent = lc.comp.entries                                           # [B, T, c]
         if attn.indexer is not None:
-            sel, ok = indexer_select(attn.indexer, x, qr, pos, cos, sin, lc.index)   # [B, k]
+            sel, ok = indexer_select(attn.indexer, x, qr, ctx, lc.index)   # [B, k]
             ent = ent.gather(1, sel.unsqueeze(-1).expand(-1, -1, c))   # [B, k, c]
-            cb = torch.where(ok, zero, ninf)                            # [B, k]
+            cb = torch.where(ok, ctx.zero, ctx.ninf)                    # [B, k]
         else:
-            thr = (pos + 1) // attn.ratio
-            cb = torch.where(torch.arange(ent.shape[1], device=x.device) < thr, zero, ninf).expand(B, -1)
+            cb = ctx.ent_bias[attn.ratio].expand(B, -1)                 # [B, T]
         keys = torch.cat([keys, ent.to(keys.dtype)], 1)
         bias = torch.cat([bias, cb], -1)
     z = torch.einsum("bshd,bnd->bhsn", hp(q), hp(keys)) * c ** -0.5 + bias[:, None, None, :]
     sink = hp(attn.attn_sink).view(1, H, 1, 1).expand(B, H, 1, 1)
     p = torch.cat([z, sink], -1).softmax(-1)[..., :-1]                  # [B, H, 1, N]
-    o = torch.einsum("bhsn,bnd->bshd", p, hp(keys)).to(x.dtype)         # [B, 1, H, c]
-    o = apply_rope(o, cos, sin, inverse=True)
+    o = _rope_(torch.einsum("bhsn,bnd->bshd", p, hp(keys)).to(x.dtype), ctx.rot_inv[f])   # [B, 1, H, c]
     u = _wo_a(attn, o.reshape(B, 1, attn.groups, -1))                   # [B, 1, G*o_lora]
     return attn.wo_b(u)
 
@@ -138,10 +216,10 @@ def hc_pre_step(layer, X: torch.Tensor, site: str):
     return y.to(X.dtype), post, comb
 
 
-def block_step(layer, X: torch.Tensor, pos: torch.Tensor, ids: torch.Tensor, lc: StaticLayerCache) -> torch.Tensor:
+def block_step(layer, X: torch.Tensor, ctx: StepContext, ids: torch.Tensor, lc: StaticLayerCache) -> torch.Tensor:
     """One mHC block (spec §2.2) for X [B,1,hc,D]."""
     x, post, comb = hc_pre_step(layer, X, "hc_attn")
-    X = hc_post(attention_step(layer.attn, layer.attn_norm(x), pos, lc), X, post, comb)
+    X = hc_post(attention_step(layer.attn, layer.attn_norm(x), ctx, lc), X, post, comb)
     x, post, comb = hc_pre_step(layer, X, "hc_ffn")
     return hc_post(layer.ffn(layer.ffn_norm(x), ids), X, post, comb)
 
@@ -152,14 +230,18 @@ def check_static_ready(model) -> None:
 
 
 @torch.no_grad()
-def static_decode_step(model, cache: StaticCache, ids: torch.Tensor) -> torch.Tensor:
-    """ids [B,1] at position ``cache.pos`` -> fp32 logits [B, V]; advances ``cache.pos`` on device."""
+def static_decode_step(model, cache: StaticCache, ids: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
+    """ids [B,1] at position ``cache.pos`` -> fp32 logits [B, V]; advances ``cache.pos`` on device.
+
+    ``fused`` (default: on CUDA) runs the compressor steps as one Triton launch each.
+    """
     B = ids.shape[0]
     if B != cache.batch_size or ids.shape[1] != 1:
         raise ValueError(f"static decode: ids {tuple(ids.shape)}, cache made for batch {cache.batch_size}, 1 token")
     X = model.embed(ids).unsqueeze(2).expand(-1, -1, model.config.hc_mult, -1).contiguous()   # [B, 1, hc, D]
+    ctx = step_context(model, cache, ids.is_cuda if fused is None else fused)
     for i, layer in enumerate(model.layers):
-        X = block_step(layer, X, cache.pos, ids, cache.layers[i])
+        X = block_step(layer, X, ctx, ids, cache.layers[i])
     cache.pos.add_(1)
     return model.logits_from_hidden(X)[:, 0]
 
