@@ -163,3 +163,22 @@ def test_static_decode_fused_compressor_matches_eager():
     sc = new_static_cache(m, B, 32)
     got = torch.stack([static_decode_step(m, sc, ids[:, i:i + 1], fused=True) for i in range(N)], 1)
     assert (ref - got).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_rope_kernel_matches_torch(dtype):
+    """kernels/rmsnorm_rope.py (interpreted on CPU) == RMSNorm / q-norm / identity followed by apply_rope."""
+    from dsv4lib.kernels.rmsnorm_rope import rmsnorm_rope, rmsnorm_rope_reference
+    from dsv4lib.model.rope import cos_sin
+    g = torch.Generator().manual_seed(8)
+    x = (torch.randn(2, 1, 3, 96, generator=g) * 3).to(dtype)     # [B, 1, H, D], D not a power of two
+    w = torch.rand(96, generator=g) + 0.5
+    cos, sin = (t[0] for t in cos_sin(torch.rand(16, generator=g), torch.tensor([1234])))
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for mode, cs in ((0, None), (0, (cos, sin)), (1, (cos, sin)), (2, (cos, -sin))):
+        a = rmsnorm_rope(x, w if mode == 0 else None, 1e-6, *(cs or (None, None)), mode=mode)
+        b = rmsnorm_rope_reference(x, w, 1e-6, *(cs or (None, None)), mode=mode)
+        assert a.dtype == dtype and a.shape == x.shape
+        assert (a.float() - b.float()).abs().max() <= tol * max(1.0, b.float().abs().max().item()), mode
+    with pytest.raises(ValueError, match="rmsnorm_rope"):
+        rmsnorm_rope(x[..., :95], None, 1e-6, mode=1)

@@ -28,7 +28,8 @@ class StepContext:
     """Per-step tensors shared by all layers (computed once per decode step, not per layer).
 
     ``rot[f]``/``rot_inv[f]``: complex RoPE factors ``cos + i sin`` [r/2] at ``pos`` for flavour
-    ``f`` (0 = sliding-only layers, 1 = compressed layers, spec §2.6); ``comp_cs[r]``: (cos, sin)
+    ``f`` (0 = sliding-only layers, 1 = compressed layers, spec §2.6), ``cs[f]`` = (cos, sin, -sin)
+    [r/2] for the fused kernels; ``comp_cs[r]``: (cos, sin)
     [r/2] at ``(pos // r) * r`` for the compressor of ratio r; ``win_bias [W]`` and ``ent_bias[r]
     [T_r]`` (HCA) are 0 / -inf visibility biases; ``idx_future [T_4]`` masks the indexer's future keys.
     """
@@ -36,6 +37,7 @@ class StepContext:
     fused: bool
     rot: dict
     rot_inv: dict
+    cs: dict
     comp_cs: dict
     win_slot: torch.Tensor
     win_bias: torch.Tensor
@@ -50,7 +52,7 @@ def step_context(model, cache: StaticCache, fused: bool) -> StepContext:
     pos = cache.pos
     dev = pos.device
     p1 = pos.view(1)
-    rot, rot_inv, comp_cs, ent_bias = {}, {}, {}, {}
+    rot, rot_inv, cs, comp_cs, ent_bias = {}, {}, {}, {}, {}
     zero = torch.zeros((), device=dev)
     ninf = torch.full((), float("-inf"), device=dev)
     idx_thr = idx_future = None
@@ -61,6 +63,8 @@ def step_context(model, cache: StaticCache, fused: bool) -> StepContext:
             cos, sin = cos_sin(attn.freqs, p1)                          # [1, r/2]
             rot[f] = torch.complex(cos[0], sin[0])                      # [r/2]
             rot_inv[f] = torch.complex(cos[0], -sin[0])
+            if fused:
+                cs[f] = (cos[0], sin[0], -sin[0])
         r = attn.ratio
         if r and r not in comp_cs:
             cos, sin = cos_sin(attn.compressor.freqs, ((pos // r) * r).view(1))
@@ -73,8 +77,20 @@ def step_context(model, cache: StaticCache, fused: bool) -> StepContext:
                 idx_future = torch.arange(lc.index.entries.shape[1], device=dev) >= idx_thr          # [T4]
     W = cache.layers[0].window.shape[1]
     win_bias = torch.where(torch.arange(W, device=dev) <= pos, zero, ninf)   # [W]
-    return StepContext(pos, fused, rot, rot_inv, comp_cs, (pos % W).view(1), win_bias, ent_bias,
+    return StepContext(pos, fused, rot, rot_inv, cs, comp_cs, (pos % W).view(1), win_bias, ent_bias,
                        idx_thr, idx_future, zero, ninf)
+
+
+def _fusable(ctx: StepContext, x: torch.Tensor) -> bool:
+    return ctx.fused and x.dtype != torch.float64
+
+
+def _norm(ctx: StepContext, norm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` (an RMSNorm module); one launch when fused (kernels/rmsnorm_rope.py)."""
+    if _fusable(ctx, x):
+        from dsv4lib.kernels.rmsnorm_rope import rmsnorm_rope
+        return rmsnorm_rope(x, norm.weight, norm.eps)
+    return norm(x)
 
 
 def _rope_(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
@@ -108,7 +124,7 @@ def compressor_step(comp: Compressor, x: torch.Tensor, ctx: StepContext, st: Sta
     """Append the token x [B,1,D] at position ``ctx.pos`` and (re)write entry pos // r (spec §2.4);
     one Triton launch after the projections when ``ctx.fused`` (kernels/compressor_step.py)."""
     cos, sin = ctx.comp_cs[comp.ratio]
-    if ctx.fused and x.dtype != torch.float64:
+    if _fusable(ctx, x):
         from dsv4lib.kernels.compressor_step import compressor_step_fused
         kv, gate = _linear_raw(comp.wkv, x)[:, 0], _linear_raw(comp.wgate, x)[:, 0]   # [B, coff*hd]
         compressor_step_fused(kv, gate, ctx.pos, st.buf_kv, st.buf_gate, st.prev_kv, st.prev_gate,
@@ -176,10 +192,17 @@ def attention_step(attn, x: torch.Tensor, ctx: StepContext, lc: StaticLayerCache
     B = x.shape[0]
     H, c = attn.n_heads, attn.head_dim
     f = 1 if attn.ratio else 0
-    qr = attn.q_norm(attn.wq_a(x))                                      # [B, 1, q_lora]
-    q = attn.wq_b(qr).unflatten(-1, (H, c))                             # [B, 1, H, c]
-    q = _rope_(q * torch.rsqrt(hp(q).pow(2).mean(-1, keepdim=True) + attn.eps).to(q.dtype), ctx.rot[f])
-    kv = _rope_(attn.kv_norm(attn.wkv(x)), ctx.rot[f])                  # [B, 1, c]
+    if _fusable(ctx, x):
+        from dsv4lib.kernels.rmsnorm_rope import rmsnorm_rope
+        cos, sin, _ = ctx.cs[f]
+        qr = rmsnorm_rope(attn.wq_a(x), attn.q_norm.weight, attn.q_norm.eps)          # [B, 1, q_lora]
+        q = rmsnorm_rope(attn.wq_b(qr).unflatten(-1, (H, c)), None, attn.eps, cos, sin, mode=1)   # [B, 1, H, c]
+        kv = rmsnorm_rope(attn.wkv(x), attn.kv_norm.weight, attn.kv_norm.eps, cos, sin)   # [B, 1, c]
+    else:
+        qr = attn.q_norm(attn.wq_a(x))                                  # [B, 1, q_lora]
+        q = attn.wq_b(qr).unflatten(-1, (H, c))                         # [B, 1, H, c]
+        q = _rope_(q * torch.rsqrt(hp(q).pow(2).mean(-1, keepdim=True) + attn.eps).to(q.dtype), ctx.rot[f])
+        kv = _rope_(attn.kv_norm(attn.wkv(x)), ctx.rot[f])              # [B, 1, c]
     lc.window.index_copy_(1, ctx.win_slot, kv.to(lc.window.dtype))
     keys = lc.window                                                    # [B, W, c]
     bias = ctx.win_bias.expand(B, -1)                                   # [B, W]
@@ -197,7 +220,13 @@ def attention_step(attn, x: torch.Tensor, ctx: StepContext, lc: StaticLayerCache
     z = torch.einsum("bshd,bnd->bhsn", hp(q), hp(keys)) * c ** -0.5 + bias[:, None, None, :]
     sink = hp(attn.attn_sink).view(1, H, 1, 1).expand(B, H, 1, 1)
     p = torch.cat([z, sink], -1).softmax(-1)[..., :-1]                  # [B, H, 1, N]
-    o = _rope_(torch.einsum("bhsn,bnd->bshd", p, hp(keys)).to(x.dtype), ctx.rot_inv[f])   # [B, 1, H, c]
+    o = torch.einsum("bhsn,bnd->bshd", p, hp(keys)).to(x.dtype)        # [B, 1, H, c]
+    if _fusable(ctx, x):
+        from dsv4lib.kernels.rmsnorm_rope import rmsnorm_rope
+        cos, _, nsin = ctx.cs[f]
+        o = rmsnorm_rope(o, None, 0.0, cos, nsin, mode=2)
+    else:
+        o = _rope_(o, ctx.rot_inv[f])
     u = _wo_a(attn, o.reshape(B, 1, attn.groups, -1))                   # [B, 1, G*o_lora]
     return attn.wo_b(u)
 
@@ -219,9 +248,9 @@ def hc_pre_step(layer, X: torch.Tensor, site: str):
 def block_step(layer, X: torch.Tensor, ctx: StepContext, ids: torch.Tensor, lc: StaticLayerCache) -> torch.Tensor:
     """One mHC block (spec §2.2) for X [B,1,hc,D]."""
     x, post, comb = hc_pre_step(layer, X, "hc_attn")
-    X = hc_post(attention_step(layer.attn, layer.attn_norm(x), ctx, lc), X, post, comb)
+    X = hc_post(attention_step(layer.attn, _norm(ctx, layer.attn_norm, x), ctx, lc), X, post, comb)
     x, post, comb = hc_pre_step(layer, X, "hc_ffn")
-    return hc_post(layer.ffn(layer.ffn_norm(x), ids), X, post, comb)
+    return hc_post(layer.ffn(_norm(ctx, layer.ffn_norm, x), ids), X, post, comb)
 
 
 def check_static_ready(model) -> None:
@@ -233,7 +262,8 @@ def check_static_ready(model) -> None:
 def static_decode_step(model, cache: StaticCache, ids: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
     """ids [B,1] at position ``cache.pos`` -> fp32 logits [B, V]; advances ``cache.pos`` on device.
 
-    ``fused`` (default: on CUDA) runs the compressor steps as one Triton launch each.
+    ``fused`` (default: on CUDA) runs each compressor step, RMSNorm(+RoPE) and the output's inverse
+    RoPE as one Triton launch (kernels/compressor_step.py, kernels/rmsnorm_rope.py).
     """
     B = ids.shape[0]
     if B != cache.batch_size or ids.shape[1] != 1:
