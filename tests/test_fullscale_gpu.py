@@ -42,3 +42,47 @@ def test_graphed_greedy_equals_eager(tmp_path):
         diffs.append((logits - eager_logits[i]).abs().max().item())
     assert torch.equal(torch.cat(eager, 1), torch.cat(graphed, 1))
     assert max(diffs) <= 1e-2 * max(1.0, eager_logits[0].abs().max().item())
+
+
+@pytest.mark.parametrize("ratio,hd,coff", [(128, 512, 1), (4, 512, 2), (4, 128, 2)])
+@torch.no_grad()
+def test_fused_decode_kernels_full_shapes_bf16(ratio, hd, coff):
+    """The compressor-step and RMSNorm+RoPE kernels at V4-Flash shapes in bf16 == the torch references
+    (to bf16 rounding of the stored entries / outputs)."""
+    from dsv4lib.config import ModelConfig
+    from dsv4lib.kernels.compressor_step import compressor_step_fused
+    from dsv4lib.kernels.rmsnorm_rope import rmsnorm_rope, rmsnorm_rope_reference
+    from dsv4lib.model.compressor import Compressor
+    from dsv4lib.model.graphed import compressor_step_torch
+    from dsv4lib.model.rope import cos_sin
+    from dsv4lib.model.static_cache import _comp_state
+
+    cfg = ModelConfig.v4_flash()
+    torch.manual_seed(0)
+    comp = Compressor(cfg, ratio, hd, device="cuda")
+    for p_ in (comp.wkv.weight, comp.wgate.weight, comp.ape):
+        p_.copy_(torch.randn(p_.shape) * 0.3)
+    for lin in (comp.wkv, comp.wgate):
+        lin.weight.data = lin.weight.data.bfloat16()
+    B = 2
+    ref, got = (_comp_state(B, ratio, hd, 2 * ratio + 2, torch.bfloat16, "cuda") for _ in range(2))
+    for pos in (ratio - 2, ratio - 1, ratio, ratio + 1):
+        x = torch.randn(B, 1, cfg.hidden_size, device="cuda").bfloat16()
+        p = torch.tensor(pos, device="cuda")
+        cos, sin = (t[0] for t in cos_sin(comp.freqs, torch.tensor([pos // ratio * ratio], device="cuda")))
+        compressor_step_torch(comp, x, p, ref, cos, sin)
+        kv, gate = comp.wkv(x)[:, 0], comp.wgate(x)[:, 0]
+        compressor_step_fused(kv, gate, p, got.buf_kv, got.buf_gate, got.prev_kv, got.prev_gate,
+                              comp.ape, comp.norm.weight, cos, sin, got.entries, comp.norm.eps)
+        for name in ("buf_kv", "buf_gate", "prev_kv", "prev_gate", "entries"):
+            a, b = getattr(ref, name).float(), getattr(got, name).float()
+            if a.numel():
+                assert torch.equal(a.isinf(), b.isinf()), (pos, name)
+                assert (a - b).nan_to_num(posinf=0, neginf=0).abs().max() <= 0.05, (pos, name)
+    x = torch.randn(1, 1, 64, 512, device="cuda").bfloat16() * 3
+    cos, sin = (t[0] for t in cos_sin(comp.freqs, torch.tensor([16000], device="cuda")))
+    for mode in (0, 1, 2):
+        w = torch.rand(512, device="cuda") + 0.5
+        a = rmsnorm_rope(x, w if mode == 0 else None, 1e-6, cos, sin, mode=mode).float()
+        b = rmsnorm_rope_reference(x, w, 1e-6, cos, sin, mode=mode).float()
+        assert (a - b).abs().max() <= 2e-2 * b.abs().max(), mode   # a few bf16 ulps (two roundings)

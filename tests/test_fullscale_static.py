@@ -129,15 +129,16 @@ def test_compressor_step_kernel_matches_torch(ratio, hd):
 
     cfg = ModelConfig.tiny().with_(qk_rope_head_dim=16)
     torch.manual_seed(6)
-    comp = Compressor(cfg, ratio, hd)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    comp = Compressor(cfg, ratio, hd).to(dev)
     for p in (comp.wkv.weight, comp.wgate.weight, comp.ape, comp.norm.weight):
         p.copy_(torch.randn(p.shape) * (0.3 if p is not comp.norm.weight else 1.0))
     B = 3
-    ref, got = (_comp_state(B, ratio, hd, 3 * ratio, torch.float32, "cpu") for _ in range(2))
+    ref, got = (_comp_state(B, ratio, hd, 3 * ratio, torch.float32, dev) for _ in range(2))
     for pos in range(5 * ratio // 2):
-        x = torch.randn(B, 1, cfg.hidden_size)
-        p = torch.tensor(pos)
-        cos, sin = (t[0] for t in cos_sin(comp.freqs, torch.tensor([pos // ratio * ratio])))
+        x = torch.randn(B, 1, cfg.hidden_size).to(dev)
+        p = torch.tensor(pos, device=dev)
+        cos, sin = (t[0] for t in cos_sin(comp.freqs, torch.tensor([pos // ratio * ratio], device=dev)))
         compressor_step_torch(comp, x, p, ref, cos, sin)
         kv, gate = comp.wkv(x)[:, 0], comp.wgate(x)[:, 0]
         compressor_step_fused(kv, gate, p, got.buf_kv, got.buf_gate, got.prev_kv, got.prev_gate,
@@ -155,9 +156,10 @@ def test_compressor_step_kernel_matches_torch(ratio, hd):
 def test_static_decode_fused_compressor_matches_eager():
     """The static step with the fused compressor kernel (interpreted on CPU) == the eager Cache path."""
     cfg = ModelConfig.tiny()
-    m = _model(cfg)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m = _model(cfg).to(dev)
     B, N = 2, 18
-    ids = torch.randint(0, cfg.vocab_size, (B, N), generator=torch.Generator().manual_seed(7))
+    ids = torch.randint(0, cfg.vocab_size, (B, N), generator=torch.Generator().manual_seed(7)).to(dev)
     c = m.new_cache(B, 32)
     ref = torch.stack([m(ids[:, i:i + 1], c)[:, 0] for i in range(N)], 1)          # [B, N, V]
     sc = new_static_cache(m, B, 32)
@@ -171,9 +173,10 @@ def test_rmsnorm_rope_kernel_matches_torch(dtype):
     from dsv4lib.kernels.rmsnorm_rope import rmsnorm_rope, rmsnorm_rope_reference
     from dsv4lib.model.rope import cos_sin
     g = torch.Generator().manual_seed(8)
-    x = (torch.randn(2, 1, 3, 96, generator=g) * 3).to(dtype)     # [B, 1, H, D], D not a power of two
-    w = torch.rand(96, generator=g) + 0.5
-    cos, sin = (t[0] for t in cos_sin(torch.rand(16, generator=g), torch.tensor([1234])))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = (torch.randn(2, 1, 3, 96, generator=g) * 3).to(dev, dtype)     # [B, 1, H, D], D not a power of two
+    w = (torch.rand(96, generator=g) + 0.5).to(dev)
+    cos, sin = (t[0] for t in cos_sin(torch.rand(16, generator=g).to(dev), torch.tensor([1234], device=dev)))
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for mode, cs in ((0, None), (0, (cos, sin)), (1, (cos, sin)), (2, (cos, -sin))):
         a = rmsnorm_rope(x, w if mode == 0 else None, 1e-6, *(cs or (None, None)), mode=mode)
@@ -182,3 +185,37 @@ def test_rmsnorm_rope_kernel_matches_torch(dtype):
         assert (a.float() - b.float()).abs().max() <= tol * max(1.0, b.float().abs().max().item()), mode
     with pytest.raises(ValueError, match="rmsnorm_rope"):
         rmsnorm_rope(x[..., :95], None, 1e-6, mode=1)
+
+
+@torch.no_grad()
+def test_stacked_projections_fused_static_decode_matches_eager():
+    """stack_projections (FP8 wq_a||wkv, float compressor/indexer projections as row views of one weight)
+    keeps the eager model's values, and the fused static step over the stacked GEMVs equals it."""
+    from dsv4lib.fullscale import synthetic_model, without_mtp
+    from dsv4lib.model.graphed import _stacked_base, stack_projections
+
+    cfg = without_mtp(ModelConfig.tiny())
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m = synthetic_model(cfg, dev, torch.float32, seed=9)
+    ids = torch.randint(0, cfg.vocab_size, (1, 10), generator=torch.Generator().manual_seed(10)).to(dev)
+    c = m.new_cache(1, 16)
+    ref = torch.stack([m(ids[:, i:i + 1], c)[:, 0] for i in range(10)], 1)
+    a = m.layers[1].attn
+    before = a.wkv.dequantized_weight().clone(), a.indexer.weights_proj.weight.clone()
+    n_params = sum(p.numel() for p in m.parameters())
+    stack_projections(m)
+    stack_projections(m)                                                # idempotent
+    assert _stacked_base([a.wq_a, a.wkv]) is not None
+    grp = [a.compressor.wkv, a.compressor.wgate, a.indexer.compressor.wkv, a.indexer.compressor.wgate,
+           a.indexer.weights_proj]
+    assert _stacked_base(grp) is not None and _stacked_base(grp[:2]) is None
+    assert torch.equal(a.wkv.dequantized_weight(), before[0]) and torch.equal(a.indexer.weights_proj.weight, before[1])
+    assert sum(p.numel() for p in m.parameters()) == n_params
+    c = m.new_cache(1, 16)
+    eager = torch.stack([m(ids[:, i:i + 1], c)[:, 0] for i in range(10)], 1)
+    assert torch.equal(eager, ref)
+    sc = new_static_cache(m, 1, 16)
+    got = torch.stack([static_decode_step(m, sc, ids[:, i:i + 1], fused=True) for i in range(10)], 1)
+    assert (got - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+    a.wkv.set_fp8(torch.zeros(a.wkv.out_features, a.wkv.in_features, device=dev), a.wkv.scale.clone())   # breaks the stack
+    assert _stacked_base([a.wq_a, a.wkv]) is None

@@ -106,6 +106,90 @@ def _rope_(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@torch.no_grad()
+def _stack_group(lins: list) -> bool:
+    """Make the weights of Linears that read the same input row slices of ONE tensor (values
+    unchanged, no extra memory: each ``.weight`` becomes a view); FP8 needs 128-row blocks."""
+    w0 = lins[0].weight
+    fp8 = w0.dtype == torch.float8_e4m3fn
+    if any(lin.weight.dtype != w0.dtype or lin.in_features != lins[0].in_features
+           or lin.weight.device != w0.device or (fp8 and lin.out_features % 128) for lin in lins):
+        return False
+    W = torch.cat([lin.weight for lin in lins])                        # [sum out, in]
+    S = torch.cat([lin.scale for lin in lins]) if fp8 else None        # [sum out / 128, in / 128]
+    o = 0
+    for lin in lins:
+        n = lin.out_features
+        lin.weight = torch.nn.Parameter(W[o:o + n], requires_grad=lin.weight.requires_grad)
+        if fp8:
+            lin.scale = S[o // 128:(o + n) // 128]
+        o += n
+    lins[0]._stacked = (W, S)
+    return True
+
+
+def stack_projections(model) -> None:
+    """Stack, per layer, the projections of the attention input x (FP8: ``wq_a ‖ wkv``; float:
+    compressor ``wkv ‖ wgate`` ‖ indexer compressor ``wkv ‖ wgate`` ‖ indexer ``weights_proj``) so
+    the static step reads each group with one GEMV (``_proj``). Idempotent; the eager model sees
+    the same values. Call before capturing (:class:`GraphedDecoder` does)."""
+    for layer in model.layers:
+        a = layer.attn
+        groups = [[a.wq_a, a.wkv]]
+        if a.compressor is not None:
+            g = [a.compressor.wkv, a.compressor.wgate]
+            if a.indexer is not None:
+                g += [a.indexer.compressor.wkv, a.indexer.compressor.wgate, a.indexer.weights_proj]
+            groups.append(g)
+        for g in groups:
+            if _stacked_base(g) is None:
+                _stack_group(g)
+
+
+def _stacked_base(lins: list):
+    """(weight, scale or None) of the stacked tensor when the weights of ``lins`` are still its
+    consecutive row slices (host-side pointer checks, no sync); else None."""
+    st = getattr(lins[0], "_stacked", None)
+    if st is None:
+        return None
+    W, S = st
+    o = 0
+    for lin in lins:
+        w = lin.weight
+        if (w.dtype != W.dtype or w.shape != (lin.out_features, W.shape[1]) or o + lin.out_features > W.shape[0]
+                or w.data_ptr() != W[o:].data_ptr()):
+            return None
+        if S is not None and lin.scale.data_ptr() != S[o // 128:].data_ptr():
+            return None
+        o += lin.out_features
+    return (W, S) if o == W.shape[0] else None
+
+
+def _proj(lins: list, x: torch.Tensor) -> list[torch.Tensor]:
+    """[lin(x) for lin in lins] (float ones not upcast: bf16 stays bf16), as column slices of one
+    GEMV when the group was stacked by :func:`stack_projections`."""
+    st = _stacked_base(lins)
+    if st is None:
+        return [_linear_raw(lin, x) for lin in lins]
+    W, S = st
+    if S is not None:
+        if x.is_cuda:
+            from dsv4lib.kernels.dispatch import fp8_linear
+            y = fp8_linear(x, W, S)
+        else:
+            from .linear import dequant_fp8_block
+            y = F.linear(x, dequant_fp8_block(W, S, x.dtype))
+    elif W.dtype in (torch.float32, torch.float64):
+        y = F.linear(hp(x), W)
+    else:
+        y = F.linear(x.to(W.dtype), W)                                  # [B, 1, sum out]
+    out, o = [], 0
+    for lin in lins:
+        out.append(y[..., o:o + lin.out_features])
+        o += lin.out_features
+    return out
+
+
 def _linear_f32(lin, x: torch.Tensor) -> torch.Tensor:
     """fp32 result of a (float-weight) Linear; bf16 weights are not upcast (one read of the weight)."""
     if lin.weight.dtype in (torch.float32, torch.float64) or lin.weight.dtype == torch.float8_e4m3fn:
@@ -120,13 +204,16 @@ def _linear_raw(lin, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.to(lin.weight.dtype), lin.weight)
 
 
-def compressor_step(comp: Compressor, x: torch.Tensor, ctx: StepContext, st: StaticCompressorState) -> None:
+def compressor_step(comp: Compressor, x: torch.Tensor, ctx: StepContext, st: StaticCompressorState,
+                    kvg: tuple | None = None) -> None:
     """Append the token x [B,1,D] at position ``ctx.pos`` and (re)write entry pos // r (spec §2.4);
-    one Triton launch after the projections when ``ctx.fused`` (kernels/compressor_step.py)."""
+    one Triton launch after the projections when ``ctx.fused`` (kernels/compressor_step.py).
+    ``kvg``: the token's (kv, gate) projections [B, 1, coff*hd] if already computed."""
     cos, sin = ctx.comp_cs[comp.ratio]
     if _fusable(ctx, x):
         from dsv4lib.kernels.compressor_step import compressor_step_fused
-        kv, gate = _linear_raw(comp.wkv, x)[:, 0], _linear_raw(comp.wgate, x)[:, 0]   # [B, coff*hd]
+        kv, gate = kvg if kvg is not None else _proj([comp.wkv, comp.wgate], x)
+        kv, gate = kv[:, 0], gate[:, 0]                                 # [B, coff*hd]
         compressor_step_fused(kv, gate, ctx.pos, st.buf_kv, st.buf_gate, st.prev_kv, st.prev_gate,
                               comp.ape, comp.norm.weight, cos, sin, st.entries, comp.norm.eps)
         return
@@ -159,13 +246,23 @@ def compressor_step_torch(comp: Compressor, x: torch.Tensor, pos: torch.Tensor, 
 
 
 def indexer_select(idx_mod, x: torch.Tensor, qr: torch.Tensor, ctx: StepContext,
-                   st: StaticCompressorState) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k entries for the token at ``ctx.pos`` (spec §2.5) -> (indices [B, k], valid [B, k])."""
-    compressor_step(idx_mod.compressor, x, ctx, st)
+                   st: StaticCompressorState, pre: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k entries for the token at ``ctx.pos`` (spec §2.5) -> (indices [B, k], valid [B, k]).
+    ``pre``: [compressor kv, compressor gate, weights_proj] of x if already computed."""
+    if pre is None:
+        pre = ([None, None, _linear_raw(idx_mod.weights_proj, x)] if not _fusable(ctx, x) else
+               _proj([idx_mod.compressor.wkv, idx_mod.compressor.wgate, idx_mod.weights_proj], x))
+    compressor_step(idx_mod.compressor, x, ctx, st, None if pre[0] is None else (pre[0], pre[1]))
     keys = st.entries                                                   # [B, T, cI] fp32
     T = keys.shape[1]
-    q = _rope_(idx_mod.wq_b(qr).unflatten(-1, (idx_mod.n_heads, idx_mod.head_dim)), ctx.rot[1])   # [B, 1, nI, cI]
-    w = hp(idx_mod.weights_proj(x)) * (idx_mod.head_dim ** -0.5 * idx_mod.n_heads ** -0.5)   # [B, 1, nI]
+    q = idx_mod.wq_b(qr).unflatten(-1, (idx_mod.n_heads, idx_mod.head_dim))   # [B, 1, nI, cI]
+    if _fusable(ctx, x):
+        from dsv4lib.kernels.rmsnorm_rope import rmsnorm_rope
+        cos, sin, _ = ctx.cs[1]
+        q = rmsnorm_rope(q, None, 0.0, cos, sin, mode=2)
+    else:
+        q = _rope_(q, ctx.rot[1])
+    w = hp(pre[2]) * (idx_mod.head_dim ** -0.5 * idx_mod.n_heads ** -0.5)   # [B, 1, nI]
     s = torch.einsum("bshd,btd->bsht", hp(q), hp(keys)).relu()         # [B, 1, nI, T]
     score = (s * w.unsqueeze(-1)).sum(2)[:, 0]                          # [B, T]
     score = score.masked_fill(ctx.idx_future, float("-inf"))
@@ -195,9 +292,10 @@ def attention_step(attn, x: torch.Tensor, ctx: StepContext, lc: StaticLayerCache
     if _fusable(ctx, x):
         from dsv4lib.kernels.rmsnorm_rope import rmsnorm_rope
         cos, sin, _ = ctx.cs[f]
-        qr = rmsnorm_rope(attn.wq_a(x), attn.q_norm.weight, attn.q_norm.eps)          # [B, 1, q_lora]
+        qa, kva = _proj([attn.wq_a, attn.wkv], x)                       # [B, 1, q_lora], [B, 1, c]
+        qr = rmsnorm_rope(qa, attn.q_norm.weight, attn.q_norm.eps)      # [B, 1, q_lora]
         q = rmsnorm_rope(attn.wq_b(qr).unflatten(-1, (H, c)), None, attn.eps, cos, sin, mode=1)   # [B, 1, H, c]
-        kv = rmsnorm_rope(attn.wkv(x), attn.kv_norm.weight, attn.kv_norm.eps, cos, sin)   # [B, 1, c]
+        kv = rmsnorm_rope(kva, attn.kv_norm.weight, attn.kv_norm.eps, cos, sin)   # [B, 1, c]
     else:
         qr = attn.q_norm(attn.wq_a(x))                                  # [B, 1, q_lora]
         q = attn.wq_b(qr).unflatten(-1, (H, c))                         # [B, 1, H, c]
@@ -207,10 +305,14 @@ def attention_step(attn, x: torch.Tensor, ctx: StepContext, lc: StaticLayerCache
     keys = lc.window                                                    # [B, W, c]
     bias = ctx.win_bias.expand(B, -1)                                   # [B, W]
     if attn.ratio:
-        compressor_step(attn.compressor, x, ctx, lc.comp)
+        cp = [attn.compressor.wkv, attn.compressor.wgate]
+        ip = ([attn.indexer.compressor.wkv, attn.indexer.compressor.wgate, attn.indexer.weights_proj]
+              if attn.indexer is not None else [])
+        pre = _proj(cp + ip, x) if _fusable(ctx, x) and _stacked_base(cp + ip) is not None else None
+        compressor_step(attn.compressor, x, ctx, lc.comp, None if pre is None else (pre[0], pre[1]))
         ent = lc.comp.entries                                           # [B, T, c]
         if attn.indexer is not None:
-            sel, ok = indexer_select(attn.indexer, x, qr, ctx, lc.index)   # [B, k]
+            sel, ok = indexer_select(attn.indexer, x, qr, ctx, lc.index, None if pre is None else pre[2:])   # [B, k]
             ent = ent.gather(1, sel.unsqueeze(-1).expand(-1, -1, c))   # [B, k, c]
             cb = torch.where(ok, ctx.zero, ctx.ninf)                    # [B, k]
         else:
@@ -287,6 +389,7 @@ class GraphedDecoder:
 
     def __init__(self, model, cache: StaticCache, warmup: int = 2) -> None:
         check_static_ready(model)
+        stack_projections(model)
         self.model, self.cache = model, cache
         dev = cache.pos.device
         self.ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=dev)
