@@ -18,7 +18,7 @@ import torch
 from .checkpoint.loader import model_memory_report
 from .config import ModelConfig
 from .fullscale import copy_bandwidth, decode_bytes_per_token, synthetic_model, time_cuda, without_mtp
-from .model.graphed import (GraphedDecoder, attention_step, check_static_ready, hc_pre_step, stack_projections,
+from .model.graphed import (FUSED_FAILURES, GraphedDecoder, attention_step, check_static_ready, hc_pre_step, stack_projections,
                            static_decode_step, step_context)
 from .model.mhc import hc_post
 from .model.static_cache import fill_synthetic, new_static_cache, static_from_cache
@@ -254,6 +254,7 @@ def run_benchmark(opts: BenchOptions, write=lambda r: None, log=print) -> dict:
         except Exception as e:  # keep the other cases
             res["decode"].append({"batch": B, "context": ctx, "error": repr(e)})
             log(f"decode b{B} ctx {ctx} FAILED: {e!r}")
+        res["fused_kernel_failures"] = dict(FUSED_FAILURES)   # kernels that fell back to torch (none expected)
         write(res)
 
     Bm, Lm = opts.mmlu_batch, opts.mmlu_len
@@ -313,6 +314,8 @@ def format_table(res: dict) -> str:
     if "components_b1_ms" in res:
         lines.append("components (b1, ms/step): " + ", ".join(f"{k} {v:.2f}" for k, v in res["components_b1_ms"].items()
                                                              if v is not None))
+    if res.get("fused_kernel_failures"):
+        lines.append(f"FUSED KERNEL FALLBACKS (torch path used): {res['fused_kernel_failures']}")
     for k, v in res.get("targets", {}).items():
         lines.append(f"target {k}: {v['value']:.2f} vs {v['target']} -> {'met' if v['met'] else 'MISSED'}")
     return "\n".join(lines)

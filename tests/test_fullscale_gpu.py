@@ -40,6 +40,8 @@ def test_graphed_greedy_equals_eager(tmp_path):
         graphed.append(tok)
         logits = dec.step(tok).clone()
         diffs.append((logits - eager_logits[i]).abs().max().item())
+    from dsv4lib.model.graphed import FUSED_FAILURES
+    assert not FUSED_FAILURES, FUSED_FAILURES                           # fused kernels ran (no torch fallback)
     assert torch.equal(torch.cat(eager, 1), torch.cat(graphed, 1))
     assert max(diffs) <= 1e-2 * max(1.0, eager_logits[0].abs().max().item())
 

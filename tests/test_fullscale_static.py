@@ -165,6 +165,8 @@ def test_static_decode_fused_compressor_matches_eager():
     sc = new_static_cache(m, B, 32)
     got = torch.stack([static_decode_step(m, sc, ids[:, i:i + 1], fused=True) for i in range(N)], 1)
     assert (ref - got).abs().max() <= 1e-4
+    from dsv4lib.model.graphed import FUSED_FAILURES
+    assert not FUSED_FAILURES                                           # the kernels ran, no torch fallback
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -217,5 +219,7 @@ def test_stacked_projections_fused_static_decode_matches_eager():
     sc = new_static_cache(m, 1, 16)
     got = torch.stack([static_decode_step(m, sc, ids[:, i:i + 1], fused=True) for i in range(10)], 1)
     assert (got - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+    from dsv4lib.model.graphed import FUSED_FAILURES
+    assert not FUSED_FAILURES
     a.wkv.set_fp8(torch.zeros(a.wkv.out_features, a.wkv.in_features, device=dev), a.wkv.scale.clone())   # breaks the stack
     assert _stacked_base([a.wq_a, a.wkv]) is None

@@ -81,6 +81,29 @@ def step_context(model, cache: StaticCache, fused: bool) -> StepContext:
                        idx_thr, idx_future, zero, ninf)
 
 
+FUSED_FAILURES: dict[str, str] = {}
+"""Fused kernels that raised (e.g. a Triton compile error under another Triton version): name ->
+error. After a failure the torch path is used for that kernel in this process; callers report it."""
+
+
+def _guarded(name: str, kernel, fallback):
+    """``kernel()`` unless it failed before; its first exception is recorded and ``fallback()`` runs.
+    Failures surface at the first (uncaptured warm-up) call, before anything was written."""
+    if name not in FUSED_FAILURES:
+        try:
+            return kernel()
+        except Exception as e:  # noqa: BLE001 -- recorded in FUSED_FAILURES, reported by callers
+            FUSED_FAILURES[name] = repr(e)[:500]
+    return fallback()
+
+
+def _rms(x: torch.Tensor, weight, eps: float, cos=None, sin=None, mode: int = 0) -> torch.Tensor:
+    """kernels.rmsnorm_rope with the torch reference as the guarded fallback."""
+    from dsv4lib.kernels.rmsnorm_rope import rmsnorm_rope, rmsnorm_rope_reference
+    return _guarded("rmsnorm_rope", lambda: rmsnorm_rope(x, weight, eps, cos, sin, mode),
+                    lambda: rmsnorm_rope_reference(x, weight, eps, cos, sin, mode))
+
+
 def _fusable(ctx: StepContext, x: torch.Tensor) -> bool:
     return ctx.fused and x.dtype != torch.float64
 
@@ -88,8 +111,7 @@ def _fusable(ctx: StepContext, x: torch.Tensor) -> bool:
 def _norm(ctx: StepContext, norm, x: torch.Tensor) -> torch.Tensor:
     """``norm(x)`` (an RMSNorm module); one launch when fused (kernels/rmsnorm_rope.py)."""
     if _fusable(ctx, x):
-        from dsv4lib.kernels.rmsnorm_rope import rmsnorm_rope
-        return rmsnorm_rope(x, norm.weight, norm.eps)
+        return _rms(x, norm.weight, norm.eps)
     return norm(x)
 
 
@@ -214,8 +236,10 @@ def compressor_step(comp: Compressor, x: torch.Tensor, ctx: StepContext, st: Sta
         from dsv4lib.kernels.compressor_step import compressor_step_fused
         kv, gate = kvg if kvg is not None else _proj([comp.wkv, comp.wgate], x)
         kv, gate = kv[:, 0], gate[:, 0]                                 # [B, coff*hd]
-        compressor_step_fused(kv, gate, ctx.pos, st.buf_kv, st.buf_gate, st.prev_kv, st.prev_gate,
-                              comp.ape, comp.norm.weight, cos, sin, st.entries, comp.norm.eps)
+        _guarded("compressor_step",
+                 lambda: compressor_step_fused(kv, gate, ctx.pos, st.buf_kv, st.buf_gate, st.prev_kv, st.prev_gate,
+                                               comp.ape, comp.norm.weight, cos, sin, st.entries, comp.norm.eps),
+                 lambda: compressor_step_torch(comp, x, ctx.pos, st, cos, sin))
         return
     compressor_step_torch(comp, x, ctx.pos, st, cos, sin)
 
@@ -257,9 +281,8 @@ def indexer_select(idx_mod, x: torch.Tensor, qr: torch.Tensor, ctx: StepContext,
     T = keys.shape[1]
     q = idx_mod.wq_b(qr).unflatten(-1, (idx_mod.n_heads, idx_mod.head_dim))   # [B, 1, nI, cI]
     if _fusable(ctx, x):
-        from dsv4lib.kernels.rmsnorm_rope import rmsnorm_rope
         cos, sin, _ = ctx.cs[1]
-        q = rmsnorm_rope(q, None, 0.0, cos, sin, mode=2)
+        q = _rms(q, None, 0.0, cos, sin, mode=2)
     else:
         q = _rope_(q, ctx.rot[1])
     w = hp(pre[2]) * (idx_mod.head_dim ** -0.5 * idx_mod.n_heads ** -0.5)   # [B, 1, nI]
@@ -290,12 +313,11 @@ def attention_step(attn, x: torch.Tensor, ctx: StepContext, lc: StaticLayerCache
     H, c = attn.n_heads, attn.head_dim
     f = 1 if attn.ratio else 0
     if _fusable(ctx, x):
-        from dsv4lib.kernels.rmsnorm_rope import rmsnorm_rope
         cos, sin, _ = ctx.cs[f]
         qa, kva = _proj([attn.wq_a, attn.wkv], x)                       # [B, 1, q_lora], [B, 1, c]
-        qr = rmsnorm_rope(qa, attn.q_norm.weight, attn.q_norm.eps)      # [B, 1, q_lora]
-        q = rmsnorm_rope(attn.wq_b(qr).unflatten(-1, (H, c)), None, attn.eps, cos, sin, mode=1)   # [B, 1, H, c]
-        kv = rmsnorm_rope(kva, attn.kv_norm.weight, attn.kv_norm.eps, cos, sin)   # [B, 1, c]
+        qr = _rms(qa, attn.q_norm.weight, attn.q_norm.eps)              # [B, 1, q_lora]
+        q = _rms(attn.wq_b(qr).unflatten(-1, (H, c)), None, attn.eps, cos, sin, mode=1)   # [B, 1, H, c]
+        kv = _rms(kva, attn.kv_norm.weight, attn.kv_norm.eps, cos, sin)   # [B, 1, c]
     else:
         qr = attn.q_norm(attn.wq_a(x))                                  # [B, 1, q_lora]
         q = attn.wq_b(qr).unflatten(-1, (H, c))                         # [B, 1, H, c]
@@ -324,9 +346,8 @@ def attention_step(attn, x: torch.Tensor, ctx: StepContext, lc: StaticLayerCache
     p = torch.cat([z, sink], -1).softmax(-1)[..., :-1]                  # [B, H, 1, N]
     o = torch.einsum("bhsn,bnd->bshd", p, hp(keys)).to(x.dtype)        # [B, 1, H, c]
     if _fusable(ctx, x):
-        from dsv4lib.kernels.rmsnorm_rope import rmsnorm_rope
         cos, _, nsin = ctx.cs[f]
-        o = rmsnorm_rope(o, None, 0.0, cos, nsin, mode=2)
+        o = _rms(o, None, 0.0, cos, nsin, mode=2)
     else:
         o = _rope_(o, ctx.rot_inv[f])
     u = _wo_a(attn, o.reshape(B, 1, attn.groups, -1))                   # [B, 1, G*o_lora]
