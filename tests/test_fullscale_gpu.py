@@ -88,3 +88,25 @@ def test_fused_decode_kernels_full_shapes_bf16(ratio, hd, coff):
         a = rmsnorm_rope(x, w if mode == 0 else None, 1e-6, cos, sin, mode=mode).float()
         b = rmsnorm_rope_reference(x, w, 1e-6, cos, sin, mode=mode).float()
         assert (a - b).abs().max() <= 2e-2 * b.abs().max(), mode   # a few bf16 ulps (two roundings)
+
+
+@pytest.mark.parametrize("topk", [512, None])
+@torch.no_grad()
+def test_decode_attention_full_shapes_bf16(topk):
+    """The split-key decode attention kernel at V4-Flash shapes (64 heads x 512, window 128, CSA top-512
+    of 4096 entries / HCA 128 entries) in bf16 == the torch reference."""
+    from dsv4lib.kernels.decode_attention import decode_attention, decode_attention_reference
+    g = torch.Generator(device="cuda").manual_seed(0)
+    B, H, C, W = 2, 64, 512, 128
+    T = 4096 if topk else 128
+    pos = 16000
+    q = (torch.randn(B, H, C, device="cuda", generator=g) * 0.05).bfloat16()
+    win = torch.randn(B, W, C, device="cuda", generator=g).bfloat16()
+    ent = torch.randn(B, T, C, device="cuda", generator=g).bfloat16()
+    sink = torch.randn(H, device="cuda", generator=g)
+    sel = torch.argsort(torch.rand(B, T, device="cuda", generator=g), -1)[:, :topk] if topk else None
+    p = torch.tensor(pos, device="cuda")
+    thr = torch.tensor((pos + 1) // (4 if topk else 128), device="cuda")
+    a = decode_attention(q, win, ent, sel, p, thr, sink, C ** -0.5).float()
+    r = decode_attention_reference(q, win, ent, sel, p, thr, sink, C ** -0.5).float()
+    assert (a - r).abs().max() <= 1e-2 * r.abs().max()

@@ -223,3 +223,29 @@ def test_stacked_projections_fused_static_decode_matches_eager():
     assert not FUSED_FAILURES
     a.wkv.set_fp8(torch.zeros(a.wkv.out_features, a.wkv.in_features, device=dev), a.wkv.scale.clone())   # breaks the stack
     assert _stacked_base([a.wq_a, a.wkv]) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_kernel_matches_torch(dtype):
+    """kernels/decode_attention.py (interpreted on CPU) == the torch window+entries+sink attention:
+    window only, HCA (all entries, future masked) and CSA (gathered top-k, strided sel), early positions."""
+    from dsv4lib.kernels.decode_attention import decode_attention, decode_attention_reference
+    g = torch.Generator().manual_seed(11)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    cases = [(2, 4, 128, 8, 9, None, 5), (2, 4, 128, 8, 9, None, 30), (1, 20, 64, 8, 16, 12, 40),
+             (2, 16, 64, 128, 40, None, 200), (2, 4, 128, 8, 16, 8, 3), (1, 4, 64, 8, 0, None, 2)]
+    for B, H, C, W, T, K, pos in cases:
+        q = (torch.randn(B, H, C, generator=g) * 0.2).to(dev, dtype)
+        win = torch.randn(B, W, C, generator=g).to(dev, dtype)
+        ent = torch.randn(B, T, C, generator=g).to(dev, dtype) if T else None
+        sink = torch.randn(H, generator=g).to(dev)
+        p, thr = torch.tensor(pos, device=dev), torch.tensor((pos + 1) // 4, device=dev)
+        sel = None
+        if K:
+            sel = torch.stack([torch.randperm(T, generator=g) for _ in range(B)]).to(dev)[:, :K]   # strided rows
+        a = decode_attention(q, win, ent, sel, p, thr if T else None, sink, C ** -0.5)
+        r = decode_attention_reference(q, win, ent, sel, p, thr, sink, C ** -0.5)
+        tol = 1e-5 if dtype == torch.float32 else 8e-3
+        assert a.dtype == dtype and (a.float() - r.float()).abs().max() <= tol * max(1.0, r.float().abs().max().item())
+    with pytest.raises(ValueError, match="decode_attention"):
+        decode_attention(q, win.float() if dtype != torch.float32 else win.half(), None, None, p, None, sink, 1.0)

@@ -29,7 +29,7 @@ class StepContext:
 
     ``rot[f]``/``rot_inv[f]``: complex RoPE factors ``cos + i sin`` [r/2] at ``pos`` for flavour
     ``f`` (0 = sliding-only layers, 1 = compressed layers, spec §2.6), ``cs[f]`` = (cos, sin, -sin)
-    [r/2] for the fused kernels; ``comp_cs[r]``: (cos, sin)
+    [r/2] for the fused kernels; ``ent_thr[r]`` = (pos + 1) // r (HCA entries below it are visible); ``comp_cs[r]``: (cos, sin)
     [r/2] at ``(pos // r) * r`` for the compressor of ratio r; ``win_bias [W]`` and ``ent_bias[r]
     [T_r]`` (HCA) are 0 / -inf visibility biases; ``idx_future [T_4]`` masks the indexer's future keys.
     """
@@ -42,6 +42,7 @@ class StepContext:
     win_slot: torch.Tensor
     win_bias: torch.Tensor
     ent_bias: dict
+    ent_thr: dict
     idx_thr: torch.Tensor | None
     idx_future: torch.Tensor | None
     zero: torch.Tensor
@@ -52,7 +53,7 @@ def step_context(model, cache: StaticCache, fused: bool) -> StepContext:
     pos = cache.pos
     dev = pos.device
     p1 = pos.view(1)
-    rot, rot_inv, cs, comp_cs, ent_bias = {}, {}, {}, {}, {}
+    rot, rot_inv, cs, comp_cs, ent_bias, ent_thr = {}, {}, {}, {}, {}, {}
     zero = torch.zeros((), device=dev)
     ninf = torch.full((), float("-inf"), device=dev)
     idx_thr = idx_future = None
@@ -71,13 +72,14 @@ def step_context(model, cache: StaticCache, fused: bool) -> StepContext:
             comp_cs[r] = (cos[0], sin[0])                               # [r/2] each
             T = lc.comp.entries.shape[1]
             if attn.indexer is None:
-                ent_bias[r] = torch.where(torch.arange(T, device=dev) < (pos + 1) // r, zero, ninf)   # [T]
+                ent_thr[r] = (pos + 1) // r
+                ent_bias[r] = torch.where(torch.arange(T, device=dev) < ent_thr[r], zero, ninf)   # [T]
             else:
                 idx_thr = (pos + 1) // attn.indexer.ratio
                 idx_future = torch.arange(lc.index.entries.shape[1], device=dev) >= idx_thr          # [T4]
     W = cache.layers[0].window.shape[1]
     win_bias = torch.where(torch.arange(W, device=dev) <= pos, zero, ninf)   # [W]
-    return StepContext(pos, fused, rot, rot_inv, cs, comp_cs, (pos % W).view(1), win_bias, ent_bias,
+    return StepContext(pos, fused, rot, rot_inv, cs, comp_cs, (pos % W).view(1), win_bias, ent_bias, ent_thr,
                        idx_thr, idx_future, zero, ninf)
 
 
@@ -324,8 +326,7 @@ def attention_step(attn, x: torch.Tensor, ctx: StepContext, lc: StaticLayerCache
         q = _rope_(q * torch.rsqrt(hp(q).pow(2).mean(-1, keepdim=True) + attn.eps).to(q.dtype), ctx.rot[f])
         kv = _rope_(attn.kv_norm(attn.wkv(x)), ctx.rot[f])              # [B, 1, c]
     lc.window.index_copy_(1, ctx.win_slot, kv.to(lc.window.dtype))
-    keys = lc.window                                                    # [B, W, c]
-    bias = ctx.win_bias.expand(B, -1)                                   # [B, W]
+    ent = sel = thr = None
     if attn.ratio:
         cp = [attn.compressor.wkv, attn.compressor.wgate]
         ip = ([attn.indexer.compressor.wkv, attn.indexer.compressor.wgate, attn.indexer.weights_proj]
@@ -334,17 +335,35 @@ def attention_step(attn, x: torch.Tensor, ctx: StepContext, lc: StaticLayerCache
         compressor_step(attn.compressor, x, ctx, lc.comp, None if pre is None else (pre[0], pre[1]))
         ent = lc.comp.entries                                           # [B, T, c]
         if attn.indexer is not None:
-            sel, ok = indexer_select(attn.indexer, x, qr, ctx, lc.index, None if pre is None else pre[2:])   # [B, k]
-            ent = ent.gather(1, sel.unsqueeze(-1).expand(-1, -1, c))   # [B, k, c]
-            cb = torch.where(ok, ctx.zero, ctx.ninf)                    # [B, k]
+            sel, _ = indexer_select(attn.indexer, x, qr, ctx, lc.index, None if pre is None else pre[2:])   # [B, k]
+            thr = ctx.idx_thr
         else:
-            cb = ctx.ent_bias[attn.ratio].expand(B, -1)                 # [B, T]
-        keys = torch.cat([keys, ent.to(keys.dtype)], 1)
-        bias = torch.cat([bias, cb], -1)
-    z = torch.einsum("bshd,bnd->bhsn", hp(q), hp(keys)) * c ** -0.5 + bias[:, None, None, :]
-    sink = hp(attn.attn_sink).view(1, H, 1, 1).expand(B, H, 1, 1)
-    p = torch.cat([z, sink], -1).softmax(-1)[..., :-1]                  # [B, H, 1, N]
-    o = torch.einsum("bhsn,bnd->bshd", p, hp(keys)).to(x.dtype)        # [B, 1, H, c]
+            thr = ctx.ent_thr[attn.ratio]
+
+    def core_torch() -> torch.Tensor:
+        keys = lc.window                                                # [B, W, c]
+        bias = ctx.win_bias.expand(B, -1)                               # [B, W]
+        if ent is not None:
+            if sel is not None:
+                e = ent.gather(1, sel.unsqueeze(-1).expand(-1, -1, c))  # [B, k, c]
+                cb = torch.where(sel < thr, ctx.zero, ctx.ninf)         # [B, k]
+            else:
+                e, cb = ent, ctx.ent_bias[attn.ratio].expand(B, -1)     # [B, T, c], [B, T]
+            keys = torch.cat([keys, e.to(keys.dtype)], 1)
+            bias = torch.cat([bias, cb], -1)
+        z = torch.einsum("bshd,bnd->bhsn", hp(q), hp(keys)) * c ** -0.5 + bias[:, None, None, :]
+        sink = hp(attn.attn_sink).view(1, H, 1, 1).expand(B, H, 1, 1)
+        p = torch.cat([z, sink], -1).softmax(-1)[..., :-1]              # [B, H, 1, N]
+        return torch.einsum("bhsn,bnd->bshd", p, hp(keys)).to(x.dtype)  # [B, 1, H, c]
+
+    if _fusable(ctx, x):
+        from dsv4lib.kernels.decode_attention import decode_attention
+        o = _guarded("decode_attention",
+                     lambda: decode_attention(q[:, 0], lc.window, ent, sel, ctx.pos, thr, attn.attn_sink,
+                                              c ** -0.5).unsqueeze(1),
+                     core_torch)                                        # [B, 1, H, c]
+    else:
+        o = core_torch()
     if _fusable(ctx, x):
         cos, _, nsin = ctx.cs[f]
         o = _rms(o, None, 0.0, cos, nsin, mode=2)
@@ -386,7 +405,8 @@ def static_decode_step(model, cache: StaticCache, ids: torch.Tensor, fused: bool
     """ids [B,1] at position ``cache.pos`` -> fp32 logits [B, V]; advances ``cache.pos`` on device.
 
     ``fused`` (default: on CUDA) runs each compressor step, RMSNorm(+RoPE) and the output's inverse
-    RoPE as one Triton launch (kernels/compressor_step.py, kernels/rmsnorm_rope.py).
+    RoPE as one Triton launch and the attention core as two (kernels/compressor_step.py,
+    kernels/rmsnorm_rope.py, kernels/decode_attention.py).
     """
     B = ids.shape[0]
     if B != cache.batch_size or ids.shape[1] != 1:
