@@ -139,7 +139,10 @@ def _stack_group(lins: list) -> bool:
     if any(lin.weight.dtype != w0.dtype or lin.in_features != lins[0].in_features
            or lin.weight.device != w0.device or (fp8 and lin.out_features % 128) for lin in lins):
         return False
-    W = torch.cat([lin.weight for lin in lins])                        # [sum out, in]
+    if fp8:   # concatenate the bytes (cat of float8 tensors is not implemented on every backend)
+        W = torch.cat([lin.weight.view(torch.uint8) for lin in lins]).view(torch.float8_e4m3fn)   # [sum out, in]
+    else:
+        W = torch.cat([lin.weight for lin in lins])                    # [sum out, in]
     S = torch.cat([lin.scale for lin in lins]) if fp8 else None        # [sum out / 128, in / 128]
     o = 0
     for lin in lins:
