@@ -43,6 +43,7 @@ class BenchOptions:
     mmlu_batch: int = 32
     mmlu_len: int = 192
     components: bool = True
+    fused: bool = False                       # static step with the fused attention kernels (graphed.py)
     seed: int = 0
     targets: dict = field(default_factory=lambda: {"decode_b1_1k_tok_s": 250.0, "b8_over_b1": 5.0,
                                                    "prefill_2k_tok_s": 8000.0, "mmlu_minutes": 15.0,
@@ -75,7 +76,7 @@ def prefill_last_logits(model, ids: torch.Tensor, cache=None) -> torch.Tensor:
 
 
 @torch.no_grad()
-def component_times(model, cache, dev, reps: int = 10) -> dict[str, float]:
+def component_times(model, cache, dev, reps: int = 10, fused: bool = False) -> dict[str, float]:
     """Milliseconds per decode step (batch of the cache) of each component over all main layers,
     each captured in its own CUDA graph with static inputs: attention (incl. attn_norm, compressor,
     indexer), mHC (pre + post, both sites), router, routed experts, shared expert, head."""
@@ -90,7 +91,7 @@ def component_times(model, cache, dev, reps: int = 10) -> dict[str, float]:
     saved = [t.clone() for t in cache.small_state()]
 
     def attn():
-        ctx = step_context(model, cache, dev.type == "cuda")   # once per step (RoPE factors, masks)
+        ctx = step_context(model, cache, fused)   # once per step (RoPE factors, masks)
         for i, layer in enumerate(model.layers):
             attention_step(layer.attn, layer.attn_norm(x), ctx, cache.layers[i])
 
@@ -158,7 +159,7 @@ def _decode_case(model, B: int, ctx: int, opts: BenchOptions, dev, res: dict) ->
         t = _wall(lambda: model(tok, ecache), dev, opts.eager_steps)
         case["eager_ms"] = t * 1e3
         case["eager_tok_s"] = B / t
-    st = static_decode_step(model, cache, tok)
+    st = static_decode_step(model, cache, tok, opts.fused)
     if ecache is not None and opts.eager_steps:
         case["static_vs_eager_max_abs"] = float((st - ref).abs().max())
         case["static_vs_eager_ref_max"] = float(ref.abs().max())
@@ -167,13 +168,13 @@ def _decode_case(model, B: int, ctx: int, opts: BenchOptions, dev, res: dict) ->
         t_.copy_(v)
     if dev.type == "cuda":
         def uncaptured():
-            static_decode_step(model, cache, tok)
+            static_decode_step(model, cache, tok, opts.fused)
             for t_, v in zip(cache.small_state(), pos0):
                 t_.copy_(v)
         t = _wall(uncaptured, dev, max(1, opts.eager_steps))
         case["static_uncaptured_ms"] = t * 1e3
         t0 = time.perf_counter()
-        dec = GraphedDecoder(model, cache)
+        dec = GraphedDecoder(model, cache, fused=opts.fused)
         case["capture_s"] = time.perf_counter() - t0
         first = dec.step(tok).clone()
         if "static_vs_eager_max_abs" in case:
@@ -186,7 +187,7 @@ def _decode_case(model, B: int, ctx: int, opts: BenchOptions, dev, res: dict) ->
     case["bytes_per_token"] = decode_bytes_per_token(model, B, ctx)["per_token"]
     res["decode"].append(case)
     if B == 1 and ctx == min(c for _, c in opts.decode) and opts.components and dev.type == "cuda":
-        res["components_b1_ms"] = component_times(model, cache, dev)
+        res["components_b1_ms"] = component_times(model, cache, dev, fused=opts.fused)
         res["components_b1_ms"]["sum"] = sum(res["components_b1_ms"].values())
         res["components_b1_ms"]["full_step_graphed"] = case.get("graphed_ms")
     del cache, ecache
@@ -213,7 +214,8 @@ def run_benchmark(opts: BenchOptions, write=lambda r: None, log=print) -> dict:
     t = time.perf_counter()
     model = synthetic_model(cfg, dev, dtype, seed=opts.seed)
     check_static_ready(model)
-    stack_projections(model)   # x's projections as one GEMV per group in the static step (same values)
+    if opts.fused:
+        stack_projections(model)   # x's projections as one GEMV per group in the static step (same values)
     _sync(dev)
     res["build_s"] = time.perf_counter() - t
     mem = model_memory_report(model)

@@ -10,8 +10,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 REF = Path(__file__).resolve().parents[1] / "data" / "tiny-v4"
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @torch.no_grad()
-def test_graphed_greedy_equals_eager(tmp_path):
+def test_graphed_greedy_equals_eager(tmp_path, fused):
     from dsv4lib.checkpoint import load_model
     from dsv4lib.model.graphed import GraphedDecoder
     from dsv4lib.model.static_cache import static_from_cache
@@ -33,7 +34,7 @@ def test_graphed_greedy_equals_eager(tmp_path):
 
     cache = model.new_cache(B, P + N + 4)
     logits = model(prompt, cache)[:, -1]
-    dec = GraphedDecoder(model, static_from_cache(model, cache, P + N + 4))
+    dec = GraphedDecoder(model, static_from_cache(model, cache, P + N + 4), fused=fused)
     graphed, diffs = [], []
     for i in range(N):
         tok = logits.argmax(-1, keepdim=True)

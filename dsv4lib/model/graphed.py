@@ -404,10 +404,11 @@ def check_static_ready(model) -> None:
 
 
 @torch.no_grad()
-def static_decode_step(model, cache: StaticCache, ids: torch.Tensor, fused: bool | None = None) -> torch.Tensor:
+def static_decode_step(model, cache: StaticCache, ids: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """ids [B,1] at position ``cache.pos`` -> fp32 logits [B, V]; advances ``cache.pos`` on device.
 
-    ``fused`` (default: on CUDA) runs each compressor step, RMSNorm(+RoPE) and the output's inverse
+    ``fused`` (opt-in: on the H200 the v3 run measured no gain at batch 1 and a slower step at batch 8,
+    docs/FULLSCALE_NOTES.md) runs each compressor step, RMSNorm(+RoPE) and the output's inverse
     RoPE as one Triton launch and the attention core as two (kernels/compressor_step.py,
     kernels/rmsnorm_rope.py, kernels/decode_attention.py).
     """
@@ -415,7 +416,7 @@ def static_decode_step(model, cache: StaticCache, ids: torch.Tensor, fused: bool
     if B != cache.batch_size or ids.shape[1] != 1:
         raise ValueError(f"static decode: ids {tuple(ids.shape)}, cache made for batch {cache.batch_size}, 1 token")
     X = model.embed(ids).unsqueeze(2).expand(-1, -1, model.config.hc_mult, -1).contiguous()   # [B, 1, hc, D]
-    ctx = step_context(model, cache, ids.is_cuda if fused is None else fused)
+    ctx = step_context(model, cache, fused)
     for i, layer in enumerate(model.layers):
         X = block_step(layer, X, ctx, ids, cache.layers[i])
     cache.pos.add_(1)
@@ -431,9 +432,10 @@ class GraphedDecoder:
     slot they touched is rewritten by the real step before it is read.
     """
 
-    def __init__(self, model, cache: StaticCache, warmup: int = 2) -> None:
+    def __init__(self, model, cache: StaticCache, warmup: int = 2, fused: bool = False) -> None:
         check_static_ready(model)
-        stack_projections(model)
+        if fused:
+            stack_projections(model)
         self.model, self.cache = model, cache
         dev = cache.pos.device
         self.ids = torch.zeros(cache.batch_size, 1, dtype=torch.long, device=dev)
@@ -442,13 +444,13 @@ class GraphedDecoder:
         s.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(s):
             for _ in range(warmup):
-                static_decode_step(model, cache, self.ids)
+                static_decode_step(model, cache, self.ids, fused)
         torch.cuda.current_stream(dev).wait_stream(s)
         for t, v in zip(cache.small_state(), saved):
             t.copy_(v)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = static_decode_step(model, cache, self.ids)
+            self.logits = static_decode_step(model, cache, self.ids, fused)
         for t, v in zip(cache.small_state(), saved):   # capture records, runs nothing; be safe
             t.copy_(v)
 
