@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 
@@ -47,11 +48,11 @@ def _grouped_bars(ax, df: pd.DataFrame, x: str, hue: str, y: str, lo: str | None
     for j, h in enumerate(hues):
         d = df[df[hue] == h].set_index(x).reindex(xs)
         pos = np.arange(len(xs)) + (j - (len(hues) - 1) / 2) * w
-        err = None if lo is None else np.vstack([d[y] - d[lo], d[hi] - d[y]])
+        err = None if lo is None else np.vstack([d[y] - d[lo], d[hi] - d[y]]).clip(min=0)
         ax.bar(pos, d[y], w, yerr=err, capsize=2 if err is not None else 0, label=str(h),
                color=COLORS.get(str(h)))
     ax.set_xticks(np.arange(len(xs)), [str(v) for v in xs])
-    ax.legend(frameon=False)
+    ax.legend(frameon=False, fontsize=8)
 
 
 # ---------------------------------------------------------------------------------- 01 / 03: errors
@@ -89,6 +90,7 @@ def plot_error_vs_visits(df: pd.DataFrame, title: str = "Reconstruction error vs
     for m, d in df.groupby("method", sort=False):
         ax.scatter(d["visits"], d["error"], s=8, alpha=0.6, label=str(m), color=COLORS.get(str(m)))
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("calibration tokens routed to the expert (count, log scale)")
     ax.set_ylabel("relative output error")
     ax.set_title(title)
@@ -97,28 +99,37 @@ def plot_error_vs_visits(df: pd.DataFrame, title: str = "Reconstruction error vs
     return fig, df
 
 
-def plot_weight_histograms(df: pd.DataFrame, title: str = "Worst experts: weights and quantization error"):
-    """``df``: label, kind (weight / error_gptq / error_rtn), value → one row of panels per label."""
+def plot_weight_histograms(df: pd.DataFrame, title: str = "Worst experts: weights and quantization error",
+                           bins: int = 80):
+    """``df``: label, kind (weight / error_gptq / error_rtn), value → one row of panels per label.
+    Returns the histogram counts (label, kind, bin_low, bin_high, count), i.e. what is drawn."""
     labels = list(dict.fromkeys(df["label"]))
     fig, axes = plt.subplots(len(labels), 2, figsize=(9, 2.3 * len(labels)), squeeze=False)
+    drawn = []
     for row, lab in zip(axes, labels):
         d = df[df["label"] == lab]
-        row[0].hist(d[d["kind"] == "weight"]["value"], bins=80, color="0.4")
-        row[0].set_title(f"{lab}: reference weight", fontsize=9)
         err = d[d["kind"].str.startswith("error_")]["value"]
-        bins = np.linspace(float(err.min()), float(err.max()), 81)
-        for kind, c in (("error_rtn", COLORS["rtn"]), ("error_gptq", COLORS["gptq"])):
-            row[1].hist(d[d["kind"] == kind]["value"], bins=bins, alpha=0.55, color=c, label=kind.split("_")[1])
-        row[1].set_title(f"{lab}: W_int2 − W_ref", fontsize=9)
-        row[1].legend(frameon=False, fontsize=8)
-        for ax in row:
+        panels = ((row[0], d["kind"] == "weight", np.linspace(d[d["kind"] == "weight"]["value"].min(),
+                                                              d[d["kind"] == "weight"]["value"].max(), bins + 1)),
+                  (row[1], d["kind"].str.startswith("error_"), np.linspace(err.min(), err.max(), bins + 1)))
+        for ax, sel, edges in panels:
+            for kind, v in d[sel].groupby("kind", sort=False)["value"]:
+                counts, _ = np.histogram(v, edges)
+                name = kind.split("_")[-1]
+                ax.stairs(counts, edges, fill=True, alpha=0.55 if kind != "weight" else 1.0,
+                          color=COLORS.get(name, "0.4"), label=None if kind == "weight" else name)
+                drawn.append(pd.DataFrame({"label": lab, "kind": kind, "bin_low": edges[:-1], "bin_high": edges[1:],
+                                           "count": counts}))
             ax.set_yscale("log")
             ax.set_ylabel("count")
+        row[0].set_title(f"{lab}: reference weight", fontsize=9)
+        row[1].set_title(f"{lab}: W_int2 − W_ref", fontsize=9)
+        row[1].legend(frameon=False, fontsize=8)
     axes[-1][0].set_xlabel("weight value")
     axes[-1][1].set_xlabel("weight error")
     fig.suptitle(title)
     fig.tight_layout()
-    return fig, df
+    return fig, pd.concat(drawn, ignore_index=True)
 
 
 def plot_eval_bars(df: pd.DataFrame, metric: str, ylabel: str, title: str):
@@ -204,18 +215,19 @@ def plot_mmlu_subjects(df: pd.DataFrame, chance: float = 0.25, title: str = "MML
     subjects = sorted(dict.fromkeys(df["subject"]))
     runs = list(dict.fromkeys(df["run"]))
     h = 0.8 / len(runs)
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.22 * len(subjects) * max(1, len(runs)) ** 0.5))
+    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.1 * len(subjects) * max(1, len(runs)) ** 0.5))
     for j, r in enumerate(runs):
         d = df[df["run"] == r].set_index("subject").reindex(subjects)
         pos = np.arange(len(subjects)) + (j - (len(runs) - 1) / 2) * h
-        ax.barh(pos, d["acc"], h, xerr=np.vstack([d["acc"] - d["ci_low"], d["ci_high"] - d["acc"]]),
+        err = np.vstack([d["acc"] - d["ci_low"], d["ci_high"] - d["acc"]]).clip(min=0)     # [2, S]
+        ax.barh(pos, d["acc"], h, xerr=err,
                 capsize=1.5, label=r, error_kw={"lw": 0.6})
     ax.axvline(chance, color="k", ls="--", lw=1, label=f"chance ({chance:.0%})")
     ax.set_yticks(np.arange(len(subjects)), [s.replace("_", " ") for s in subjects], fontsize=7)
-    ax.invert_yaxis()
+    ax.set_ylim(len(subjects) - 0.5, -0.5)                                         # first subject on top
     ax.set_xlim(0, 1)
     ax.set_xlabel("accuracy (fraction correct)")
-    ax.set_title(title)
-    ax.legend(frameon=False, fontsize=8, loc="lower right")
+    ax.legend(frameon=False, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(runs) + 1)
+    ax.set_title(title, pad=24)
     fig.tight_layout()
     return fig, df

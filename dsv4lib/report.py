@@ -214,11 +214,12 @@ class MoEOutputProbe:
 
     def __exit__(self, *exc) -> None:
         self._handle.remove()
+        self.model, self.backends = None, {}      # the probe keeps only its sums (no model stays alive)
 
     def table(self) -> pd.DataFrame:
         return pd.DataFrame([{"layer": self.layer, "method": k, "tokens": self.tokens,
-                              "rel_output_error": self.num[k] / self.den if self.den else float("nan")}
-                             for k in self.backends])
+                              "rel_output_error": v / self.den if self.den else float("nan")}
+                             for k, v in self.num.items()])
 
 
 def int2_backend(int2_dir: str | Path, config, layer: int):
@@ -230,8 +231,9 @@ def int2_backend(int2_dir: str | Path, config, layer: int):
 
 # ------------------------------------------------------------------------------------ perplexity
 def eval_table(rows_by_model: Mapping[str, Sequence]) -> pd.DataFrame:
-    """Long table set, model, tokens, ppl, kl, top1 from ``compare_pass`` rows per model name,
-    plus the reference model's own ppl (model ``ref``) and a token-weighted ``ALL`` row per model."""
+    """Long table set, model, tokens, ppl, kl, top1, ppl_increase_pct (vs the reference on the same
+    set) from ``compare_pass`` rows per model name, plus the reference model's own rows (model
+    ``ref``) and a token-weighted ``ALL`` row per model."""
     from dsv4lib.eval.perplexity import overall
     out = []
     first = next(iter(rows_by_model.values()))
@@ -241,7 +243,9 @@ def eval_table(rows_by_model: Mapping[str, Sequence]) -> pd.DataFrame:
         for r in [*rows, overall(rows)]:
             out.append({"set": r.name, "model": name, "tokens": r.n_tokens, "ppl": r.ppl_b, "kl": r.kl,
                         "top1": r.top1})
-    return pd.DataFrame(out)
+    df = pd.DataFrame(out)
+    ref_ppl = df[df["model"] == "ref"].set_index("set")["ppl"]
+    return df.assign(ppl_increase_pct=100 * (df["ppl"] / df["set"].map(ref_ppl) - 1))
 
 
 # ------------------------------------------------------------------------------------ MMLU

@@ -23,9 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--figures-dir", default=None, help="figures (default: the repo's figures/)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--calib-tokens", type=int, default=16384)
+    p.add_argument("--threshold", type=int, default=512,
+                   help="balanced coverage: minimum tokens per expert (above the tiny model's rarest experts, "
+                        "so the demo shows balancing at work; the full-scale default is 128)")
     p.add_argument("--windows", type=int, default=32, help="held-out text windows per source (notebook 03)")
     p.add_argument("--chats", type=int, default=64, help="held-out chats (notebook 03)")
-    p.add_argument("--per-subject", type=int, default=3, help="MMLU questions per subject (notebook 05)")
+    p.add_argument("--per-subject", type=int, default=2, help="MMLU questions per subject (notebook 05)")
     p.add_argument("--shots", default="0,5", help="MMLU shots, comma list")
     p.add_argument("--only", default=None, help="comma list of notebook numbers to run (e.g. 01,03)")
     p.add_argument("--kernel", default="python3", help="Jupyter kernel name")
@@ -37,7 +40,8 @@ def notebook_parameters(run: Path, figures: Path, args: argparse.Namespace) -> d
     int2, rtn = str(run / "int2"), str(run / "int2_rtn")
     dev = {"device": args.device}
     return {
-        "01_quantize": {**common, **dev, "int2_dir": int2, "rtn_dir": rtn, "calib_tokens": args.calib_tokens},
+        "01_quantize": {**common, **dev, "int2_dir": int2, "rtn_dir": rtn, "calib_tokens": args.calib_tokens,
+                        "threshold": args.threshold},
         "02_routing_coverage": {**common, "int2_dir": int2},
         "03_error_inspection": {**common, **dev, "int2_dir": int2, "rtn_dir": rtn, "n_windows": args.windows,
                                 "n_chats": args.chats},
@@ -74,9 +78,9 @@ def summary(run: Path) -> str:
                      f"balancing {m['under_before_total']}/{m['under_after_total']}, "
                      f"min visits after {m['min_visits_balanced']}")
     if (m := load("03")) is not None:
-        p, k = m["ppl"], m["kl"]
-        lines.append(f"held-out   ppl ref {p['ref']:.3f}  GPTQ {p['gptq']:.3f}  RTN {p['rtn']:.3f}   "
-                     f"KL GPTQ {k['gptq']:.4f}  RTN {k['rtn']:.4f}  ({m['tokens']} tokens)")
+        p, k, d = m["ppl"], m["kl"], m["ppl_increase_pct"]
+        lines.append(f"held-out   ppl ref {p['ref']:.3f}  GPTQ {p['gptq']:.3f} (+{d['gptq']:.2f}%)  RTN {p['rtn']:.3f} "
+                     f"(+{d['rtn']:.2f}%)   KL GPTQ {k['gptq']:.4f}  RTN {k['rtn']:.4f}  ({m['tokens']} tokens)")
     if (m := load("04")) is not None:
         lines.append(f"generate   {len(m['transcript'])} prompts, {sum(m['n_new'])} tokens, transcript "
                      f"{run / '04_transcript.md'}")
