@@ -146,3 +146,22 @@ def test_05_mmlu(run01):
         assert r["n"] == 6 and 0 <= r["ci_low"] <= r["acc"] <= r["ci_high"] <= 1
     assert sum(s["n"] for s in m["subjects"]) == 12
     assert (figs / "05_mmlu_subjects.png").is_file()
+
+
+def test_demo_parameters_chain_and_exist(tmp_path):
+    """The demo passes only parameters the notebooks declare, and chains 01's INT2 dir into 02–05."""
+    import papermill as pm
+
+    from dsv4lib.cli import build_parser
+    from dsv4lib.commands import demo
+    args = build_parser("demo").parse_args(["demo"])
+    params = demo.notebook_parameters(tmp_path, tmp_path / "figs", args)
+    assert list(params) == list(NOTEBOOKS)
+    for name, p in params.items():
+        declared = pm.inspect_notebook(str(NB_DIR / f"{name}.ipynb"))
+        assert set(p) <= set(declared), (name, set(p) - set(declared))
+        assert p["run_dir"] == str(tmp_path)
+    int2 = params["01_quantize"]["int2_dir"]
+    assert all(params[n]["int2_dir"] == int2 for n in NOTEBOOKS[1:])
+    assert params["03_error_inspection"]["rtn_dir"] == params["01_quantize"]["rtn_dir"]
+    demo.check_kernel(args.kernel)                   # the kernel runs this interpreter

@@ -91,9 +91,22 @@ def summary(run: Path) -> str:
     return "\n".join(lines)
 
 
+def check_kernel(name: str) -> None:
+    """Fail early unless kernel ``name`` runs this interpreter (jupyter_client maps a bare
+    ``python``/``python3`` in the spec's argv to ``sys.executable``)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+    argv0 = KernelSpecManager().get_kernel_spec(name).argv[0]
+    mine = {"python", f"python{sys.version_info[0]}", f"python{sys.version_info[0]}.{sys.version_info[1]}"}
+    if argv0 not in mine and Path(argv0).resolve() != Path(sys.executable).resolve():
+        raise SystemExit(f"demo: Jupyter kernel {name!r} runs {argv0}, not {sys.executable}; install this "
+                         f"environment's kernel with `{sys.executable} -m ipykernel install --sys-prefix --name {name}`")
+
+
 def run(args: argparse.Namespace) -> int:
     from dsv4lib.paths import FIGURES_DIR, REPO_ROOT
     from dsv4lib.report import run_folder
+
+    check_kernel(args.kernel)
 
     run_dir = run_folder(args.run_dir)
     figures = Path(args.figures_dir) if args.figures_dir else FIGURES_DIR
