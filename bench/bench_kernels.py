@@ -26,6 +26,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from dsv4lib.fullscale import copy_bandwidth  # noqa: E402  (one copy-bandwidth ceiling for all benchmarks)
 from dsv4lib.kernels.fp8_linear import fp8_configs, fp8_linear, fp8_linear_reference, pick_config, random_fp8  # noqa: E402
 from dsv4lib.kernels.int2_dequant import dequantize_int2, random_int2  # noqa: E402
 from dsv4lib.kernels.int2_moe_decode import decode_configs, int2_moe_decode, int2_moe_reference  # noqa: E402
@@ -66,13 +67,6 @@ def timed(fn, reps: int, graph: bool) -> float:
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3)
     return sorted(times)[len(times) // 2]
-
-
-def copy_bandwidth(dev, nbytes: int) -> float:
-    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device=dev)
-    dst = torch.empty_like(src)
-    t = timed(lambda: dst.copy_(src), 20, graph=False)
-    return 2 * nbytes / t / 1e9
 
 
 class Int2Layers:
@@ -303,7 +297,7 @@ def main(argv=None) -> int:
                date=time.strftime("%Y-%m-%d %H:%M"), shapes=dict(L=L, E_per_layer=E, D=D, I=I))
     import triton
     res["triton"] = triton.__version__
-    res["copy_GBps"] = copy_bandwidth(dev, 2**31 if not args.smoke else 2**20)
+    res["copy_GBps"] = copy_bandwidth(dev, 2**31 if not args.smoke else 2**20, reps=20) / 1e9
     layers = Int2Layers(L, E, D, I, dev, 0)
     # correctness at these shapes before timing
     lw = layers.layer(0)
