@@ -233,10 +233,8 @@ def test_unvalidated_load_still_names_missing_tensor(release, tmp_path):
         load_model(d, validate=False)
 
 
-def test_loader_builds_dense_experts_on_meta(cfg):
-    from dsv4lib.checkpoint.loader import _meta_dense_experts
-    with _meta_dense_experts():
-        m = DeepseekV4(cfg)
+def test_model_builds_dense_experts_on_meta(cfg):
+    m = DeepseekV4(cfg, expert_device="meta")          # what the loader does: no dense expert memory
     assert all(p.is_meta for b in list(m.layers) + list(m.mtp) for p in b.ffn.experts.parameters())
     assert not any(p.is_meta for n, p in m.named_parameters() if ".ffn.experts." not in n)
 

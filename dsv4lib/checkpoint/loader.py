@@ -8,8 +8,6 @@ Shards are streamed one at a time.
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -21,23 +19,6 @@ from dsv4lib.checkpoint.reader import INDEX, ReleaseReader, scale_finite
 from dsv4lib.checkpoint.schema import layer_prefix, release_format
 from dsv4lib.formats import fp8
 from dsv4lib.formats import int2 as int2_codec
-
-
-@contextlib.contextmanager
-def _meta_dense_experts() -> Iterator[None]:
-    """While active, MoE layers create their default ``DenseExperts`` on the meta device (no memory)."""
-    from dsv4lib.model import moe
-    from dsv4lib.model.experts import DenseExperts
-
-    def meta_dense(num_experts, hidden, inter, dtype=torch.float32, device=None):
-        return DenseExperts(num_experts, hidden, inter, dtype, "meta")
-
-    saved = moe.DenseExperts
-    moe.DenseExperts = meta_dense
-    try:
-        yield
-    finally:
-        moe.DenseExperts = saved
 
 
 def _assign(model: nn.Module, name: str, t: torch.Tensor, file: str) -> None:
@@ -84,8 +65,7 @@ def load_model(ref_dir: str | Path, int2_dir: str | Path | None = None, device: 
             raise CheckpointError([Problem(str(Path(int2_dir) / layer_file(i)), "", "INT2 layer file missing")
                                    for i in missing])
 
-    with _meta_dense_experts():
-        model = DeepseekV4(cfg, dtype=dtype, device=device)
+    model = DeepseekV4(cfg, dtype=dtype, device=device, expert_device="meta")
     if not any(n.startswith("mtp.") for n in reader.weight_map):
         model.mtp = nn.ModuleList()  # release without the MTP shard (e.g. Flash-Base): no MTP module
     E, D, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size

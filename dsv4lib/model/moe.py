@@ -77,14 +77,15 @@ class SharedExpert(nn.Module):
 
 class MoE(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, hooks: "OrderedDict[int, MoEHook]",
-                 dtype=torch.float32, device=None) -> None:
+                 dtype=torch.float32, device=None, expert_device=None) -> None:
         super().__init__()
         self.layer_idx, self.limit = layer_idx, cfg.swiglu_limit
         self._hooks = hooks
         hash_layer = layer_idx < cfg.num_hidden_layers and cfg.is_hash_layer(layer_idx)
         self.gate = Gate(cfg, hash_layer, dtype, device)
         self.experts: ExpertBackend = DenseExperts(cfg.n_routed_experts, cfg.hidden_size,
-                                                   cfg.moe_intermediate_size, dtype, device)
+                                                   cfg.moe_intermediate_size, dtype,
+                                                   device if expert_device is None else expert_device)
         self.shared_experts = (SharedExpert(cfg.hidden_size, cfg.n_shared_experts * cfg.moe_intermediate_size,
                                             cfg.swiglu_limit, dtype, device) if cfg.n_shared_experts else None)
 

@@ -20,7 +20,8 @@ from .moe import MoE, MoEHook
 class Block(nn.Module):
     """One transformer layer with two mHC sites (attention, MoE)."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, hooks, dtype=torch.float32, device=None) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int, hooks, dtype=torch.float32, device=None,
+                 expert_device=None) -> None:
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
         hc, D = cfg.hc_mult, cfg.hidden_size
@@ -28,7 +29,7 @@ class Block(nn.Module):
         self.attn_norm = RMSNorm(D, cfg.rms_norm_eps, device)
         self.ffn_norm = RMSNorm(D, cfg.rms_norm_eps, device)
         self.attn = Attention(cfg, layer_idx, dtype, device)
-        self.ffn = MoE(cfg, layer_idx, hooks, dtype, device)
+        self.ffn = MoE(cfg, layer_idx, hooks, dtype, device, expert_device)
         for site in ("hc_attn", "hc_ffn"):
             setattr(self, f"{site}_fn", nn.Parameter(torch.empty(n_mix, hc * D, dtype=torch.float32, device=device)))
             setattr(self, f"{site}_base", nn.Parameter(torch.zeros(n_mix, dtype=torch.float32, device=device)))
@@ -50,8 +51,9 @@ class Block(nn.Module):
 class MTPBlock(Block):
     """Multi-token-prediction layer (spec §2.9): shares the main embedding and head."""
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, hooks, dtype=torch.float32, device=None) -> None:
-        super().__init__(cfg, layer_idx, hooks, dtype, device)
+    def __init__(self, cfg: ModelConfig, layer_idx: int, hooks, dtype=torch.float32, device=None,
+                 expert_device=None) -> None:
+        super().__init__(cfg, layer_idx, hooks, dtype, device, expert_device)
         D, hc = cfg.hidden_size, cfg.hc_mult
         self.e_proj = Linear(D, D, dtype, device, fp8_act=True)
         self.h_proj = Linear(D, D, dtype, device, fp8_act=True)
@@ -66,20 +68,23 @@ class DeepseekV4(nn.Module):
     """DeepSeek-V4 causal LM; parameter names = upstream checkpoint names (CONTRACTS "Model")."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32, device=None,
-                 lowp_sim: bool = False) -> None:
+                 lowp_sim: bool = False, expert_device=None) -> None:
+        """``expert_device="meta"`` builds the default dense routed experts without memory (the loader
+        and GPTQ install compact backends layer by layer); a model with meta tensors is left
+        uninitialised by ``reset_parameters`` — its caller loads every weight."""
         super().__init__()
         self.config, self.dtype = config, dtype
         cfg, D, hc = config, config.hidden_size, config.hc_mult
         self._moe_hooks: OrderedDict[int, MoEHook] = OrderedDict()
         self.embed = nn.Embedding(cfg.vocab_size, D, device=device, dtype=dtype)
-        self.layers = nn.ModuleList([Block(cfg, i, self._moe_hooks, dtype, device)
+        self.layers = nn.ModuleList([Block(cfg, i, self._moe_hooks, dtype, device, expert_device)
                                      for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(D, cfg.rms_norm_eps, device)
         self.head = Linear(D, cfg.vocab_size, dtype, device)
         self.hc_head_fn = nn.Parameter(torch.empty(hc, hc * D, dtype=torch.float32, device=device))
         self.hc_head_base = nn.Parameter(torch.zeros(hc, dtype=torch.float32, device=device))
         self.hc_head_scale = nn.Parameter(torch.ones(1, dtype=torch.float32, device=device))
-        self.mtp = nn.ModuleList([MTPBlock(cfg, cfg.num_hidden_layers + j, self._moe_hooks, dtype, device)
+        self.mtp = nn.ModuleList([MTPBlock(cfg, cfg.num_hidden_layers + j, self._moe_hooks, dtype, device, expert_device)
                                   for j in range(cfg.num_nextn_predict_layers)])
         self._lowp = False
         self.reset_parameters()
