@@ -26,7 +26,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from dsv4lib.fullscale import copy_bandwidth  # noqa: E402  (one copy-bandwidth ceiling for all benchmarks)
+from dsv4lib.fullscale import copy_bandwidth, time_cuda  # noqa: E402  (one timer and copy ceiling for all benchmarks)
 from dsv4lib.kernels.fp8_linear import fp8_configs, fp8_linear, fp8_linear_reference, pick_config, random_fp8  # noqa: E402
 from dsv4lib.kernels.int2_dequant import dequantize_int2, random_int2  # noqa: E402
 from dsv4lib.kernels.int2_moe_decode import decode_configs, int2_moe_decode, int2_moe_reference  # noqa: E402
@@ -56,17 +56,7 @@ def timed(fn, reps: int, graph: bool) -> float:
         run = g.replay
     else:
         run = fn
-    run()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        run()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return sorted(times)[len(times) // 2]
+    return time_cuda(run, reps, warmup=1) / 1e3                          # median ms -> s
 
 
 class Int2Layers:
