@@ -70,18 +70,23 @@ def plot_layer_errors(df: pd.DataFrame, title: str = "Expert reconstruction erro
     return fig, df
 
 
-def plot_error_by_expert(df: pd.DataFrame, title: str = "GPTQ error per expert (mean over w1, w3, w2)"):
-    """``df``: layer, expert, error → heatmap layers × experts."""
-    m = df.pivot_table(index="layer", columns="expert", values="error", aggfunc="mean")
+def _layer_expert_heatmap(m: pd.DataFrame, values, cmap: str, label: str, title: str):
+    """Heatmap of a layers × experts pivot ``m`` showing ``values`` (same shape)."""
     fig, ax = plt.subplots(figsize=(min(14, 2 + 0.25 * m.shape[1]), 1.2 + 0.45 * m.shape[0]))
-    im = ax.imshow(m.to_numpy(), aspect="auto", cmap="viridis")
+    im = ax.imshow(values, aspect="auto", cmap=cmap)
     ax.set_yticks(range(m.shape[0]), [str(i) for i in m.index])
     ax.set_xlabel("expert index")
     ax.set_ylabel("MoE layer")
-    fig.colorbar(im, ax=ax, label="relative output error")
+    fig.colorbar(im, ax=ax, label=label)
     ax.set_title(title)
     fig.tight_layout()
-    return fig, df
+    return fig
+
+
+def plot_error_by_expert(df: pd.DataFrame, title: str = "GPTQ error per expert (mean over w1, w3, w2)"):
+    """``df``: layer, expert, error → heatmap layers × experts."""
+    m = df.pivot_table(index="layer", columns="expert", values="error", aggfunc="mean")
+    return _layer_expert_heatmap(m, m.to_numpy(), "viridis", "relative output error", title), df
 
 
 def plot_error_vs_visits(df: pd.DataFrame, title: str = "Reconstruction error vs calibration visits"):
@@ -148,15 +153,7 @@ def plot_eval_bars(df: pd.DataFrame, metric: str, ylabel: str, title: str):
 def plot_visit_heatmap(df: pd.DataFrame, title: str = "Calibration visits per expert (routed, before balancing)"):
     """``df``: layer, expert, visits → heatmap (log10 colour scale; zero visits shown as 0)."""
     m = df.pivot_table(index="layer", columns="expert", values="visits", aggfunc="sum")
-    fig, ax = plt.subplots(figsize=(min(14, 2 + 0.25 * m.shape[1]), 1.2 + 0.45 * m.shape[0]))
-    im = ax.imshow(np.log10(1 + m.to_numpy()), aspect="auto", cmap="magma")
-    ax.set_yticks(range(m.shape[0]), [str(i) for i in m.index])
-    ax.set_xlabel("expert index")
-    ax.set_ylabel("MoE layer")
-    fig.colorbar(im, ax=ax, label="log10(1 + routed tokens)")
-    ax.set_title(title)
-    fig.tight_layout()
-    return fig, df
+    return _layer_expert_heatmap(m, np.log10(1 + m.to_numpy()), "magma", "log10(1 + routed tokens)", title), df
 
 
 def plot_visit_distribution(df: pd.DataFrame, threshold: int, title: str = "Distribution of visits per expert"):
