@@ -1,0 +1,158 @@
+"""Where the time goes: torch.profiler kernel tables for the full-scale decode step and prefill.
+
+Builds the synthetic V4-Flash (dsv4lib.fullscale.synthetic_model), fills a static cache at
+``--ctx`` positions with synthetic entries, and profiles
+
+* ``graphed_b{B}``: replays of the whole decode step captured in one CUDA graph,
+* ``static_b{B}``: the same step uncaptured (GPU kernel times are the same kernels; wall is host-bound),
+* ``attention_b1``: the 43 attention steps alone (their own graph),
+* ``prefill_{S}``: one eager prefill of S tokens (last-position logits), and ``mmlu_{B}x{L}``.
+
+For every case: GPU time per step summed over kernels, kernel count, and the top kernels by total
+time. Prints a short table last; writes everything to ``--out`` (JSON).
+
+    python3 bench/profile_step.py --out $OUT/profile.json            # H200, ~3 min
+    python3 bench/profile_step.py --preset tiny --ctx 64 --prefill 64 --out /tmp/p.json   # CPU smoke
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dsv4lib.config import ModelConfig  # noqa: E402
+from dsv4lib.fullscale import synthetic_model, without_mtp  # noqa: E402
+from dsv4lib.model.graphed import (GraphedDecoder, attention_step, stack_projections, static_decode_step,  # noqa: E402
+                                   step_context)
+from dsv4lib.model.static_cache import fill_synthetic, new_static_cache  # noqa: E402
+
+
+def _kernel_table(prof, steps: int, top: int) -> dict:
+    """Sum device-side kernel/memcpy/memset events by name -> per-step microseconds and counts
+    (on a CPU-only run: the aten ops' self CPU time)."""
+    tot, cnt = defaultdict(float), defaultdict(int)
+    cuda = any(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
+    for e in prof.events():
+        if cuda and e.device_type == torch.autograd.DeviceType.CUDA:
+            tot[e.name] += e.time_range.elapsed_us()
+        elif not cuda and e.name.startswith("aten::"):   # CPU runs: ops' self time instead
+            tot[e.name] += e.self_cpu_time_total
+        else:
+            continue
+        cnt[e.name] += 1
+    rows = sorted(tot, key=tot.get, reverse=True)
+    return {"gpu_us_per_step": sum(tot.values()) / steps,
+            "kernels_per_step": sum(cnt.values()) / steps,
+            "top": [{"name": n[:160], "us_per_step": tot[n] / steps, "calls_per_step": cnt[n] / steps}
+                    for n in rows[:top]]}
+
+
+def _profiled(fn, steps: int, dev, top: int) -> dict:
+    fn()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    t = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+    wall = (time.perf_counter() - t) / steps
+    out = _kernel_table(prof, steps, top)
+    out["wall_ms_per_step_profiled"] = wall * 1e3
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="v4_flash")
+    ap.add_argument("--ctx", type=int, default=1024)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--mmlu", default="32x192")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--fused", action="store_true")
+    ap.add_argument("--out", default="profile.json")
+    a = ap.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    cfg = without_mtp(getattr(ModelConfig, a.preset)())
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    model = synthetic_model(cfg, dev, dtype)
+    if a.fused:
+        stack_projections(model)
+    res: dict = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                 "torch": torch.__version__, "args": vars(a), "cases": {}}
+    out = Path(a.out)
+
+    def save():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(res, indent=1))
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    for B in [int(b) for b in a.batches.split(",")]:
+        cache = new_static_cache(model, B, a.ctx + 64)
+        fill_synthetic(cache, a.ctx, g)
+        tok = torch.randint(0, cfg.vocab_size, (B, 1), device=dev, generator=g)
+        saved = [t.clone() for t in cache.small_state()]
+
+        def uncaptured():
+            static_decode_step(model, cache, tok, a.fused)
+            for t_, v in zip(cache.small_state(), saved):
+                t_.copy_(v)
+        res["cases"][f"static_b{B}"] = _profiled(uncaptured, a.steps, dev, a.top)
+        save()
+        if dev.type == "cuda":
+            dec = GraphedDecoder(model, cache, fused=a.fused)
+            res["cases"][f"graphed_b{B}"] = _profiled(lambda: dec.step(tok), a.steps, dev, a.top)
+            del dec
+            if B == 1:
+                x = torch.randn(B, 1, cfg.hidden_size, device=dev, generator=g).to(dtype)
+
+                def attn():
+                    ctx = step_context(model, cache, a.fused)
+                    for i, layer in enumerate(model.layers):
+                        attention_step(layer.attn, layer.attn_norm(x), ctx, cache.layers[i])
+                attn()
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    attn()
+                res["cases"]["attention_b1_graphed"] = _profiled(graph.replay, a.steps, dev, a.top)
+                del graph
+                for t_, v in zip(cache.small_state(), saved):
+                    t_.copy_(v)
+            save()
+        del cache
+
+    def prefill(ids):
+        with torch.no_grad():
+            X = model.forward_hidden(ids)
+            return model.logits_from_hidden(X[:, -1:])
+    ids = torch.randint(0, cfg.vocab_size, (1, a.prefill), device=dev, generator=g)
+    res["cases"][f"prefill_{a.prefill}"] = _profiled(lambda: prefill(ids), 1, dev, a.top)
+    save()
+    mb, ml = (int(v) for v in a.mmlu.split("x"))
+    ids = torch.randint(0, cfg.vocab_size, (mb, ml), device=dev, generator=g)
+    res["cases"][f"mmlu_{a.mmlu}"] = _profiled(lambda: prefill(ids), 1, dev, a.top)
+    save()
+
+    for name, c in res["cases"].items():
+        print(f"\n== {name}: GPU {c['gpu_us_per_step'] / 1e3:.2f} ms/step, {c['kernels_per_step']:.0f} kernels, "
+              f"wall {c['wall_ms_per_step_profiled']:.2f} ms (profiled)")
+        for r in c["top"][:12]:
+            print(f"  {r['us_per_step']:9.1f} us {r['calls_per_step']:7.1f}x  {r['name'][:90]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
