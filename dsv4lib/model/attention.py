@@ -12,7 +12,7 @@ from .cache import LayerCache
 from .compressor import Compressor
 from .indexer import Indexer
 from .linear import Linear, RMSNorm
-from .lowp import fake_quant_fp8, hp
+from .lowp import fake_quant_fp8, hp, tf32_matmuls
 from .rope import apply_rope, cos_sin, layer_freqs
 
 
@@ -83,10 +83,13 @@ class Attention(nn.Module):
                     cb = torch.zeros(S, T, device=x.device).masked_fill(~ok, float("-inf")).expand(B, S, T)
                 keys = torch.cat([win, ent.to(win.dtype)], 1)
                 bias = torch.cat([bias, cb], -1)
-        z = torch.einsum("bshd,bnd->bhsn", hp(q), hp(keys)) * c ** -0.5 + bias[:, None]
-        sink = hp(self.attn_sink).view(1, H, 1, 1).expand(B, H, S, 1)
-        p = torch.cat([z, sink], -1).softmax(-1)[..., :-1]                  # [B, H, S, N]
-        o = torch.einsum("bhsn,bnd->bshd", p, hp(keys)).to(x.dtype)     # [B, S, H, c]
+        # bf16/fp16 model on CUDA: q and keys hold bf16 values, exact in TF32 -> tensor cores for the
+        # two products (scores exact up to summation order; p rounded to 11 bits, below o's bf16 rounding)
+        with tf32_matmuls(x.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and keys.dtype == q.dtype):
+            z = torch.einsum("bshd,bnd->bhsn", hp(q), hp(keys)) * c ** -0.5 + bias[:, None]
+            sink = hp(self.attn_sink).view(1, H, 1, 1).expand(B, H, S, 1)
+            p = torch.cat([z, sink], -1).softmax(-1)[..., :-1]              # [B, H, S, N]
+            o = torch.einsum("bhsn,bnd->bshd", p, hp(keys)).to(x.dtype)  # [B, S, H, c]
         o = apply_rope(o, cos, sin, inverse=True)
         o = o.reshape(B, S, self.groups, -1)                                # [B, S, G, H*c/G]
         wa = self.wo_a.dequantized_weight(o.dtype).view(self.groups, self.o_lora, -1)

@@ -77,10 +77,21 @@ def step_context(model, cache: StaticCache, fused: bool) -> StepContext:
             else:
                 idx_thr = (pos + 1) // attn.indexer.ratio
                 idx_future = torch.arange(lc.index.entries.shape[1], device=dev) >= idx_thr          # [T4]
+                if selects_all(attn, lc):   # top-k takes every visible entry: HCA-style visibility
+                    ent_thr[r] = idx_thr
+                    ent_bias[r] = torch.where(torch.arange(T, device=dev) < idx_thr, zero, ninf)   # [T]
     W = cache.layers[0].window.shape[1]
     win_bias = torch.where(torch.arange(W, device=dev) <= pos, zero, ninf)   # [W]
     return StepContext(pos, fused, rot, rot_inv, cs, comp_cs, (pos % W).view(1), win_bias, ent_bias, ent_thr,
                        idx_thr, idx_future, zero, ninf)
+
+
+def selects_all(attn, lc: StaticLayerCache) -> bool:
+    """True when the indexer's top-k covers every entry slot of this static cache (``T <= topk``): the
+    selection is then all visible entries (spec §2.5: k = min(topk, #visible)), so the indexer's scores
+    and sort can be skipped -- only its compressor must keep running. A property of the cache's fixed
+    length, decided at capture time (the eager path selects the same set, in score order)."""
+    return attn.indexer is not None and lc.index.entries.shape[1] <= attn.indexer.topk
 
 
 FUSED_FAILURES: dict[str, str] = {}
@@ -337,10 +348,12 @@ def attention_step(attn, x: torch.Tensor, ctx: StepContext, lc: StaticLayerCache
         pre = _proj(cp + ip, x) if _fusable(ctx, x) and _stacked_base(cp + ip) is not None else None
         compressor_step(attn.compressor, x, ctx, lc.comp, None if pre is None else (pre[0], pre[1]))
         ent = lc.comp.entries                                           # [B, T, c]
-        if attn.indexer is not None:
+        if attn.indexer is not None and not selects_all(attn, lc):
             sel, _ = indexer_select(attn.indexer, x, qr, ctx, lc.index, None if pre is None else pre[2:])   # [B, k]
             thr = ctx.idx_thr
         else:
+            if attn.indexer is not None:   # every entry is selected; the indexer's keys still advance
+                compressor_step(attn.indexer.compressor, x, ctx, lc.index, None if pre is None else (pre[2], pre[3]))
             thr = ctx.ent_thr[attn.ratio]
 
     def core_torch() -> torch.Tensor:
