@@ -18,9 +18,8 @@ import torch
 from .checkpoint.loader import model_memory_report
 from .config import ModelConfig
 from .fullscale import copy_bandwidth, decode_bytes_per_token, synthetic_model, time_cuda, without_mtp
-from .model.graphed import (FUSED_FAILURES, GraphedDecoder, attention_step, check_static_ready, hc_pre_step, stack_projections,
+from .model.graphed import (FUSED_FAILURES, GraphedDecoder, attention_step, check_static_ready, hc_post_step, hc_pre_step, stack_projections,
                            static_decode_step, step_context)
-from .model.mhc import hc_post
 from .model.static_cache import fill_synthetic, new_static_cache, static_from_cache
 
 GB = 1e9
@@ -98,8 +97,8 @@ def component_times(model, cache, dev, reps: int = 10, fused: bool = False) -> d
     def mhc():
         for layer in model.layers:
             for site in ("hc_attn", "hc_ffn"):
-                y, post, comb = hc_pre_step(layer, X, site)
-                hc_post(y, X, post, comb)
+                y, post, comb = hc_pre_step(layer, X, site, fused)
+                hc_post_step(y, X, post, comb, fused)
 
     def router():
         for layer in model.layers:

@@ -389,26 +389,40 @@ def attention_step(attn, x: torch.Tensor, ctx: StepContext, lc: StaticLayerCache
     return attn.wo_b(u)
 
 
-def hc_pre_step(layer, X: torch.Tensor, site: str):
-    """``Block._pre`` (spec §2.2); on CUDA the split + Sinkhorn run as one Triton launch."""
+def hc_pre_step(layer, X: torch.Tensor, site: str, fused: bool = False):
+    """``Block._pre`` (spec §2.2). ``fused``: the whole site in two Triton launches
+    (kernels/mhc_step.py); otherwise on CUDA the split + Sinkhorn run as one Triton launch."""
     c = layer.cfg
     hc = c.hc_mult
-    if not X.is_cuda or hc & (hc - 1) or X.dtype == torch.float64:
+    if hc & (hc - 1) or X.dtype == torch.float64 or not (X.is_cuda or fused):
         return layer._pre(X, site)
-    from dsv4lib.kernels.mhc_sinkhorn import hc_split
     fn, scale, base = (getattr(layer, f"{site}_{k}") for k in ("fn", "scale", "base"))
+    if fused:
+        from dsv4lib.kernels.mhc_step import hc_pre_fused
+        return _guarded("hc_pre", lambda: hc_pre_fused(X, fn, scale, base, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps),
+                        lambda: layer._pre(X, site))
+    from dsv4lib.kernels.mhc_sinkhorn import hc_split
     mix = _mix(X, fn, c.rms_norm_eps)                                   # [B, 1, (2+hc)*hc]
     pre, post, comb = hc_split(mix, scale, base, hc, c.hc_sinkhorn_iters, c.hc_eps)
     y = (pre.unsqueeze(-1) * hp(X)).sum(-2)                             # [B, 1, D]
     return y.to(X.dtype), post, comb
 
 
+def hc_post_step(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, fused: bool) -> torch.Tensor:
+    """``hc_post`` (spec §2.2); one Triton launch when ``fused`` (kernels/mhc_step.py)."""
+    if fused and X.dtype != torch.float64 and not X.shape[-2] & (X.shape[-2] - 1):
+        from dsv4lib.kernels.mhc_step import hc_post_fused
+        return _guarded("hc_post", lambda: hc_post_fused(f, X, post, comb), lambda: hc_post(f, X, post, comb))
+    return hc_post(f, X, post, comb)
+
+
 def block_step(layer, X: torch.Tensor, ctx: StepContext, ids: torch.Tensor, lc: StaticLayerCache) -> torch.Tensor:
     """One mHC block (spec §2.2) for X [B,1,hc,D]."""
-    x, post, comb = hc_pre_step(layer, X, "hc_attn")
-    X = hc_post(attention_step(layer.attn, _norm(ctx, layer.attn_norm, x), ctx, lc), X, post, comb)
-    x, post, comb = hc_pre_step(layer, X, "hc_ffn")
-    return hc_post(layer.ffn(_norm(ctx, layer.ffn_norm, x), ids), X, post, comb)
+    fz = ctx.fused
+    x, post, comb = hc_pre_step(layer, X, "hc_attn", fz)
+    X = hc_post_step(attention_step(layer.attn, _norm(ctx, layer.attn_norm, x), ctx, lc), X, post, comb, fz)
+    x, post, comb = hc_pre_step(layer, X, "hc_ffn", fz)
+    return hc_post_step(layer.ffn(_norm(ctx, layer.ffn_norm, x), ids), X, post, comb, fz)
 
 
 def check_static_ready(model) -> None:

@@ -1,0 +1,50 @@
+"""kernels/mhc_step.py (interpreted on CPU, compiled on CUDA) against the eager mHC math
+(dsv4lib.model.mhc.hc_pre / hc_post): fresh random inputs, D not a power of two, fp32 and bf16 streams."""
+import pytest
+import torch
+
+from dsv4lib.kernels.mhc_step import (hc_post_fused, hc_post_reference, hc_pre_fused, hc_pre_reference)
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _inputs(dtype, B=3, hc=4, D=200, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    X = (torch.randn(B, 1, hc, D, generator=g) * 2).to(DEV, dtype)      # [B, 1, hc, D]
+    fn = (torch.randn((2 + hc) * hc, hc * D, generator=g) * (hc * D) ** -0.5).to(DEV)
+    scale = (torch.rand(3, generator=g) + 0.5).to(DEV)
+    base = torch.randn((2 + hc) * hc, generator=g).to(DEV)
+    return X, fn, scale, base
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hc_pre_fused_matches_eager(dtype):
+    X, fn, scale, base = _inputs(dtype)
+    y, post, comb = hc_pre_fused(X, fn, scale, base, 20, 1e-6, 1e-6)
+    ry, rpost, rcomb = hc_pre_reference(X, fn, scale, base, 20, 1e-6, 1e-6)
+    assert y.dtype == dtype and y.shape == ry.shape and post.shape == rpost.shape and comb.shape == rcomb.shape
+    assert (post - rpost).abs().max() <= 1e-5
+    assert (comb - rcomb).abs().max() <= 1e-5
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (y.float() - ry.float()).abs().max() <= tol * ry.float().abs().max()
+    assert (comb.sum(-2) - 1).abs().max() < 1e-3                         # Sinkhorn ran (columns ~ 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_hc_post_fused_matches_eager(dtype):
+    X, fn, scale, base = _inputs(dtype, seed=1)
+    _, post, comb = hc_pre_reference(X, fn, scale, base, 20, 1e-6, 1e-6)
+    f = torch.randn(X.shape[0], 1, X.shape[-1], generator=torch.Generator().manual_seed(2)).to(DEV, dtype)
+    got = hc_post_fused(f, X, post, comb)
+    ref = hc_post_reference(f, X, post, comb)
+    assert got.dtype == dtype and got.shape == ref.shape
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert (got.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
+
+
+def test_mhc_step_bad_input():
+    X, fn, scale, base = _inputs(torch.float32)
+    with pytest.raises(ValueError, match="hc_pre_fused: fn"):
+        hc_pre_fused(X, fn[:, :-1], scale, base, 20, 1e-6, 1e-6)
+    with pytest.raises(ValueError, match="power of two"):
+        hc_post_fused(X[..., :3, :].sum(-2), X[..., :3, :], torch.zeros(3, 1, 3), torch.zeros(3, 1, 3, 3))
