@@ -30,7 +30,9 @@ from dsv4lib.fullscale import copy_bandwidth, time_cuda  # noqa: E402  (one time
 from dsv4lib.kernels.fp8_linear import fp8_configs, fp8_linear, fp8_linear_reference, pick_config, random_fp8  # noqa: E402
 from dsv4lib.kernels.int2_dequant import dequantize_int2, random_int2  # noqa: E402
 from dsv4lib.kernels.int2_moe_decode import decode_configs, int2_moe_decode, int2_moe_reference  # noqa: E402
-from dsv4lib.kernels.int2_moe_prefill import PrefillConfig, int2_moe_prefill, prefill_configs  # noqa: E402
+from dsv4lib.kernels.int2_moe_prefill import (GemmConfig, PrefillConfig, align_pairs, int2_moe_prefill,  # noqa: E402
+                                              int2_moe_prefill_v1, launch_down, launch_gate_up,
+                                              pick_prefill_config)
 from dsv4lib.kernels.mxfp4 import mxfp4_moe, random_mxfp4  # noqa: E402
 
 INT2_BYTES_PER_WEIGHT = 0.25 + 2 / 64 + 1 / 128       # codes + fp16 scale + 4-bit zero, per weight
@@ -219,41 +221,91 @@ def bench_fp8(res, dev, reps, sweep, copy_gbps):
     res["fp8_gemv"] = rows
 
 
-def bench_prefill(res, layers: Int2Layers, dev, reps, sweep):
-    T, k, D, I = 2048, 6, layers.D, layers.I
+# (block_m, GemmConfig) candidates of the prefill sweep; T=6144 adds the 256-token blocks
+PREFILL_GATE_UP = [(64, GemmConfig(128, 8, 8, 3)), (64, GemmConfig(64, 8, 4, 3)), (64, GemmConfig(128, 4, 8, 3)),
+                   (64, GemmConfig(128, 16, 8, 2)), (128, GemmConfig(128, 8, 8, 3)), (128, GemmConfig(64, 8, 4, 3)),
+                   (64, GemmConfig(128, 8, 8, 3, gather=True)), (64, GemmConfig(64, 8, 4, 3, swap=False)),
+                   (128, GemmConfig(128, 8, 8, 3, swap=False)), (32, GemmConfig(128, 8, 4, 3))]
+PREFILL_DOWN = [(64, GemmConfig(128, 8, 8, 3)), (64, GemmConfig(64, 8, 4, 3)), (64, GemmConfig(128, 4, 8, 3)),
+                (64, GemmConfig(128, 16, 8, 2)), (128, GemmConfig(128, 8, 8, 3)), (128, GemmConfig(64, 8, 4, 3)),
+                (64, GemmConfig(128, 8, 8, 3, gather=True)), (64, GemmConfig(64, 8, 4, 3, swap=False)),
+                (32, GemmConfig(128, 8, 4, 3)), (64, GemmConfig(256, 8, 8, 3)), (128, GemmConfig(256, 8, 8, 3))]
+PREFILL_BIG_M = [(256, GemmConfig(64, 8, 8, 3)), (256, GemmConfig(128, 8, 8, 2))]
+
+
+def bench_prefill(res, layers: Int2Layers, dev, reps, sweep, tokens=(2048, 6144)):
+    """INT2 prefill (E=256 full-size weights): per-launch config sweep, v2 vs v1 vs torch bf16 matmul."""
+    k, D, I, E = 6, layers.D, layers.I, layers.E
     w = layers.layer(0)
-    x = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
-    idx, wt = routing(T, layers.E, k, dev, 11)
-    flops = 2 * T * k * 3 * D * I
-    cands = prefill_configs()[:4] if sweep else prefill_configs()[:1]
-    rows = []
-    for cfg in cands:
-        t = timed(lambda: int2_moe_prefill(x, idx, wt, *w, 10.0, config=cfg), reps, graph=True)
-        rows.append(dict(cfg=repr(cfg), ms=t * 1e3, TFLOPs=flops / t / 1e12))
-    best = min(rows, key=lambda r: r["ms"])
-    xa = torch.randn(T * k, D, device=dev, dtype=torch.bfloat16)
-    b13 = torch.randn(D, 2 * I, device=dev, dtype=torch.bfloat16)
-    hb = torch.randn(T * k, I, device=dev, dtype=torch.bfloat16)
-    b2 = torch.randn(I, D, device=dev, dtype=torch.bfloat16)
-    tb = timed(lambda: (xa @ b13, hb @ b2), reps, graph=True)
-    # dequantise-then-matmul baseline: all experts to bf16 (Triton) + the dense-equivalent matmuls
-    td = timed(lambda: (dequantize_int2(*w[0:3]), dequantize_int2(*w[3:6]), dequantize_int2(*w[6:9])), 3, graph=False)
-    res["prefill_sweep"] = rows
-    # the grouped-GEMM kernel at decode sizes (4 distinct layers, graph replay)
-    small = []
-    for T, shared in ((1, False), (3, False), (16, True), (16, False)):
-        for cfg in (PrefillConfig(16, 64, 8, 4, 3), PrefillConfig(16, 32, 8, 4, 3)):
-            routes = [routing(T, layers.E, k, dev, 50 + l, shared) for l in range(layers.L)]
-            distinct = sum(torch.unique(r[0]).numel() for r in routes)
-            ws = [layers.layer(l) for l in range(layers.L)]
-            xs = torch.randn(layers.L, T, D, device=dev, dtype=torch.bfloat16)
-            t = timed(lambda: [int2_moe_prefill(xs[l], *routes[l], *ws[l], 10.0, config=cfg)
-                               for l in range(layers.L)], reps, graph=True)
-            small.append(dict(T=T, shared=shared, cfg=repr(cfg), us_per_layer=t / layers.L * 1e6,
-                              GBps=distinct * layers.expert_bytes() / t / 1e9, distinct=distinct / layers.L))
-    res["prefill_kernel_at_decode_sizes"] = small
-    res["prefill"] = dict(best, bf16_matmul_TFLOPs=flops / tb / 1e12, frac_bf16=best["TFLOPs"] / (flops / tb / 1e12),
-                          dequant_all_experts_ms=td * 1e3, dequant_then_matmul_ms=(td + tb) * 1e3)
+    w1, w3, w2 = w[0:3], w[3:6], w[6:9]
+    out = []
+    for T in tokens:
+        S = T * k
+        x = torch.randn(T, D, device=dev, dtype=torch.bfloat16)
+        idx, wt = routing(T, E, k, dev, 11 + T)
+        flops_gu, flops_dn = 2 * S * D * 2 * I, 2 * S * I * D
+        flops = flops_gu + flops_dn
+        x16 = x.to(torch.float16)
+        rw = wt.reshape(-1).float()
+        row = dict(T=T, k=k, E=E, GFLOP=flops / 1e9)
+        gu_rows, dn_rows = [], []
+        if sweep:
+            big = PREFILL_BIG_M if T * k / E > 96 else []
+            for bm, c in PREFILL_GATE_UP + big:
+                sid, bexp = align_pairs(idx, E, bm)
+                h = torch.empty((bexp.numel() * bm, I), dtype=torch.float16, device=dev)
+                try:
+                    t = timed(lambda: launch_gate_up(x16, sid, bexp, k, rw, w1, w3, h, 10.0, bm, c), reps, graph=False)
+                except Exception as ex:                                   # out of resources etc.
+                    print(f"  gate_up T={T} bm={bm} {c}: FAILED {type(ex).__name__}", flush=True)
+                    continue
+                gu_rows.append(dict(block_m=bm, cfg=c, ms=t * 1e3, TFLOPs=flops_gu / t / 1e12))
+                print(f"  gate_up T={T} bm={bm:3d} {t * 1e3:7.3f} ms {flops_gu / t / 1e12:6.0f} TFLOP/s {c}", flush=True)
+            for bm, c in PREFILL_DOWN + big:
+                sid, bexp = align_pairs(idx, E, bm)
+                h = torch.randn((bexp.numel() * bm, I), device=dev).to(torch.float16)
+                y = torch.zeros((T, D), device=dev)
+                try:
+                    t = timed(lambda: launch_down(h, sid, bexp, k, w2, y, bm, 1, c), reps, graph=False)
+                except Exception as ex:
+                    print(f"  down T={T} bm={bm} {c}: FAILED {type(ex).__name__}", flush=True)
+                    continue
+                dn_rows.append(dict(block_m=bm, cfg=c, ms=t * 1e3, TFLOPs=flops_dn / t / 1e12))
+                print(f"  down    T={T} bm={bm:3d} {t * 1e3:7.3f} ms {flops_dn / t / 1e12:6.0f} TFLOP/s {c}", flush=True)
+        cands = [pick_prefill_config(T, k, E)]
+        if gu_rows and dn_rows:
+            g = min(gu_rows, key=lambda r: r["ms"])
+            d = min((r for r in dn_rows if g["block_m"] % r["block_m"] == 0), key=lambda r: r["ms"])
+            cands.append(PrefillConfig(g["block_m"], g["cfg"], d["cfg"], d["block_m"]))
+        best = None
+        ref = int2_moe_prefill_v1(x, idx, wt, *w, 10.0)
+        for cfg in cands:
+            y = int2_moe_prefill(x, idx, wt, *w, 10.0, config=cfg)
+            rel = ((y - ref).norm() / ref.norm()).item()
+            t = timed(lambda: int2_moe_prefill(x, idx, wt, *w, 10.0, config=cfg), reps, graph=False)
+            r = dict(cfg=repr(cfg), ms=t * 1e3, TFLOPs=flops / t / 1e12, rel_vs_v1=rel)
+            print(f"  prefill T={T} {t * 1e3:7.3f} ms {flops / t / 1e12:6.0f} TFLOP/s rel vs v1 {rel:.1e} {cfg}", flush=True)
+            if best is None or r["ms"] < best["ms"]:
+                best = r
+        if T <= 2048:                                                     # fp32 torch reference (slow)
+            yr = int2_moe_reference(x, idx, wt, *w, 10.0)
+            y = int2_moe_prefill(x, idx, wt, *w, 10.0)
+            row["rel_default_vs_fp32_reference"] = ((y - yr).norm() / yr.norm()).item()
+            row["rel_v1_vs_fp32_reference"] = ((ref - yr).norm() / yr.norm()).item()
+        t1 = timed(lambda: int2_moe_prefill_v1(x, idx, wt, *w, 10.0), reps, graph=False)
+        xa = torch.randn(S, D, device=dev, dtype=torch.bfloat16)
+        b13 = torch.randn(D, 2 * I, device=dev, dtype=torch.bfloat16)
+        hb = torch.randn(S, I, device=dev, dtype=torch.bfloat16)
+        b2 = torch.randn(I, D, device=dev, dtype=torch.bfloat16)
+        tb = timed(lambda: (xa @ b13, hb @ b2), reps, graph=False)
+        row.update(v2=best, v1_ms=t1 * 1e3, v1_TFLOPs=flops / t1 / 1e12, bf16_matmul_ms=tb * 1e3,
+                   bf16_matmul_TFLOPs=flops / tb / 1e12, frac_bf16=flops / best["ms"] * 1e3 / (flops / tb),
+                   speedup_vs_v1=t1 * 1e3 / best["ms"],
+                   gate_up_sweep=[dict(r, cfg=repr(r["cfg"])) for r in gu_rows],
+                   down_sweep=[dict(r, cfg=repr(r["cfg"])) for r in dn_rows])
+        out.append(row)
+        del x, x16, xa, b13, hb, b2
+    res["prefill"] = out
 
 
 def bench_mxfp4(res, dev, reps, D, I, E):
@@ -267,6 +319,15 @@ def bench_mxfp4(res, dev, reps, D, I, E):
     res["mxfp4_bytes_per_token_layer"] = 6 * 3 * D * I * (0.5 + 1 / 32)
 
 
+def print_prefill(res):
+    print(f"{'INT2 prefill (E=256, k=6)':26s} {'v1 ms':>7s} {'v2 ms':>7s} {'v2 TF/s':>8s} {'bf16 ms':>8s} "
+          f"{'bf16 TF/s':>9s} {'%bf16':>6s} {'x v1':>5s}")
+    for r in res["prefill"]:
+        print(f"{'T=' + str(r['T']):26s} {r['v1_ms']:7.2f} {r['v2']['ms']:7.2f} {r['v2']['TFLOPs']:8.0f} "
+              f"{r['bf16_matmul_ms']:8.2f} {r['bf16_matmul_TFLOPs']:9.0f} {100 * r['frac_bf16']:6.1f} "
+              f"{r['speedup_vs_v1']:5.2f}  {r['v2']['cfg']}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True)
@@ -276,6 +337,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-decode", action="store_true", help="skip the INT2 decode sections")
     ap.add_argument("--quick", action="store_true", help="decode config sweeps only (implies --decode-only)")
     ap.add_argument("--decode-only", action="store_true", help="only copy bandwidth + the INT2 decode sections")
+    ap.add_argument("--prefill-only", action="store_true", help="only the INT2 prefill section (T=2048, 6144)")
     args = ap.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     sweep = not args.no_sweep and not args.smoke
@@ -287,6 +349,13 @@ def main(argv=None) -> int:
                date=time.strftime("%Y-%m-%d %H:%M"), shapes=dict(L=L, E_per_layer=E, D=D, I=I))
     import triton
     res["triton"] = triton.__version__
+    if args.prefill_only:
+        big = Int2Layers(1, E256, D, I, dev, 1)
+        bench_prefill(res, big, dev, max(3, reps // 4), sweep, (64, 100) if args.smoke else (2048, 6144))
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+        print_prefill(res)
+        return 0
     res["copy_GBps"] = copy_bandwidth(dev, 2**31 if not args.smoke else 2**20, reps=20) / 1e9
     layers = Int2Layers(L, E, D, I, dev, 0)
     # correctness at these shapes before timing
@@ -318,7 +387,7 @@ def main(argv=None) -> int:
     if args.decode_only:
         del big
     else:
-        bench_prefill(res, big, dev, max(3, reps // 4), sweep)
+        bench_prefill(res, big, dev, max(3, reps // 4), sweep, (64, 100) if args.smoke else (2048, 6144))
         save("prefill")
         del big
     if not args.smoke and not args.decode_only:
@@ -348,9 +417,7 @@ def main(argv=None) -> int:
         print(f"FP8 GEMM 2048x8192x4096 TFLOP/s: {res['fp8_gemm_2048x8192x4096']}")
     if args.decode_only:
         return 0
-    p = res["prefill"]
-    print(f"INT2 prefill 2048 tok: {p['ms']:.2f} ms {p['TFLOPs']:.0f} TFLOP/s vs bf16 {p['bf16_matmul_TFLOPs']:.0f} "
-          f"({100 * p['frac_bf16']:.0f}%); dequant+matmul {p['dequant_then_matmul_ms']:.2f} ms; {p['cfg']}")
+    print_prefill(res)
     print(f"MXFP4 MoE T=1 (dequant+bf16): {res['mxfp4_moe_T1_us']:.0f} us/layer")
     return 0
 

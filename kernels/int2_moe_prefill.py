@@ -6,14 +6,22 @@ Math as ``int2_moe_decode`` (v4_arch.md section 2.7): ``h = silu(min(W1 x, L)) *
 Routing is turned into blocks with a sort (``align_pairs``, moe_align_block_size-style, torch ops
 only, no host sync): the ``S = T*k`` (token, slot) pairs are sorted by expert and each expert's run
 is padded to a multiple of BLOCK_M with the sentinel S; ``block_expert[b]`` is the expert of M-block
-b, or -1 past the end. Grid ``(cdiv(N, BLOCK_N), max_blocks)``: every program loads one expert's
-``[BLOCK_N, 16*W]`` packed tile once for BLOCK_M routed tokens, dequantises it in registers
-(``_int2_tile``) and feeds ``tl.dot`` (fp16 operands, fp32 accumulation).
+b, or -1 past the end. Activations are converted to fp16 once (``x16 [T, D]``).
 
-1. ``_grouped_gate_up_kernel``: w1 and w3 tiles in the same loop; SwiGLU, clamp and the routing
-   weight in the epilogue; writes ``h [S, I]`` (fp16) by pair id.
-2. ``_grouped_down_kernel``: ``h`` rows gathered by pair id; epilogue atomically adds into
+1. ``_gate_up_kernel``, grid ``(cdiv(I, BLOCK_N), blocks)``: one expert's w1 and w3 ``[BLOCK_N, 16*W]``
+   tiles are dequantised once per K step for BLOCK_M routed tokens (``_int2_tile_f16``) and fed to
+   ``tl.dot`` (fp16 operands, fp32 accumulation); SwiGLU, clamp and the routing weight in the
+   epilogue; writes ``h [blocks*BLOCK_M, I]`` (fp16) by SORTED position (padding rows get 0).
+2. ``_down_kernel``, grid ``(cdiv(D, BLOCK_N), blocks * R)``: M-blocks of ``BLOCK_M / R`` rows read
+   ``h`` contiguously (all-padding sub-blocks exit at once); the epilogue atomically adds into
    ``y [T, D]`` (fp32), which sums the k experts of each token.
+
+Dequant in fp16 (``_int2_tile_f16``): a code q becomes ``1024 + q`` by OR-ing it into the mantissa of
+0x6400 and bit-casting; the zero z likewise, so ``(1024+q) - (1024+z)`` is exact and one fp16 multiply
+by the scale gives the weight with a single rounding (the value the fp32 path rounds to fp16).
+``SWAP`` (constexpr) puts the weight tile on the left of the dot (``acc [BLOCK_N, BLOCK_M]``): the
+dequantised registers are the MMA's A operand and the token count is the MMA's N side (>= 16), so a
+small BLOCK_M costs no padding of the weight side.
 """
 from __future__ import annotations
 
@@ -28,23 +36,283 @@ from .int2_moe_decode import _check_routing, check_moe_weights
 
 
 @dataclass(frozen=True)
-class PrefillConfig:
-    block_m: int = 64
-    block_n: int = 64
-    w: int = 4          # packed words per K chunk (K chunk = 16 * w channels)
-    warps: int = 4
+class GemmConfig:
+    """One launch: weight rows per program, packed words per K step (16*w channels), warps, stages,
+    weights as the dot's left operand (``swap``), K tile built by a repeated-address load (``gather``)
+    instead of a [BN, W, 16] expand + reshape."""
+    block_n: int = 128
+    w: int = 8
+    warps: int = 8
     stages: int = 3
+    swap: bool = True
+    gather: bool = False
 
 
-def prefill_configs() -> list[PrefillConfig]:
-    """Candidates swept by bench/bench_kernels.py; the first is the default."""
-    return [PrefillConfig(), PrefillConfig(128, 64, 4, 8), PrefillConfig(64, 128, 4, 8),
-            PrefillConfig(64, 64, 8, 4), PrefillConfig(128, 128, 4, 8), PrefillConfig(64, 64, 4, 4, 4),
-            PrefillConfig(128, 64, 8, 8, 3)]
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Tokens per M-block of the expert runs (``block_m``), the two launches, and the down kernel's
+    M-block (``down_block_m``, 0 = block_m; must divide block_m)."""
+    block_m: int = 64
+    gate_up: GemmConfig = GemmConfig()
+    down: GemmConfig = GemmConfig()
+    down_block_m: int = 0
+
+
+def pick_prefill_config(T: int, k: int, E: int) -> PrefillConfig:
+    """Default launch for T tokens x top-k over E experts (shapes only, no host sync).
+
+    Chosen by measurement on the H200 (kernels/BENCHMARKS.md "INT2 prefill grouped GEMM v2").
+    """
+    per_expert = T * k / max(E, 1)
+    if per_expert <= 16:
+        return PrefillConfig(16, GemmConfig(64, 8, 4, 3), GemmConfig(64, 8, 4, 3))
+    if per_expert <= 96:
+        return PrefillConfig(64, GemmConfig(128, 8, 8, 3), GemmConfig(128, 8, 8, 3))
+    return PrefillConfig(128, GemmConfig(128, 8, 8, 3), GemmConfig(128, 8, 8, 3), 64)
 
 
 @triton.jit
-def _grouped_gate_up_kernel(
+def _int2_tile_f16(
+    # packed codes, scales, zeros of ONE expert, row-major [K_out, KW] / [K_out, KW/4] / [K_out, KW/8]
+    w_ptr, s_ptr, z_ptr,
+    # rows of this tile and their bounds mask
+    rows, row_mask,
+    # first packed word of this K chunk, words per row (K_in/16; a multiple of W)
+    kw0, KW,
+    W: tl.constexpr, GATHER: tl.constexpr,
+):
+    """Dequantised ``[BN, 16*W]`` fp16 tile, natural K order (see module docstring)."""
+    if GATHER:
+        k = kw0 * 16 + tl.arange(0, 16 * W)                              # [BK] channel
+        m = row_mask[:, None] & (k >= 0)[None, :]
+        words = tl.load(w_ptr + rows[:, None] * KW + (k // 16)[None, :], mask=m, other=0)   # [BN, BK]
+        g = k // 64
+        sc = tl.load(s_ptr + rows[:, None] * (KW // 4) + g[None, :], mask=m, other=0.0)
+        zb = tl.load(z_ptr + rows[:, None] * (KW // 8) + (g // 2)[None, :], mask=m, other=0)
+        z = ((zb.to(tl.int32) & 0xFF) >> ((g % 2) * 4)[None, :]) & 0xF
+        q = (words >> ((k % 16) * 2)[None, :]) & 3
+        qh = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)      # 1024 + q
+        zh = (z | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)      # 1024 + z
+        w = (qh - zh) * sc
+    else:
+        kw = kw0 + tl.arange(0, W)                                       # [W]
+        m2 = row_mask[:, None] & (kw >= 0)[None, :]
+        words = tl.load(w_ptr + rows[:, None] * KW + kw[None, :], mask=m2, other=0)          # [BN, W]
+        g = kw // 4
+        sc = tl.load(s_ptr + rows[:, None] * (KW // 4) + g[None, :], mask=m2, other=0.0)    # [BN, W] fp16
+        zb = tl.load(z_ptr + rows[:, None] * (KW // 8) + (g // 2)[None, :], mask=m2, other=0)
+        z = ((zb.to(tl.int32) & 0xFF) >> ((g % 2) * 4)[None, :]) & 0xF
+        zh = (z | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)      # [BN, W]
+        sh = tl.arange(0, 16) * 2
+        q = (words[:, :, None] >> sh[None, None, :]) & 3                 # [BN, W, 16]
+        qh = (q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        w3d = (qh - zh[:, :, None]) * sc[:, :, None]                     # [BN, W, 16] fp16
+        w = tl.reshape(w3d, (w3d.shape[0], W * 16))
+    return w
+
+
+@triton.jit
+def _gate_up_kernel(
+    # activations x16 [T, D] fp16
+    x_ptr,
+    # routing blocks: sorted pair ids [blocks*BLOCK_M] (S = padding), expert per M-block, S, k, rw [S]
+    sorted_ptr, bexp_ptr, S, TOPK, rw_ptr,
+    # gate / up INT2 weights [E, I, D/16] int32, [E, I, D/64] fp16, [E, I, D/128] int8
+    w1_ptr, s1_ptr, z1_ptr, w3_ptr, s3_ptr, z3_ptr,
+    # output h [blocks*BLOCK_M, I] fp16 (by sorted position)
+    h_ptr,
+    # sizes (KW = D/16) and the clamp
+    I, D, KW, limit,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr, SWAP: tl.constexpr,
+    GATHER: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    e = tl.load(bexp_ptr + pid_m).to(tl.int64)
+    if e < 0:
+        return
+    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                        # [BM] sorted position
+    pair = tl.load(sorted_ptr + pos)
+    valid = pair < S
+    tok = (pair // TOPK).to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                       # [BN]
+    rmask = rows < I
+    w1_ptr += e * I * KW
+    w3_ptr += e * I * KW
+    s1_ptr += e * I * (KW // 4)
+    s3_ptr += e * I * (KW // 4)
+    z1_ptr += e * I * (KW // 8)
+    z3_ptr += e * I * (KW // 8)
+    kk = tl.arange(0, 16 * W)
+    if SWAP:
+        acc1 = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+        acc3 = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    else:
+        acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc3 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for kw0 in range(0, KW, W):
+        a = tl.load(x_ptr + tok[:, None] * D + (kw0 * 16 + kk)[None, :], mask=valid[:, None],
+                    other=0.0)                                           # [BM, 16W] fp16
+        b1 = _int2_tile_f16(w1_ptr, s1_ptr, z1_ptr, rows, rmask, kw0, KW, W, GATHER)   # [BN, 16W]
+        b3 = _int2_tile_f16(w3_ptr, s3_ptr, z3_ptr, rows, rmask, kw0, KW, W, GATHER)
+        if SWAP:
+            at = tl.trans(a)                                             # [16W, BM]
+            acc1 = tl.dot(b1, at, acc1)
+            acc3 = tl.dot(b3, at, acc3)
+        else:
+            acc1 = tl.dot(a, tl.trans(b1), acc1)
+            acc3 = tl.dot(a, tl.trans(b3), acc3)
+    rw = tl.load(rw_ptr + pair, mask=valid, other=0.0)                   # [BM]
+    g = tl.minimum(acc1, limit)
+    u = tl.minimum(tl.maximum(acc3, -limit), limit)
+    if SWAP:
+        h = g * tl.sigmoid(g) * u * rw[None, :]                          # [BN, BM]
+        tl.store(h_ptr + pos[None, :].to(tl.int64) * I + rows[:, None], h.to(tl.float16),
+                 mask=rmask[:, None])
+    else:
+        h = g * tl.sigmoid(g) * u * rw[:, None]                          # [BM, BN]
+        tl.store(h_ptr + pos[:, None].to(tl.int64) * I + rows[None, :], h.to(tl.float16),
+                 mask=rmask[None, :])
+
+
+@triton.jit
+def _down_kernel(
+    # h [blocks*BLOCK_M*R, I] fp16 from _gate_up_kernel (by sorted position)
+    h_ptr,
+    # routing blocks (as above; bexp per gate/up block of BLOCK_M*R rows)
+    sorted_ptr, bexp_ptr, S, TOPK,
+    # down INT2 weight [E, D, I/16] int32, [E, D, I/64] fp16, [E, D, I/128] int8
+    w2_ptr, s2_ptr, z2_ptr,
+    # output y [T, D] fp32, zero-initialised, atomic adds
+    y_ptr,
+    # sizes (KW = I/16)
+    I, D, KW,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
+    SWAP: tl.constexpr, GATHER: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    e = tl.load(bexp_ptr + pid_m // R).to(tl.int64)
+    if e < 0:
+        return
+    first = tl.load(sorted_ptr + pid_m * BLOCK_M)
+    if first >= S:                                                       # padding sits at the run's end
+        return
+    pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pair = tl.load(sorted_ptr + pos)
+    valid = pair < S
+    tok = (pair // TOPK).to(tl.int64)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < D
+    w2_ptr += e * D * KW
+    s2_ptr += e * D * (KW // 4)
+    z2_ptr += e * D * (KW // 8)
+    kk = tl.arange(0, 16 * W)
+    hrow = h_ptr + pos[:, None].to(tl.int64) * I                         # [BM, 1]
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for kw0 in range(0, KW, W):
+        a = tl.load(hrow + (kw0 * 16 + kk)[None, :])                    # [BM, 16W] fp16
+        b = _int2_tile_f16(w2_ptr, s2_ptr, z2_ptr, rows, rmask, kw0, KW, W, GATHER)    # [BN, 16W]
+        if SWAP:
+            acc = tl.dot(b, tl.trans(a), acc)
+        else:
+            acc = tl.dot(a, tl.trans(b), acc)
+    if SWAP:
+        tl.atomic_add(y_ptr + tok[None, :] * D + rows[:, None], acc, mask=valid[None, :] & rmask[:, None])
+    else:
+        tl.atomic_add(y_ptr + tok[:, None] * D + rows[None, :], acc, mask=valid[:, None] & rmask[None, :])
+
+
+def align_pairs(idx: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort (token, slot) pairs by expert, pad each expert's run to ``block_m`` -> (sorted ids, block expert).
+
+    ``sorted_ids [max_blocks*block_m]`` int32 holds pair ids ``t*k + j`` (S = padding);
+    ``block_expert [max_blocks]`` int32 holds the expert of each M-block or -1 past the used blocks.
+    Torch ops only and no host sync (graph-capturable).
+    """
+    flat = idx.reshape(-1).to(torch.int64)                               # [S]
+    S = flat.numel()
+    dev = flat.device
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(
+        0, flat, torch.ones_like(flat))                                   # [E] (bincount would sync)
+    padded = (counts + block_m - 1) // block_m * block_m                 # [E]
+    ends = torch.cumsum(padded, 0)                                       # [E]
+    starts = ends - padded
+    order = torch.argsort(flat, stable=True)                             # [S]
+    sorted_e = flat[order]
+    first = torch.cumsum(counts, 0) - counts                             # [E] first sorted position
+    dest = starts[sorted_e] + torch.arange(S, device=dev) - first[sorted_e]
+    max_blocks = triton.cdiv(S + min(num_experts, S) * (block_m - 1), block_m)
+    sorted_ids = torch.full((max_blocks * block_m,), S, dtype=torch.int32, device=dev)
+    sorted_ids[dest] = order.to(torch.int32)
+    bstart = torch.arange(max_blocks, device=dev) * block_m              # [B]
+    bexp = torch.searchsorted(ends, bstart, right=True)                  # [B]
+    bexp = torch.where(bstart < ends[-1], bexp, torch.full_like(bexp, -1)).to(torch.int32)
+    return sorted_ids, bexp
+
+
+def launch_gate_up(x16, sorted_ids, bexp, k, rw, w1, w3, h, limit: float, block_m: int, c: GemmConfig):
+    """``_gate_up_kernel`` over ``align_pairs`` blocks of ``block_m``: x16 [T, D] fp16 -> h [B*block_m, I]."""
+    (p1, s1, z1), (p3, s3, z3) = w1, w3
+    E, I, KW = p1.shape
+    _gate_up_kernel[(triton.cdiv(I, c.block_n), bexp.numel())](
+        x16, sorted_ids, bexp, rw.numel(), k, rw, as_int32(p1), s1, z1, as_int32(p3), s3, z3,
+        h, I, KW * 16, KW, limit, BLOCK_M=block_m, BLOCK_N=c.block_n, W=fit_w(c.w, KW), SWAP=c.swap,
+        GATHER=c.gather, num_warps=c.warps, num_stages=c.stages)
+
+
+def launch_down(h, sorted_ids, bexp, k, w2, y, block_m: int, r: int, c: GemmConfig):
+    """``_down_kernel`` in M-blocks of ``block_m`` (``r`` per ``bexp`` block): h -> atomic adds into y [T, D]."""
+    p2, s2, z2 = w2
+    E, D, KW = p2.shape
+    S = y.shape[0] * k
+    _down_kernel[(triton.cdiv(D, c.block_n), bexp.numel() * r)](
+        h, sorted_ids, bexp, S, k, as_int32(p2), s2, z2, y, KW * 16, D, KW,
+        BLOCK_M=block_m, BLOCK_N=c.block_n, W=fit_w(c.w, KW), R=r, SWAP=c.swap, GATHER=c.gather,
+        num_warps=c.warps, num_stages=c.stages)
+
+
+def int2_moe_prefill(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
+                     w1_packed: torch.Tensor, w1_scale: torch.Tensor, w1_zero_packed: torch.Tensor,
+                     w3_packed: torch.Tensor, w3_scale: torch.Tensor, w3_zero_packed: torch.Tensor,
+                     w2_packed: torch.Tensor, w2_scale: torch.Tensor, w2_zero_packed: torch.Tensor,
+                     limit: float, *, config: PrefillConfig | None = None) -> torch.Tensor:
+    """Routed-expert MoE for many tokens -> fp32 ``[T, D]`` (see module docstring). No host sync.
+
+    Temporaries: ``x16 [T, D]`` and ``h [blocks*block_m, I]`` fp16 (``blocks*block_m <= T*k +
+    E*(block_m-1)``), the sort buffers, and the ``y`` output.
+    """
+    T, k = _check_routing(x, idx, weight)
+    w1 = (w1_packed, w1_scale, w1_zero_packed)
+    w3 = (w3_packed, w3_scale, w3_zero_packed)
+    w2 = (w2_packed, w2_scale, w2_zero_packed)
+    E, D, I = check_moe_weights(x, w1, w3, w2)
+    cfg = config or pick_prefill_config(T, k, E)
+    dbm = cfg.down_block_m or cfg.block_m
+    if cfg.block_m % dbm:
+        raise ValueError(f"kernels.int2_moe_prefill: down_block_m={dbm} must divide block_m={cfg.block_m}")
+    S = T * k
+    sorted_ids, bexp = align_pairs(idx, E, cfg.block_m)                 # [B*BM], [B]
+    nb = bexp.numel()
+    rw = weight.reshape(-1).to(torch.float32).contiguous()              # [S]
+    x16 = x.to(torch.float16).contiguous()                              # [T, D]
+    h = torch.empty((nb * cfg.block_m, I), dtype=torch.float16, device=x.device)
+    y = torch.zeros((T, D), dtype=torch.float32, device=x.device)
+    launch_gate_up(x16, sorted_ids, bexp, k, rw, w1, w3, h, float(limit), cfg.block_m, cfg.gate_up)
+    launch_down(h, sorted_ids, bexp, k, w2, y, dbm, cfg.block_m // dbm, cfg.down)
+    return y
+
+
+# ----------------------------------------------------------------------------- v1 (baseline)
+# The first version (fp32 dequant, fp32 activation loads, fixed 64x64 tiles), kept only so that
+# bench/bench_kernels.py can time old against new in the same run.
+
+
+@triton.jit
+def _v1_gate_up_kernel(
     # activations x [T, D] (fp32 / bf16 / fp16)
     x_ptr,
     # routing blocks: sorted pair ids [max_blocks*BLOCK_M] (S = padding), expert per M-block, S, k, rw [S]
@@ -92,7 +360,7 @@ def _grouped_gate_up_kernel(
 
 
 @triton.jit
-def _grouped_down_kernel(
+def _v1_down_kernel(
     # h [S, I] fp16 from _grouped_gate_up_kernel
     h_ptr,
     # routing blocks (as above)
@@ -128,61 +396,25 @@ def _grouped_down_kernel(
     tl.atomic_add(y_ptr + tok[:, None] * D + rows[None, :], acc, mask=valid[:, None] & rmask[None, :])
 
 
-def align_pairs(idx: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sort (token, slot) pairs by expert, pad each expert's run to ``block_m`` -> (sorted ids, block expert).
-
-    ``sorted_ids [max_blocks*block_m]`` int32 holds pair ids ``t*k + j`` (S = padding);
-    ``block_expert [max_blocks]`` int32 holds the expert of each M-block or -1 past the used blocks.
-    Torch ops only and no host sync (graph-capturable).
-    """
-    flat = idx.reshape(-1).to(torch.int64)                               # [S]
-    S = flat.numel()
-    dev = flat.device
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(
-        0, flat, torch.ones_like(flat))                                   # [E] (bincount would sync)
-    padded = (counts + block_m - 1) // block_m * block_m                 # [E]
-    ends = torch.cumsum(padded, 0)                                       # [E]
-    starts = ends - padded
-    order = torch.argsort(flat, stable=True)                             # [S]
-    sorted_e = flat[order]
-    first = torch.cumsum(counts, 0) - counts                             # [E] first sorted position
-    dest = starts[sorted_e] + torch.arange(S, device=dev) - first[sorted_e]
-    max_blocks = triton.cdiv(S + min(num_experts, S) * (block_m - 1), block_m)
-    sorted_ids = torch.full((max_blocks * block_m,), S, dtype=torch.int32, device=dev)
-    sorted_ids[dest] = order.to(torch.int32)
-    bstart = torch.arange(max_blocks, device=dev) * block_m              # [B]
-    bexp = torch.searchsorted(ends, bstart, right=True)                  # [B]
-    bexp = torch.where(bstart < ends[-1], bexp, torch.full_like(bexp, -1)).to(torch.int32)
-    return sorted_ids, bexp
-
-
-def int2_moe_prefill(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
-                     w1_packed: torch.Tensor, w1_scale: torch.Tensor, w1_zero_packed: torch.Tensor,
-                     w3_packed: torch.Tensor, w3_scale: torch.Tensor, w3_zero_packed: torch.Tensor,
-                     w2_packed: torch.Tensor, w2_scale: torch.Tensor, w2_zero_packed: torch.Tensor,
-                     limit: float, *, config: PrefillConfig | None = None) -> torch.Tensor:
-    """Routed-expert MoE for many tokens -> fp32 ``[T, D]`` (see module docstring)."""
+def int2_moe_prefill_v1(x, idx, weight, w1_packed, w1_scale, w1_zero_packed, w3_packed, w3_scale, w3_zero_packed,
+                        w2_packed, w2_scale, w2_zero_packed, limit: float, block_m: int = 64, block_n: int = 64,
+                        w: int = 4, warps: int = 4, stages: int = 3) -> torch.Tensor:
+    """The v1 kernels (baseline for the benchmark); same contract as ``int2_moe_prefill``."""
     T, k = _check_routing(x, idx, weight)
-    w1 = (w1_packed, w1_scale, w1_zero_packed)
-    w3 = (w3_packed, w3_scale, w3_zero_packed)
-    w2 = (w2_packed, w2_scale, w2_zero_packed)
-    E, D, I = check_moe_weights(x, w1, w3, w2)
-    cfg = config or prefill_configs()[0]
+    E, D, I = check_moe_weights(x, (w1_packed, w1_scale, w1_zero_packed), (w3_packed, w3_scale, w3_zero_packed),
+                                (w2_packed, w2_scale, w2_zero_packed))
     S = T * k
-    sorted_ids, bexp = align_pairs(idx, E, cfg.block_m)
+    sorted_ids, bexp = align_pairs(idx, E, block_m)
     nb = bexp.numel()
     rw = weight.reshape(-1).to(torch.float32).contiguous()
-    xin = x.contiguous()
     h = torch.empty((S, I), dtype=torch.float16, device=x.device)
     y = torch.zeros((T, D), dtype=torch.float32, device=x.device)
-    _grouped_gate_up_kernel[(triton.cdiv(I, cfg.block_n), nb)](
-        xin, sorted_ids, bexp, S, k, rw,
+    _v1_gate_up_kernel[(triton.cdiv(I, block_n), nb)](
+        x.contiguous(), sorted_ids, bexp, S, k, rw,
         as_int32(w1_packed), w1_scale, w1_zero_packed, as_int32(w3_packed), w3_scale, w3_zero_packed,
-        h, I, D, D // 16, float(limit),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, W=fit_w(cfg.w, D // 16),
-        num_warps=cfg.warps, num_stages=cfg.stages)
-    _grouped_down_kernel[(triton.cdiv(D, cfg.block_n), nb)](
+        h, I, D, D // 16, float(limit), BLOCK_M=block_m, BLOCK_N=block_n, W=fit_w(w, D // 16),
+        num_warps=warps, num_stages=stages)
+    _v1_down_kernel[(triton.cdiv(D, block_n), nb)](
         h, sorted_ids, bexp, S, k, as_int32(w2_packed), w2_scale, w2_zero_packed, y, I, D, I // 16,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, W=fit_w(cfg.w, I // 16),
-        num_warps=cfg.warps, num_stages=cfg.stages)
+        BLOCK_M=block_m, BLOCK_N=block_n, W=fit_w(w, I // 16), num_warps=warps, num_stages=stages)
     return y
