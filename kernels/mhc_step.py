@@ -88,13 +88,16 @@ def _mix_finish_kernel(part_ptr, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, co
 
 
 @triton.jit
-def _hc_post_kernel(f_ptr, res_ptr, post_ptr, comb_ptr, out_ptr, D,
-                    HC: tl.constexpr, BD: tl.constexpr):
+def _hc_post_kernel(f_ptr, f2_ptr, res_ptr, post_ptr, comb_ptr, out_ptr, D,
+                    HC: tl.constexpr, BD: tl.constexpr, HAS_F2: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BD + tl.arange(0, BD)
     dm = d < D
     i = tl.arange(0, HC)
     f = tl.load(f_ptr + t * D + d, mask=dm, other=0.0).to(tl.float32)                      # [BD]
+    if HAS_F2:   # sublayer output = f + f2, rounded to the streams' dtype (as the MoE's .to(x.dtype))
+        f = (f + tl.load(f2_ptr + t * D + d, mask=dm, other=0.0).to(tl.float32)).to(out_ptr.dtype.element_ty)
+        f = f.to(tl.float32)
     res = tl.load(res_ptr + t * HC * D + i[:, None] * D + d[None, :], mask=dm[None, :], other=0.0).to(tl.float32)
     post = tl.load(post_ptr + t * HC + i)                                                  # [HC]
     out = post[:, None] * f[None, :]                                                       # [HC(k), BD]
@@ -140,16 +143,22 @@ def hc_pre_fused(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: t
     return y.reshape(*lead, D), post.reshape(*lead, hc), comb.reshape(*lead, hc, hc)
 
 
-def hc_post_fused(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    """f [..., D], res [..., hc, D], post [..., hc], comb [..., hc, hc] -> [..., hc, D] in res's dtype."""
+def hc_post_fused(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,
+                  f2: torch.Tensor | None = None) -> torch.Tensor:
+    """f [..., D], res [..., hc, D], post [..., hc], comb [..., hc, hc] -> [..., hc, D] in res's dtype.
+    ``f2`` [..., D]: the sublayer output is ``(f + f2)`` rounded to res's dtype (routed + shared expert)."""
     T, hc, D = _check(res, "hc_post_fused")
-    if f.shape[-1] != D or f.numel() != T * D or post.numel() != T * hc or comb.numel() != T * hc * hc:
+    bad = f.shape[-1] != D or f.numel() != T * D or post.numel() != T * hc or comb.numel() != T * hc * hc
+    if bad or (f2 is not None and f2.numel() != T * D):
         raise ValueError(f"kernels.mhc_step.hc_post_fused: shapes f {tuple(f.shape)}, res {tuple(res.shape)}, "
-                         f"post {tuple(post.shape)}, comb {tuple(comb.shape)} do not agree")
+                         f"post {tuple(post.shape)}, comb {tuple(comb.shape)}"
+                         f"{'' if f2 is None else f', f2 {tuple(f2.shape)}'} do not agree")
     out = torch.empty_like(res, memory_format=torch.contiguous_format)
     BD = min(1024, triton.next_power_of_2(D))
-    _hc_post_kernel[(T, triton.cdiv(D, BD))](f.contiguous(), res.contiguous(), post.float().contiguous(),
-                                              comb.float().contiguous(), out, D, HC=hc, BD=BD, num_warps=4)
+    fc = f.contiguous()
+    _hc_post_kernel[(T, triton.cdiv(D, BD))](fc, f2.contiguous() if f2 is not None else fc, res.contiguous(),
+                                              post.float().contiguous(), comb.float().contiguous(), out, D,
+                                              HC=hc, BD=BD, HAS_F2=f2 is not None, num_warps=4)
     return out
 
 
@@ -160,6 +169,8 @@ def hc_pre_reference(X, fn, scale, base, iters: int, hc_eps: float, norm_eps: fl
     return hc_pre(X, fn, scale, base, X.shape[-2], iters, hc_eps, norm_eps)
 
 
-def hc_post_reference(f, res, post, comb):
+def hc_post_reference(f, res, post, comb, f2=None):
     from dsv4lib.model.mhc import hc_post
+    if f2 is not None:
+        f = (f.float() + f2.float()).to(res.dtype)
     return hc_post(f, res, post, comb)

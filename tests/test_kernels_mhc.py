@@ -35,11 +35,14 @@ def test_hc_post_fused_matches_eager(dtype):
     X, fn, scale, base = _inputs(dtype, seed=1)
     _, post, comb = hc_pre_reference(X, fn, scale, base, 20, 1e-6, 1e-6)
     f = torch.randn(X.shape[0], 1, X.shape[-1], generator=torch.Generator().manual_seed(2)).to(DEV, dtype)
-    got = hc_post_fused(f, X, post, comb)
-    ref = hc_post_reference(f, X, post, comb)
-    assert got.dtype == dtype and got.shape == ref.shape
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    assert (got.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
+    f2 = torch.randn(f.shape, generator=torch.Generator().manual_seed(3)).to(DEV)   # fp32 (routed experts)
+    for extra in (None, f2):
+        got = hc_post_fused(f, X, post, comb, extra)
+        ref = hc_post_reference(f, X, post, comb, extra)
+        assert got.dtype == dtype and got.shape == ref.shape
+        assert (got.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
+    assert (hc_post_fused(f, X, post, comb, f2) - hc_post_fused(f, X, post, comb)).abs().max() > 0.1
 
 
 def test_mhc_step_bad_input():

@@ -174,6 +174,9 @@ def stack_projections(model) -> None:
     for layer in model.layers:
         a = layer.attn
         groups = [[a.wq_a, a.wkv]]
+        se = layer.ffn.shared_experts
+        if se is not None:
+            groups.append([se.w1, se.w3])
         if a.compressor is not None:
             g = [a.compressor.wkv, a.compressor.wgate]
             if a.indexer is not None:
@@ -203,24 +206,29 @@ def _stacked_base(lins: list):
     return (W, S) if o == W.shape[0] else None
 
 
-def _proj(lins: list, x: torch.Tensor) -> list[torch.Tensor]:
-    """[lin(x) for lin in lins] (float ones not upcast: bf16 stays bf16), as column slices of one
-    GEMV when the group was stacked by :func:`stack_projections`."""
+def _proj_joint(lins: list, x: torch.Tensor) -> torch.Tensor:
+    """``cat([lin(x) for lin in lins], -1)`` (float ones not upcast: bf16 stays bf16): one GEMV over
+    the stacked weight when the group was stacked by :func:`stack_projections`."""
     st = _stacked_base(lins)
     if st is None:
-        return [_linear_raw(lin, x) for lin in lins]
+        return torch.cat([_linear_raw(lin, x) for lin in lins], -1)
     W, S = st
     if S is not None:
         if x.is_cuda:
             from dsv4lib.kernels.dispatch import fp8_linear
-            y = fp8_linear(x, W, S)
-        else:
-            from .linear import dequant_fp8_block
-            y = F.linear(x, dequant_fp8_block(W, S, x.dtype))
-    elif W.dtype in (torch.float32, torch.float64):
-        y = F.linear(hp(x), W)
-    else:
-        y = F.linear(x.to(W.dtype), W)                                  # [B, 1, sum out]
+            return fp8_linear(x, W, S)
+        from .linear import dequant_fp8_block
+        return F.linear(x, dequant_fp8_block(W, S, x.dtype))
+    if W.dtype in (torch.float32, torch.float64):
+        return F.linear(hp(x), W)
+    return F.linear(x.to(W.dtype), W)                                   # [B, 1, sum out]
+
+
+def _proj(lins: list, x: torch.Tensor) -> list[torch.Tensor]:
+    """[lin(x) for lin in lins] as column slices of :func:`_proj_joint` when stacked."""
+    if _stacked_base(lins) is None:
+        return [_linear_raw(lin, x) for lin in lins]
+    y = _proj_joint(lins, x)
     out, o = [], 0
     for lin in lins:
         out.append(y[..., o:o + lin.out_features])
@@ -408,12 +416,54 @@ def hc_pre_step(layer, X: torch.Tensor, site: str, fused: bool = False):
     return y.to(X.dtype), post, comb
 
 
-def hc_post_step(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, fused: bool) -> torch.Tensor:
-    """``hc_post`` (spec §2.2); one Triton launch when ``fused`` (kernels/mhc_step.py)."""
+def hc_post_step(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, fused: bool,
+                 f2: torch.Tensor | None = None) -> torch.Tensor:
+    """``hc_post`` (spec §2.2) of the sublayer output ``f`` (``(f + f2)`` rounded to X's dtype when
+    ``f2`` is given); one Triton launch when ``fused`` (kernels/mhc_step.py)."""
+    def torch_path():
+        ff = f if f2 is None else (hp(f) + hp(f2)).to(X.dtype)
+        return hc_post(ff, X, post, comb)
     if fused and X.dtype != torch.float64 and not X.shape[-2] & (X.shape[-2] - 1):
         from dsv4lib.kernels.mhc_step import hc_post_fused
-        return _guarded("hc_post", lambda: hc_post_fused(f, X, post, comb), lambda: hc_post(f, X, post, comb))
-    return hc_post(f, X, post, comb)
+        return _guarded("hc_post", lambda: hc_post_fused(f, X, post, comb, f2), torch_path)
+    return torch_path()
+
+
+def _router_logits(gate, x: torch.Tensor) -> torch.Tensor:
+    """fp32 ``x @ W^T`` of the router; bf16/fp16 operands on CUDA go to one GEMM with fp32 output
+    (products of bf16 values are exact in fp32) instead of upcasting the weight every step."""
+    W = gate.weight
+    if x.is_cuda and W.dtype in (torch.bfloat16, torch.float16) and x.dtype == W.dtype and "mm_out_dtype" not in FUSED_FAILURES:
+        try:
+            return torch.mm(x, W.t(), out_dtype=torch.float32)
+        except (TypeError, RuntimeError) as e:   # torch without mm(..., out_dtype=)
+            FUSED_FAILURES["mm_out_dtype"] = repr(e)[:200]
+    return F.linear(hp(x), hp(W))
+
+
+def moe_step(ffn, x: torch.Tensor, ids: torch.Tensor):
+    """The MoE of the fused decode step for x [B,1,D] (spec §2.7) -> (routed fp32 [B,1,D], shared
+    [B,1,D] in x's dtype or None): router top-k in one launch (kernels/moe_step.py), the expert
+    backend, the shared expert as one stacked w1‖w3 GEMV + one SwiGLU launch + w2. The two parts are
+    summed (and rounded to x's dtype, as ``MoE.forward``) inside the mHC post kernel."""
+    from dsv4lib.kernels.moe_step import router_topk, swiglu_rows
+    shape = x.shape
+    xf = x.reshape(-1, shape[-1])                                       # [B, D]
+    g = ffn.gate
+    logits = _router_logits(g, xf)                                      # [B, E] fp32
+    hidx = g.tid2eid[ids.reshape(-1)] if g.hash else None
+    _, idx, w = router_topk(logits, None if g.hash else g.bias, g.k, g.scale, g.renorm, hidx)
+    y = ffn.experts(xf, idx, w, ffn.limit).reshape(shape)               # [B, 1, D] fp32
+    se = ffn.shared_experts
+    if se is None:
+        return y, None
+    gu = _proj_joint([se.w1, se.w3], x)                                # [B, 1, 2I] (g ‖ u)
+    h = swiglu_rows(gu, se.limit).to(x.dtype)                           # [B, 1, I]
+    return y, se.w2(h)
+
+
+def _moe_fusable(ffn) -> bool:
+    return not ffn._hooks and ffn.limit > 0
 
 
 def block_step(layer, X: torch.Tensor, ctx: StepContext, ids: torch.Tensor, lc: StaticLayerCache) -> torch.Tensor:
@@ -422,7 +472,11 @@ def block_step(layer, X: torch.Tensor, ctx: StepContext, ids: torch.Tensor, lc: 
     x, post, comb = hc_pre_step(layer, X, "hc_attn", fz)
     X = hc_post_step(attention_step(layer.attn, _norm(ctx, layer.attn_norm, x), ctx, lc), X, post, comb, fz)
     x, post, comb = hc_pre_step(layer, X, "hc_ffn", fz)
-    return hc_post_step(layer.ffn(_norm(ctx, layer.ffn_norm, x), ids), X, post, comb, fz)
+    xn = _norm(ctx, layer.ffn_norm, x)
+    if _fusable(ctx, xn) and _moe_fusable(layer.ffn):
+        y, sh = moe_step(layer.ffn, xn, ids)
+        return hc_post_step(y, X, post, comb, fz, sh)
+    return hc_post_step(layer.ffn(xn, ids), X, post, comb, fz)
 
 
 def check_static_ready(model) -> None:
