@@ -7,14 +7,18 @@ the previous complete window, gate + ape), and ``entries [B, T, hd]``.
 
 Per batch row (one program) the kernel
 1. puts the new token's kv/gate (a row of the projection output ``y``, any float dtype) into slot
-   ``pos % r`` of the buffers;
-2. computes entry ``pos // r``: per channel a softmax over the window's slots of ``gate + ape``
-   (CSA: the r ``prev`` slots and the second channel half of the r buffer slots), the weighted sum
-   of kv, then RMSNorm (weight ``norm_w``) and interleaved RoPE on the trailing ``rope`` channels
-   with the given ``cos``/``sin [rope/2]`` (the angle of position ``(pos // r) * r``);
-3. CSA, when the window is complete (``pos % r == r - 1``): ``prev <- (buf first half, gate + ape)``.
+   ``pos % r`` of the buffers -- every step;
+2. only when the window completes (``pos % r == r - 1``, read on the device: no host sync, graph
+   capturable) computes entry ``pos // r``: per channel a softmax over the window's slots of
+   ``gate + ape`` (CSA: the r ``prev`` slots and the second channel half of the r buffer slots),
+   the weighted sum of kv, then RMSNorm (weight ``norm_w``) and interleaved RoPE on the trailing
+   ``rope`` channels with the given ``cos``/``sin [rope/2]`` (the angle of position ``(pos // r) * r``);
+3. CSA, at the same completion step: ``prev <- (buf first half, gate + ape)``.
 
-The torch reference (``dsv4lib.model.graphed.compressor_step_torch``) is ~45 small kernels; this is one.
+Entry ``i`` is only visible once window ``i`` is complete (readers mask entries ``>= (pos+1)//r``;
+the eager ``model.compressor`` only emits complete windows), so the other r-1 steps of a window do
+nothing beyond the slot store. The torch reference (``dsv4lib.model.graphed.compressor_step_torch``)
+rewrites a partial entry every step; both agree on every visible entry and on the buffers / prev.
 Slots are read in chunks of ``RB`` with an online softmax, so ratio 128 (HCA) fits in registers.
 """
 from __future__ import annotations
@@ -57,102 +61,94 @@ def _compressor_step_kernel(
     pos = tl.load(pos_ptr)
     slot = pos % R
     idx = pos // R
-    p = tl.arange(0, HALF)
-    ce = 2 * p                                           # even channels
-    co = 2 * p + 1
     kvrow = kv_ptr + b * kv_stride
     grow = g_ptr + b * g_stride
-    # 1. new token into the slot (both channel halves for CSA)
-    for h in tl.static_range(COFF):
-        nkv_e = tl.load(kvrow + h * HD + ce).to(tl.float32)
-        nkv_o = tl.load(kvrow + h * HD + co).to(tl.float32)
-        ng_e = tl.load(grow + h * HD + ce).to(tl.float32)
-        ng_o = tl.load(grow + h * HD + co).to(tl.float32)
-        dst = b * R * CW + slot * CW + h * HD
-        tl.store(bkv_ptr + dst + ce, nkv_e)
-        tl.store(bkv_ptr + dst + co, nkv_o)
-        tl.store(bg_ptr + dst + ce, ng_e)
-        tl.store(bg_ptr + dst + co, ng_o)
-    # the slot row as registers (the buffer loads below may not see the stores above)
-    KH: tl.constexpr = (COFF - 1) * HD                   # the half of the row that is this window's
-    nkv_e = tl.load(kvrow + KH + ce).to(tl.float32)
-    nkv_o = tl.load(kvrow + KH + co).to(tl.float32)
-    ng_e = tl.load(grow + KH + ce).to(tl.float32)
-    ng_o = tl.load(grow + KH + co).to(tl.float32)
-    # 2. softmax over slots per channel (online, RB slots at a time)
-    m_e = tl.full([HALF], float("-inf"), tl.float32)
-    m_o = tl.full([HALF], float("-inf"), tl.float32)
-    s_e = tl.zeros([HALF], tl.float32)
-    s_o = tl.zeros([HALF], tl.float32)
-    a_e = tl.zeros([HALF], tl.float32)
-    a_o = tl.zeros([HALF], tl.float32)
-    for j0 in tl.static_range(0, R, RB):
-        j = j0 + tl.arange(0, RB)
-        cur = (j == slot)[:, None]
-        src = b * R * CW + j[:, None] * CW + KH
-        kv_e = tl.where(cur, nkv_e[None, :], tl.load(bkv_ptr + src + ce[None, :]))
-        kv_o = tl.where(cur, nkv_o[None, :], tl.load(bkv_ptr + src + co[None, :]))
-        ap = j[:, None] * CW + KH
-        g_e = tl.where(cur, ng_e[None, :], tl.load(bg_ptr + src + ce[None, :])) + tl.load(ape_ptr + ap + ce[None, :])
-        g_o = tl.where(cur, ng_o[None, :], tl.load(bg_ptr + src + co[None, :])) + tl.load(ape_ptr + ap + co[None, :])
-        m_e, m_o, s_e, s_o, a_e, a_o = _softmax_chunk(kv_e, kv_o, g_e, g_o, m_e, m_o, s_e, s_o, a_e, a_o)
-    if COFF == 2:
-        # previous window's first half (after the buffer slots so the running max is finite first)
-        j = tl.arange(0, R)
-        src = b * R * HD + j[:, None] * HD
-        pkv_e = tl.load(pkv_ptr + src + ce[None, :])
-        pkv_o = tl.load(pkv_ptr + src + co[None, :])
-        pg_e = tl.load(pg_ptr + src + ce[None, :])
-        pg_o = tl.load(pg_ptr + src + co[None, :])
-        m_e, m_o, s_e, s_o, a_e, a_o = _softmax_chunk(pkv_e, pkv_o, pg_e, pg_o, m_e, m_o, s_e, s_o, a_e, a_o)
-    e_e = a_e / s_e
-    e_o = a_o / s_o
-    # RMSNorm (fp32, weight after the scaling, as model.linear.RMSNorm)
-    rs = tl.rsqrt((tl.sum(e_e * e_e, axis=0) + tl.sum(e_o * e_o, axis=0)) / HD + eps)
-    e_e = tl.load(nw_ptr + ce) * (e_e * rs)
-    e_o = tl.load(nw_ptr + co) * (e_o * rs)
-    # interleaved RoPE on the trailing ROPE channels (pairs p >= (HD - ROPE) / 2)
-    NOPE: tl.constexpr = (HD - ROPE) // 2
-    isr = p >= NOPE
-    q = tl.where(isr, p - NOPE, 0)
-    cs = tl.load(cos_ptr + q, mask=isr, other=1.0)
-    sn = tl.load(sin_ptr + q, mask=isr, other=0.0)
-    r_e = e_e * cs - e_o * sn
-    r_o = e_e * sn + e_o * cs
-    row = ent_ptr + b * ent_stride_b + idx * HD
-    tl.store(row + ce, r_e.to(ent_ptr.dtype.element_ty))
-    tl.store(row + co, r_o.to(ent_ptr.dtype.element_ty))
-    # 3. CSA: a complete window hands its first half (gate + ape) to the next entry
-    if COFF == 2:
-        tl.debug_barrier()                               # every prev load above is done
-        j = tl.arange(0, R)
-        cur = (j == slot)[:, None]
-        src = b * R * CW + j[:, None] * CW
-        f_e = tl.load(kvrow + ce).to(tl.float32)
-        f_o = tl.load(kvrow + co).to(tl.float32)
-        fg_e = tl.load(grow + ce).to(tl.float32)
-        fg_o = tl.load(grow + co).to(tl.float32)
-        kv_e = tl.where(cur, f_e[None, :], tl.load(bkv_ptr + src + ce[None, :]))
-        kv_o = tl.where(cur, f_o[None, :], tl.load(bkv_ptr + src + co[None, :]))
-        ap = j[:, None] * CW
-        g_e = tl.where(cur, fg_e[None, :], tl.load(bg_ptr + src + ce[None, :])) + tl.load(ape_ptr + ap + ce[None, :])
-        g_o = tl.where(cur, fg_o[None, :], tl.load(bg_ptr + src + co[None, :])) + tl.load(ape_ptr + ap + co[None, :])
-        done = slot == R - 1
-        dst = b * R * HD + j[:, None] * HD
-        tl.store(pkv_ptr + dst + ce[None, :], kv_e, mask=done)
-        tl.store(pkv_ptr + dst + co[None, :], kv_o, mask=done)
-        tl.store(pg_ptr + dst + ce[None, :], g_e, mask=done)
-        tl.store(pg_ptr + dst + co[None, :], g_o, mask=done)
+    # 1. the new token into its slot (every step; both channel halves for CSA)
+    cw = tl.arange(0, CW)
+    dst = b * R * CW + slot * CW
+    tl.store(bkv_ptr + dst + cw, tl.load(kvrow + cw).to(tl.float32))
+    tl.store(bg_ptr + dst + cw, tl.load(grow + cw).to(tl.float32))
+    # 2./3. only when the window completes: its entry, and (CSA) the hand-over to the next window
+    if slot == R - 1:
+        p = tl.arange(0, HALF)
+        ce = 2 * p                                       # even channels
+        co = 2 * p + 1
+        # the slot row as registers (the buffer loads below may not see the stores above)
+        KH: tl.constexpr = (COFF - 1) * HD               # the half of the row that is this window's
+        nkv_e = tl.load(kvrow + KH + ce).to(tl.float32)
+        nkv_o = tl.load(kvrow + KH + co).to(tl.float32)
+        ng_e = tl.load(grow + KH + ce).to(tl.float32)
+        ng_o = tl.load(grow + KH + co).to(tl.float32)
+        m_e = tl.full([HALF], float("-inf"), tl.float32)
+        m_o = tl.full([HALF], float("-inf"), tl.float32)
+        s_e = tl.zeros([HALF], tl.float32)
+        s_o = tl.zeros([HALF], tl.float32)
+        a_e = tl.zeros([HALF], tl.float32)
+        a_o = tl.zeros([HALF], tl.float32)
+        for j0 in tl.static_range(0, R, RB):
+            j = j0 + tl.arange(0, RB)
+            cur = (j == R - 1)[:, None]
+            src = b * R * CW + j[:, None] * CW + KH
+            kv_e = tl.where(cur, nkv_e[None, :], tl.load(bkv_ptr + src + ce[None, :], mask=~cur, other=0.0))
+            kv_o = tl.where(cur, nkv_o[None, :], tl.load(bkv_ptr + src + co[None, :], mask=~cur, other=0.0))
+            ap = j[:, None] * CW + KH
+            g_e = (tl.where(cur, ng_e[None, :], tl.load(bg_ptr + src + ce[None, :], mask=~cur, other=0.0))
+                   + tl.load(ape_ptr + ap + ce[None, :]))
+            g_o = (tl.where(cur, ng_o[None, :], tl.load(bg_ptr + src + co[None, :], mask=~cur, other=0.0))
+                   + tl.load(ape_ptr + ap + co[None, :]))
+            m_e, m_o, s_e, s_o, a_e, a_o = _softmax_chunk(kv_e, kv_o, g_e, g_o, m_e, m_o, s_e, s_o, a_e, a_o)
+        if COFF == 2:
+            # previous window's first half (after the buffer slots so the running max is finite first)
+            j = tl.arange(0, R)
+            src = b * R * HD + j[:, None] * HD
+            pkv_e = tl.load(pkv_ptr + src + ce[None, :])
+            pkv_o = tl.load(pkv_ptr + src + co[None, :])
+            pg_e = tl.load(pg_ptr + src + ce[None, :])
+            pg_o = tl.load(pg_ptr + src + co[None, :])
+            m_e, m_o, s_e, s_o, a_e, a_o = _softmax_chunk(pkv_e, pkv_o, pg_e, pg_o, m_e, m_o, s_e, s_o, a_e, a_o)
+        e_e = a_e / s_e
+        e_o = a_o / s_o
+        # RMSNorm (fp32, weight after the scaling, as model.linear.RMSNorm)
+        rs = tl.rsqrt((tl.sum(e_e * e_e, axis=0) + tl.sum(e_o * e_o, axis=0)) / HD + eps)
+        e_e = tl.load(nw_ptr + ce) * (e_e * rs)
+        e_o = tl.load(nw_ptr + co) * (e_o * rs)
+        # interleaved RoPE on the trailing ROPE channels (pairs p >= (HD - ROPE) / 2)
+        NOPE: tl.constexpr = (HD - ROPE) // 2
+        isr = p >= NOPE
+        q = tl.where(isr, p - NOPE, 0)
+        cs = tl.load(cos_ptr + q, mask=isr, other=1.0)
+        sn = tl.load(sin_ptr + q, mask=isr, other=0.0)
+        row = ent_ptr + b * ent_stride_b + idx * HD
+        tl.store(row + ce, (e_e * cs - e_o * sn).to(ent_ptr.dtype.element_ty))
+        tl.store(row + co, (e_e * sn + e_o * cs).to(ent_ptr.dtype.element_ty))
+        if COFF == 2:
+            # CSA: the complete window hands its first half (gate + ape) to the next entry
+            tl.debug_barrier()                           # every prev load above is done
+            j = tl.arange(0, R)
+            cur = (j == R - 1)[:, None]
+            c = tl.arange(0, HD)
+            src = b * R * CW + j[:, None] * CW + c[None, :]
+            f = tl.load(kvrow + c).to(tl.float32)
+            fg = tl.load(grow + c).to(tl.float32)
+            kv = tl.where(cur, f[None, :], tl.load(bkv_ptr + src, mask=~cur, other=0.0))
+            g = (tl.where(cur, fg[None, :], tl.load(bg_ptr + src, mask=~cur, other=0.0))
+                 + tl.load(ape_ptr + j[:, None] * CW + c[None, :]))
+            pdst = b * R * HD + j[:, None] * HD + c[None, :]
+            tl.store(pkv_ptr + pdst, kv)
+            tl.store(pg_ptr + pdst, g)
 
 
 def compressor_step_fused(kv: torch.Tensor, gate: torch.Tensor, pos: torch.Tensor,
                           buf_kv: torch.Tensor, buf_gate: torch.Tensor, prev_kv: torch.Tensor,
                           prev_gate: torch.Tensor, ape: torch.Tensor, norm_w: torch.Tensor,
-                          cos: torch.Tensor, sin: torch.Tensor, entries: torch.Tensor, eps: float) -> None:
+                          cos: torch.Tensor, sin: torch.Tensor, entries: torch.Tensor, eps: float,
+                          *, num_warps: int | None = None, rb: int | None = None) -> None:
     """Advance one compressor by one token in place (see the module docstring).
 
     ``kv``/``gate [B, coff*hd]`` (any float dtype, unit column stride; may be column slices of one
     stacked projection) are the token's projected kv and raw gate logits; ``pos`` [] int64 on the device.
+    Only entry ``pos // r`` of a completed window is written (see the module docstring).
+    ``num_warps``/``rb`` are tuning knobs (bench/bench_decode_attn.py).
     """
     B, R, CW = buf_kv.shape
     HD = entries.shape[-1]
@@ -178,4 +174,5 @@ def compressor_step_fused(kv: torch.Tensor, gate: torch.Tensor, pos: torch.Tenso
         kv, kv.stride(0), gate, gate.stride(0), pos, buf_kv, buf_gate, prev_kv, prev_gate,
         ape.to(f32).contiguous(), norm_w.to(f32).contiguous(), cos.to(f32).contiguous(), sin.to(f32).contiguous(),
         entries, entries.stride(0), float(eps),
-        R=R, HD=HD, COFF=coff, ROPE=rope, RB=min(R, 16), num_warps=4 if R * HD <= 4096 else 8)
+        R=R, HD=HD, COFF=coff, ROPE=rope, RB=min(R, rb or 16),
+        num_warps=num_warps or (4 if R * HD <= 512 else 8))

@@ -7,10 +7,18 @@ indexer top-k; valid iff sel < thr) or all T of them (HCA; valid iff j < thr). P
 ``o = sum_n softmax([q.k_n * scale, sink_h])_n k_n`` in fp32 (the sink takes probability mass
 but adds no value), rounded to q's dtype.
 
-Launch 1: programs (b, 16-head block, key split) run an online softmax over their key range with
-IEEE-fp32 ``tl.dot`` (q and keys upcast in registers, as the torch path's ``hp``; no TF32) and
-write (max, sum, acc). Launch 2 merges the splits with the sink. The torch path is ~12 kernels (cat of keys and biases, two einsums, casts,
-softmax); this is two.
+Launch 1: program (b, split) takes ALL heads of batch row b (the MMA M dimension; MQA means every
+head reads the same keys, so each key row is fetched once per split) against ``NB`` blocks of
+``BN`` keys. The 512-wide head dim is walked in chunks of ``BC`` so the tiles fit in registers:
+scores ``s [HP, BN] = sum_chunks q[:, chunk] @ k[:, chunk]^T``, then for each output chunk
+``acc [HP, BC] = p @ v[:, chunk]`` is written straight out (no [HP, c] accumulator is held).
+With more than one block per program the fp32 scores go through a small per-program scratch.
+Writes (max, sum, acc) per (b, split, head). Launch 2 merges the splits with the per-head sink.
+
+Precision (tensor cores): bf16/fp16 q.k products are exact in the fp32 accumulator; p @ V uses
+p split into hi + lo halves of the key dtype (two MMAs, p to ~2^-17 relative), far below the bf16
+rounding of the output. fp32 inputs (and bf16 on the CPU interpreter, whose bf16 ``tl.dot`` is
+wrong) upcast in registers and use ``input_precision="ieee"``, as the torch path's ``hp``.
 """
 from __future__ import annotations
 
@@ -18,86 +26,155 @@ import torch
 import triton
 import triton.language as tl
 
-HB = 16          # heads per program (tl.dot needs M >= 16)
-BN = 32          # keys per block
+# tuning defaults (bench/bench_decode_attn.py); (keys per block = MMA N of q.k and K of p @ v,
+# head-dim chunk, warps) for the tensor-core path and for the fp32 ("ieee", FMA) path
+LOWP_CFG = (64, 64, 4)
+IEEE_CFG = (32, 32, 8)
+MAX_PROGRAMS = 256   # launch-1 programs aimed for (splits = min(blocks, MAX_PROGRAMS // B, 64))
 
 
 @triton.jit
-def _attn_partial_kernel(q_ptr, win_ptr, ent_ptr, sel_ptr, pos_ptr, thr_ptr,
+def _key_rows(win_ptr, ent_ptr, sel_ptr, b, n, pos, thr, W, N, T, win_sb, ent_sb, sel_sb,
+              C: tl.constexpr, HAS_SEL: tl.constexpr):
+    """Row pointers [BN] and validity of keys n (window slot n < W, else entry n - W)."""
+    inr = n < N
+    is_w = n < W
+    j = tl.where(is_w, 0, n - W)
+    if HAS_SEL:
+        idx = tl.load(sel_ptr + b * sel_sb + j, mask=inr & (~is_w), other=0)
+    else:
+        idx = j.to(tl.int64)
+    ok = inr & tl.where(is_w, n <= pos, (idx < thr) & (idx < T) & (idx >= 0))
+    idx = tl.where(ok & (~is_w), idx, 0)
+    row = tl.where(is_w, win_ptr + b * win_sb + n.to(tl.int64) * C, ent_ptr + b * ent_sb + idx * C)
+    return row, ok
+
+
+@triton.jit
+def _scores(q_ptr, b, q_sb, h, hm, row, ok, scale,
+            C: tl.constexpr, HP: tl.constexpr, BNc: tl.constexpr, BCc: tl.constexpr, LOWP: tl.constexpr):
+    """s [HP, BN] = q . k * scale over the head dim in BC chunks; -inf for invalid keys."""
+    s = tl.zeros([HP, BNc], tl.float32)
+    for c0 in tl.static_range(0, C, BCc):
+        cc = c0 + tl.arange(0, BCc)
+        qc = tl.load(q_ptr + b * q_sb + h[:, None] * C + cc[None, :], mask=hm[:, None], other=0.0)   # [HP, BC]
+        kc = tl.load(row[:, None] + cc[None, :], mask=ok[:, None], other=0.0)                         # [BN, BC]
+        if LOWP:
+            s = tl.dot(qc, tl.trans(kc), s)
+        else:
+            s = tl.dot(qc.to(tl.float32), tl.trans(kc.to(tl.float32)), s, input_precision="ieee")
+    return tl.where(ok[None, :], s * scale, float("-inf"))
+
+
+@triton.jit
+def _pv(p, row, ok, cc, acc, LOWP: tl.constexpr):
+    """acc += p [HP, BN] @ v [BN, BC] (p as hi + lo halves of the key dtype when LOWP)."""
+    v = tl.load(row[:, None] + cc[None, :], mask=ok[:, None], other=0.0)                             # [BN, BC]
+    if LOWP:
+        p_hi = p.to(v.dtype)
+        p_lo = (p - p_hi.to(tl.float32)).to(v.dtype)
+        acc = tl.dot(p_hi, v, acc)
+        acc = tl.dot(p_lo, v, acc)
+    else:
+        acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
+    return acc
+
+
+@triton.jit
+def _attn_partial_kernel(q_ptr, win_ptr, ent_ptr, sel_ptr, pos_ptr, thr_ptr, scr_ptr,
                          m_ptr, l_ptr, acc_ptr, scale,
-                         H, W, K, T, win_sb, ent_sb, q_sb, sel_sb, per_split, S,
-                         C: tl.constexpr, HBc: tl.constexpr, BNc: tl.constexpr,
-                         HAS_SEL: tl.constexpr):
+                         H, W, N, T, win_sb, ent_sb, q_sb, sel_sb, NB, S,
+                         C: tl.constexpr, HP: tl.constexpr, BNc: tl.constexpr, BCc: tl.constexpr,
+                         HAS_SEL: tl.constexpr, LOWP: tl.constexpr, ONE: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    hb = tl.program_id(1)
-    sp = tl.program_id(2)
+    sp = tl.program_id(1)
     pos = tl.load(pos_ptr)
     thr = tl.load(thr_ptr)
-    h = hb * HBc + tl.arange(0, HBc)
+    h = tl.arange(0, HP)
     hm = h < H
-    c = tl.arange(0, C)
-    q = tl.load(q_ptr + b * q_sb + h[:, None] * C + c[None, :], mask=hm[:, None], other=0.0).to(tl.float32)   # [HB, C]
-    m = tl.full([HBc], float("-inf"), tl.float32)
-    lsum = tl.zeros([HBc], tl.float32)
-    acc = tl.zeros([HBc, C], tl.float32)
-    N = W + K
-    lo = sp * per_split
-    hi = tl.minimum(lo + per_split, N)
-    for n0 in range(lo, hi, BNc):
-        n = n0 + tl.arange(0, BNc)
-        inr = n < hi
-        is_w = n < W
-        j = tl.where(is_w, 0, n - W)
-        if HAS_SEL:
-            idx = tl.load(sel_ptr + b * sel_sb + j, mask=inr & (~is_w), other=0)
-        else:
-            idx = j.to(tl.int64)
-        ok_w = is_w & (n <= pos)
-        ok_e = (~is_w) & (idx < thr) & (idx < T)
-        ok = inr & (ok_w | ok_e)
-        wrow = win_ptr + b * win_sb + n.to(tl.int64) * C
-        erow = ent_ptr + b * ent_sb + idx * C
-        k = (tl.load(wrow[:, None] + c[None, :], mask=(inr & ok_w)[:, None], other=0.0)
-             + tl.load(erow[:, None] + c[None, :], mask=(inr & ok_e)[:, None], other=0.0)).to(tl.float32)   # [BN, C]
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")                                     # [HB, BN]
-        s = tl.where(ok[None, :], s * scale, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_safe)
+    o = (b * S + sp) * H + h                                                  # [HP] rows of the partials
+    lo = sp * NB * BNc
+    if ONE:
+        # one key block: scores and probabilities stay in registers
+        n = lo + tl.arange(0, BNc)
+        row, ok = _key_rows(win_ptr, ent_ptr, sel_ptr, b, n, pos, thr, W, N, T, win_sb, ent_sb, sel_sb, C, HAS_SEL)
+        s = _scores(q_ptr, b, q_sb, h, hm, row, ok, scale, C, HP, BNc, BCc, LOWP)    # [HP, BN]
+        m = tl.max(s, axis=1)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
         p = tl.exp(s - m_safe[:, None])
-        lsum = lsum * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p, k, input_precision="ieee")
-        m = m_new
-    o = (b * H + h) * S + sp
+        lsum = tl.sum(p, axis=1)
+        for c0 in tl.static_range(0, C, BCc):
+            cc = c0 + tl.arange(0, BCc)
+            acc = _pv(p, row, ok, cc, tl.zeros([HP, BCc], tl.float32), LOWP)
+            tl.store(acc_ptr + o[:, None] * C + cc[None, :], acc, mask=hm[:, None])
+    else:
+        # NB blocks: scores to the scratch [HP, NB*BN] with an online max/sum, then p @ v per chunk
+        scr = scr_ptr + (b * S + sp) * HP * NB * BNc
+        kk = tl.arange(0, BNc)
+        m = tl.full([HP], float("-inf"), tl.float32)
+        lsum = tl.zeros([HP], tl.float32)
+        for i in range(NB):
+            n = lo + i * BNc + kk
+            row, ok = _key_rows(win_ptr, ent_ptr, sel_ptr, b, n, pos, thr, W, N, T, win_sb, ent_sb, sel_sb,
+                                C, HAS_SEL)
+            s = _scores(q_ptr, b, q_sb, h, hm, row, ok, scale, C, HP, BNc, BCc, LOWP)
+            tl.store(scr + h[:, None] * (NB * BNc) + (i * BNc + kk)[None, :], s)
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_s = tl.where(m_new == float("-inf"), 0.0, m_new)
+            lsum = lsum * tl.exp(m - m_s) + tl.sum(tl.exp(s - m_s[:, None]), axis=1)
+            m = m_new
+        tl.debug_barrier()                                                     # scratch written
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        for c0 in tl.static_range(0, C, BCc):
+            cc = c0 + tl.arange(0, BCc)
+            acc = tl.zeros([HP, BCc], tl.float32)
+            for i in range(NB):
+                n = lo + i * BNc + kk
+                row, ok = _key_rows(win_ptr, ent_ptr, sel_ptr, b, n, pos, thr, W, N, T, win_sb, ent_sb, sel_sb,
+                                    C, HAS_SEL)
+                s = tl.load(scr + h[:, None] * (NB * BNc) + (i * BNc + kk)[None, :])
+                acc = _pv(tl.exp(s - m_safe[:, None]), row, ok, cc, acc, LOWP)
+            tl.store(acc_ptr + o[:, None] * C + cc[None, :], acc, mask=hm[:, None])
     tl.store(m_ptr + o, m, mask=hm)
     tl.store(l_ptr + o, lsum, mask=hm)
-    tl.store(acc_ptr + o[:, None] * C + c[None, :], acc, mask=hm[:, None])
 
 
 @triton.jit
 def _attn_combine_kernel(m_ptr, l_ptr, acc_ptr, sink_ptr, out_ptr, H, S, out_sb,
-                         C: tl.constexpr, SB: tl.constexpr):
+                         C: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
     s = tl.arange(0, SB)
     sm = s < S
-    m = tl.load(m_ptr + bh * S + s, mask=sm, other=float("-inf"))
-    lsum = tl.load(l_ptr + bh * S + s, mask=sm, other=0.0)
+    r = (b * S + s) * H + h                                                   # [SB] partial rows
+    m = tl.load(m_ptr + r, mask=sm, other=float("-inf"))
+    lsum = tl.load(l_ptr + r, mask=sm, other=0.0)
     sink = tl.load(sink_ptr + h)
     mx = tl.maximum(tl.max(m, axis=0), sink)
-    wgt = tl.exp(m - mx)                                                                        # [SB]
+    wgt = tl.exp(m - mx)                                                      # [SB]
     den = tl.sum(wgt * lsum, axis=0) + tl.exp(sink - mx)
-    c = tl.arange(0, C)
-    acc = tl.load(acc_ptr + (bh * S + s)[:, None] * C + c[None, :], mask=sm[:, None], other=0.0)
+    c = tl.program_id(1) * CB + tl.arange(0, CB)
+    acc = tl.load(acc_ptr + r[:, None] * C + c[None, :], mask=sm[:, None], other=0.0)   # [SB, CB]
     o = tl.sum(wgt[:, None] * acc, axis=0) / den
     tl.store(out_ptr + b * out_sb + h * C + c, o.to(out_ptr.dtype.element_ty))
 
 
+def _plan(B: int, N: int, bn: int, max_programs: int) -> tuple[int, int]:
+    """(splits S, key blocks per split NB) for N keys."""
+    nblk = max(1, triton.cdiv(N, bn))
+    s = max(1, min(nblk, max_programs // B, 64))
+    nb = triton.cdiv(nblk, s)
+    return triton.cdiv(nblk, nb), nb
+
+
 def decode_attention(q: torch.Tensor, win: torch.Tensor, ent: torch.Tensor | None, sel: torch.Tensor | None,
-                     pos: torch.Tensor, thr: torch.Tensor | None, sink: torch.Tensor, scale: float) -> torch.Tensor:
+                     pos: torch.Tensor, thr: torch.Tensor | None, sink: torch.Tensor, scale: float,
+                     *, bn: int | None = None, bc: int | None = None, num_warps: int | None = None,
+                     max_programs: int = MAX_PROGRAMS) -> torch.Tensor:
     """q [B, H, c] -> o [B, H, c] in q's dtype (see the module docstring). ``ent`` None: window only;
-    ``sel`` [B, K] int64 (CSA) or None (HCA: all entries); ``pos``/``thr`` [] int64 on the device."""
+    ``sel`` [B, K] int64 (CSA) or None (HCA: all entries); ``pos``/``thr`` [] int64 on the device.
+    Keyword arguments are tuning knobs (bench/bench_decode_attn.py)."""
     B, H, C = q.shape
     W = win.shape[1]
     bad = []
@@ -117,23 +194,29 @@ def decode_attention(q: torch.Tensor, win: torch.Tensor, ent: torch.Tensor | Non
     T = ent.shape[1] if ent is not None else 0
     K = (sel.shape[1] if sel is not None else T) if ent is not None else 0
     N = W + K
-    S = max(1, min(32, triton.cdiv(N, 2 * BN)))
-    per = triton.cdiv(triton.cdiv(N, S), BN) * BN
-    S = triton.cdiv(N, per)
+    # tensor-core path for 16-bit keys; bf16 only off the CPU interpreter (its bf16 tl.dot is wrong)
+    lowp = q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and q.device.type != "cpu")
+    d_bn, d_bc, d_nw = LOWP_CFG if lowp else IEEE_CFG
+    bn, num_warps = bn or d_bn, num_warps or d_nw
+    bc = min(bc or d_bc, C)
+    S, NB = _plan(B, N, bn, max_programs)
+    HP = max(16, triton.next_power_of_2(H))
     f32 = torch.float32
-    m = torch.empty(B, H, S, dtype=f32, device=q.device)
+    m = torch.empty(B, S, H, dtype=f32, device=q.device)
     lsum = torch.empty_like(m)
-    acc = torch.empty(B, H, S, C, dtype=f32, device=q.device)
+    acc = torch.empty(B, S, H, C, dtype=f32, device=q.device)
+    scr = torch.empty(B * S * HP * NB * bn if NB > 1 else 1, dtype=f32, device=q.device)
     e = ent if ent is not None else win
     thr_ = thr if thr is not None else pos
-    _attn_partial_kernel[(B, triton.cdiv(H, HB), S)](
-        q, win, e, sel if sel is not None else pos, pos, thr_, m, lsum, acc, float(scale),
-        H, W, K, T, win.stride(0), e.stride(0), q.stride(0), sel.stride(0) if sel is not None else 0, per, S,
-        C=C, HBc=HB, BNc=BN, HAS_SEL=sel is not None,
-        num_warps=8 if C >= 256 else 4)
+    _attn_partial_kernel[(B, S)](
+        q, win, e, sel if sel is not None else pos, pos, thr_, scr, m, lsum, acc, float(scale),
+        H, W, N, T, win.stride(0), e.stride(0), q.stride(0), sel.stride(0) if sel is not None else 0, NB, S,
+        C=C, HP=HP, BNc=bn, BCc=bc, HAS_SEL=sel is not None, LOWP=lowp, ONE=NB == 1,
+        num_warps=num_warps)
     out = torch.empty(B, H, C, dtype=q.dtype, device=q.device)
-    _attn_combine_kernel[(B * H,)](m, lsum, acc, sink.to(f32).contiguous(), out, H, S, out.stride(0),
-                                   C=C, SB=triton.next_power_of_2(S), num_warps=4)
+    CB = min(C, 128)
+    _attn_combine_kernel[(B * H, C // CB)](m, lsum, acc, sink.to(f32).contiguous(), out, H, S, out.stride(0),
+                                           C=C, CB=CB, SB=triton.next_power_of_2(S), num_warps=4)
     return out
 
 

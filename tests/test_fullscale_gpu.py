@@ -51,7 +51,8 @@ def test_graphed_greedy_equals_eager(tmp_path, fused):
 @torch.no_grad()
 def test_fused_decode_kernels_full_shapes_bf16(ratio, hd, coff):
     """The compressor-step and RMSNorm+RoPE kernels at V4-Flash shapes in bf16 == the torch references
-    (to bf16 rounding of the stored entries / outputs)."""
+    (to bf16 rounding of the stored entries / outputs). Entries are compared where visible (index <
+    (pos+1)//r): the kernel writes an entry only when its window completes, the torch step every step."""
     from dsv4lib.config import ModelConfig
     from dsv4lib.kernels.compressor_step import compressor_step_fused
     from dsv4lib.kernels.rmsnorm_rope import rmsnorm_rope, rmsnorm_rope_reference
@@ -77,8 +78,12 @@ def test_fused_decode_kernels_full_shapes_bf16(ratio, hd, coff):
         kv, gate = comp.wkv(x)[:, 0], comp.wgate(x)[:, 0]
         compressor_step_fused(kv, gate, p, got.buf_kv, got.buf_gate, got.prev_kv, got.prev_gate,
                               comp.ape, comp.norm.weight, cos, sin, got.entries, comp.norm.eps)
+        vis = (pos + 1) // ratio
         for name in ("buf_kv", "buf_gate", "prev_kv", "prev_gate", "entries"):
             a, b = getattr(ref, name).float(), getattr(got, name).float()
+            if name == "entries":
+                assert not b[:, vis:].any(), pos                          # no partial entry written
+                a, b = a[:, :vis], b[:, :vis]
             if a.numel():
                 assert torch.equal(a.isinf(), b.isinf()), (pos, name)
                 assert (a - b).nan_to_num(posinf=0, neginf=0).abs().max() <= 0.05, (pos, name)
