@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dsv4lib.chat import chat_ids
+from dsv4lib.logits import logits_at
 
 PromptLike = str | Sequence[dict] | Sequence[int] | torch.Tensor
 
@@ -187,7 +188,7 @@ def _generate_group(model, tokenizer, prompts: list[list[int]], cfg: SamplingCon
     x = torch.tensor(prompts, dtype=torch.long, device=device)                    # [B, S]
     cache = model.new_cache(B, S + max_new)
     t0 = time.perf_counter()
-    logits = model(x, cache=cache)[:, -1]                                         # [B, V]
+    logits = logits_at(model, x, torch.full((B,), S - 1), cache)                  # [B, V]
     t1 = time.perf_counter()
     new: list[list[int]] = [[] for _ in range(B)]
     reason = ["length"] * B

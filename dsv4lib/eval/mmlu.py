@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from dsv4lib.chat import encode_messages
+from dsv4lib.logits import logits_at
 
 LETTERS = ("A", "B", "C", "D")
 N_SHOTS = 5
@@ -245,8 +246,7 @@ def score_prompts(model, prompts: Sequence[list[int]], choice_ids: Sequence[int]
         lengths = torch.tensor([len(prompts[j]) for j in idx])
         for r, j in enumerate(idx):
             x[r, : len(prompts[j])] = torch.tensor(prompts[j])
-        logits = model(x.to(device))                                                        # [b, S, V]
-        last = logits[torch.arange(len(idx), device=device), (lengths - 1).to(device)]      # [b, V]
+        last = logits_at(model, x.to(device), lengths - 1)                                  # [b, V]
         out[idx] = last[:, choice].float().cpu()                                            # [b, 4]
         i += n
     return out
