@@ -221,16 +221,23 @@ def bench_fp8(res, dev, reps, sweep, copy_gbps):
     res["fp8_gemv"] = rows
 
 
-# (block_m, GemmConfig) candidates of the prefill sweep; T=6144 adds the 256-token blocks
-PREFILL_GATE_UP = [(64, GemmConfig(128, 8, 8, 3)), (64, GemmConfig(64, 8, 4, 3)), (64, GemmConfig(128, 4, 8, 3)),
-                   (64, GemmConfig(128, 16, 8, 2)), (128, GemmConfig(128, 8, 8, 3)), (128, GemmConfig(64, 8, 4, 3)),
-                   (64, GemmConfig(128, 8, 8, 3, gather=True)), (64, GemmConfig(64, 8, 4, 3, swap=False)),
-                   (128, GemmConfig(128, 8, 8, 3, swap=False)), (32, GemmConfig(128, 8, 4, 3))]
-PREFILL_DOWN = [(64, GemmConfig(128, 8, 8, 3)), (64, GemmConfig(64, 8, 4, 3)), (64, GemmConfig(128, 4, 8, 3)),
-                (64, GemmConfig(128, 16, 8, 2)), (128, GemmConfig(128, 8, 8, 3)), (128, GemmConfig(64, 8, 4, 3)),
-                (64, GemmConfig(128, 8, 8, 3, gather=True)), (64, GemmConfig(64, 8, 4, 3, swap=False)),
-                (32, GemmConfig(128, 8, 4, 3)), (64, GemmConfig(256, 8, 8, 3)), (128, GemmConfig(256, 8, 8, 3))]
-PREFILL_BIG_M = [(256, GemmConfig(64, 8, 8, 3)), (256, GemmConfig(128, 8, 8, 2))]
+# (block_m, GemmConfig) candidates of the prefill sweep per T (run 1's sweep: kernels/BENCHMARKS.md);
+# chunk=32: dequantise 32 experts at a time to fp16 (1.07 GB for w1+w3), then a plain fp16 grouped GEMM
+_G = GemmConfig
+PREFILL_GATE_UP = {
+    2048: [(64, _G(64, 8, 4, 3)), (128, _G(64, 8, 8, 3)), (128, _G(32, 8, 4, 3)), (64, _G(32, 8, 4, 3)),
+           (64, _G(64, 8, 4, 4)), (64, _G(128, 4, 4, 4, False, chunk=32)), (128, _G(128, 4, 8, 3, False, chunk=32)),
+           (64, _G(256, 4, 8, 3, False, chunk=32)), (64, _G(128, 4, 4, 4, True, chunk=32))],
+    6144: [(256, _G(64, 8, 8, 3)), (256, _G(32, 8, 4, 3)), (256, _G(64, 8, 8, 4)), (128, _G(64, 8, 4, 3)),
+           (128, _G(128, 4, 8, 3, False, chunk=32)), (128, _G(256, 4, 8, 3, False, chunk=32)),
+           (64, _G(128, 4, 4, 4, False, chunk=32)), (256, _G(128, 4, 8, 3, False, chunk=32))]}
+PREFILL_DOWN = {
+    2048: [(64, _G(64, 8, 4, 3)), (64, _G(32, 8, 4, 3)), (128, _G(64, 8, 8, 3)), (64, _G(64, 8, 4, 4)),
+           (64, _G(128, 4, 4, 4, False, chunk=32)), (128, _G(128, 4, 8, 3, False, chunk=32)),
+           (64, _G(256, 4, 8, 3, False, chunk=32))],
+    6144: [(256, _G(128, 8, 8, 2)), (256, _G(64, 8, 8, 3)), (256, _G(64, 8, 4, 3)), (128, _G(64, 8, 4, 3)),
+           (128, _G(128, 4, 8, 3, False, chunk=32)), (128, _G(256, 4, 8, 3, False, chunk=32)),
+           (256, _G(128, 4, 8, 3, False, chunk=32))]}
 
 
 def bench_prefill(res, layers: Int2Layers, dev, reps, sweep, tokens=(2048, 6144)):
@@ -250,8 +257,7 @@ def bench_prefill(res, layers: Int2Layers, dev, reps, sweep, tokens=(2048, 6144)
         row = dict(T=T, k=k, E=E, GFLOP=flops / 1e9)
         gu_rows, dn_rows = [], []
         if sweep:
-            big = PREFILL_BIG_M if T * k / E > 96 else []
-            for bm, c in PREFILL_GATE_UP + big:
+            for bm, c in PREFILL_GATE_UP.get(T, PREFILL_GATE_UP[2048]):
                 sid, bexp = align_pairs(idx, E, bm)
                 h = torch.empty((bexp.numel() * bm, I), dtype=torch.float16, device=dev)
                 try:
@@ -261,7 +267,7 @@ def bench_prefill(res, layers: Int2Layers, dev, reps, sweep, tokens=(2048, 6144)
                     continue
                 gu_rows.append(dict(block_m=bm, cfg=c, ms=t * 1e3, TFLOPs=flops_gu / t / 1e12))
                 print(f"  gate_up T={T} bm={bm:3d} {t * 1e3:7.3f} ms {flops_gu / t / 1e12:6.0f} TFLOP/s {c}", flush=True)
-            for bm, c in PREFILL_DOWN + big:
+            for bm, c in PREFILL_DOWN.get(T, PREFILL_DOWN[2048]):
                 sid, bexp = align_pairs(idx, E, bm)
                 h = torch.randn((bexp.numel() * bm, I), device=dev).to(torch.float16)
                 y = torch.zeros((T, D), device=dev)

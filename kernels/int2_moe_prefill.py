@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .int2_dequant import _int2_tile, as_int32, fit_w
+from .int2_dequant import _int2_tile, as_int32, dequantize_int2, fit_w
 from .int2_moe_decode import _check_routing, check_moe_weights
 
 
@@ -39,13 +39,15 @@ from .int2_moe_decode import _check_routing, check_moe_weights
 class GemmConfig:
     """One launch: weight rows per program, packed words per K step (16*w channels), warps, stages,
     weights as the dot's left operand (``swap``), K tile built by a repeated-address load (``gather``)
-    instead of a [BN, W, 16] expand + reshape."""
+    instead of a [BN, W, 16] expand + reshape; ``chunk > 0``: dequantise ``chunk`` experts at a time to
+    fp16 (``dequantize_int2``, a ``[chunk, N, K]`` temporary) and run the dot on those instead."""
     block_n: int = 128
     w: int = 8
     warps: int = 8
     stages: int = 3
     swap: bool = True
     gather: bool = False
+    chunk: int = 0
 
 
 @dataclass(frozen=True)
@@ -67,8 +69,8 @@ def pick_prefill_config(T: int, k: int, E: int) -> PrefillConfig:
     if per_expert <= 16:
         return PrefillConfig(16, GemmConfig(64, 8, 4, 3), GemmConfig(64, 8, 4, 3))
     if per_expert <= 96:
-        return PrefillConfig(64, GemmConfig(128, 8, 8, 3), GemmConfig(128, 8, 8, 3))
-    return PrefillConfig(128, GemmConfig(128, 8, 8, 3), GemmConfig(128, 8, 8, 3), 64)
+        return PrefillConfig(64, GemmConfig(64, 8, 4, 3), GemmConfig(64, 8, 4, 3))
+    return PrefillConfig(256, GemmConfig(64, 8, 8, 3), GemmConfig(128, 8, 8, 2))
 
 
 @triton.jit
@@ -123,13 +125,15 @@ def _gate_up_kernel(
     h_ptr,
     # sizes (KW = D/16) and the clamp
     I, D, KW, limit,
+    # DEQ: w1/w3 are fp16 [EC, I, D] of experts E0..E0+EC-1 (other blocks exit)
+    E0, EC,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr, SWAP: tl.constexpr,
-    GATHER: tl.constexpr,
+    GATHER: tl.constexpr, DEQ: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    e = tl.load(bexp_ptr + pid_m).to(tl.int64)
-    if e < 0:
+    e = tl.load(bexp_ptr + pid_m).to(tl.int64) - E0
+    if (e < 0) | (e >= EC):
         return
     pos = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)                        # [BM] sorted position
     pair = tl.load(sorted_ptr + pos)
@@ -137,8 +141,12 @@ def _gate_up_kernel(
     tok = (pair // TOPK).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)                       # [BN]
     rmask = rows < I
-    w1_ptr += e * I * KW
-    w3_ptr += e * I * KW
+    if DEQ:
+        w1_ptr += e * I * D
+        w3_ptr += e * I * D
+    else:
+        w1_ptr += e * I * KW
+        w3_ptr += e * I * KW
     s1_ptr += e * I * (KW // 4)
     s3_ptr += e * I * (KW // 4)
     z1_ptr += e * I * (KW // 8)
@@ -153,8 +161,13 @@ def _gate_up_kernel(
     for kw0 in range(0, KW, W):
         a = tl.load(x_ptr + tok[:, None] * D + (kw0 * 16 + kk)[None, :], mask=valid[:, None],
                     other=0.0)                                           # [BM, 16W] fp16
-        b1 = _int2_tile_f16(w1_ptr, s1_ptr, z1_ptr, rows, rmask, kw0, KW, W, GATHER)   # [BN, 16W]
-        b3 = _int2_tile_f16(w3_ptr, s3_ptr, z3_ptr, rows, rmask, kw0, KW, W, GATHER)
+        if DEQ:
+            wofs = rows[:, None] * D + (kw0 * 16 + kk)[None, :]
+            b1 = tl.load(w1_ptr + wofs, mask=rmask[:, None], other=0.0)  # [BN, 16W] fp16
+            b3 = tl.load(w3_ptr + wofs, mask=rmask[:, None], other=0.0)
+        else:
+            b1 = _int2_tile_f16(w1_ptr, s1_ptr, z1_ptr, rows, rmask, kw0, KW, W, GATHER)   # [BN, 16W]
+            b3 = _int2_tile_f16(w3_ptr, s3_ptr, z3_ptr, rows, rmask, kw0, KW, W, GATHER)
         if SWAP:
             at = tl.trans(a)                                             # [16W, BM]
             acc1 = tl.dot(b1, at, acc1)
@@ -187,13 +200,15 @@ def _down_kernel(
     y_ptr,
     # sizes (KW = I/16)
     I, D, KW,
+    # DEQ: w2 is fp16 [EC, D, I] of experts E0..E0+EC-1 (other blocks exit)
+    E0, EC,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
-    SWAP: tl.constexpr, GATHER: tl.constexpr,
+    SWAP: tl.constexpr, GATHER: tl.constexpr, DEQ: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    e = tl.load(bexp_ptr + pid_m // R).to(tl.int64)
-    if e < 0:
+    e = tl.load(bexp_ptr + pid_m // R).to(tl.int64) - E0
+    if (e < 0) | (e >= EC):
         return
     first = tl.load(sorted_ptr + pid_m * BLOCK_M)
     if first >= S:                                                       # padding sits at the run's end
@@ -204,7 +219,10 @@ def _down_kernel(
     tok = (pair // TOPK).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < D
-    w2_ptr += e * D * KW
+    if DEQ:
+        w2_ptr += e * D * I
+    else:
+        w2_ptr += e * D * KW
     s2_ptr += e * D * (KW // 4)
     z2_ptr += e * D * (KW // 8)
     kk = tl.arange(0, 16 * W)
@@ -215,7 +233,10 @@ def _down_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for kw0 in range(0, KW, W):
         a = tl.load(hrow + (kw0 * 16 + kk)[None, :])                    # [BM, 16W] fp16
-        b = _int2_tile_f16(w2_ptr, s2_ptr, z2_ptr, rows, rmask, kw0, KW, W, GATHER)    # [BN, 16W]
+        if DEQ:
+            b = tl.load(w2_ptr + rows[:, None] * I + (kw0 * 16 + kk)[None, :], mask=rmask[:, None], other=0.0)
+        else:
+            b = _int2_tile_f16(w2_ptr, s2_ptr, z2_ptr, rows, rmask, kw0, KW, W, GATHER)    # [BN, 16W]
         if SWAP:
             acc = tl.dot(b, tl.trans(a), acc)
         else:
@@ -255,13 +276,25 @@ def align_pairs(idx: torch.Tensor, num_experts: int, block_m: int) -> tuple[torc
 
 
 def launch_gate_up(x16, sorted_ids, bexp, k, rw, w1, w3, h, limit: float, block_m: int, c: GemmConfig):
-    """``_gate_up_kernel`` over ``align_pairs`` blocks of ``block_m``: x16 [T, D] fp16 -> h [B*block_m, I]."""
+    """``_gate_up_kernel`` over ``align_pairs`` blocks of ``block_m``: x16 [T, D] fp16 -> h [B*block_m, I].
+
+    With ``c.chunk`` the experts are dequantised to fp16 ``chunk`` at a time and the kernel reads them.
+    """
     (p1, s1, z1), (p3, s3, z3) = w1, w3
     E, I, KW = p1.shape
-    _gate_up_kernel[(triton.cdiv(I, c.block_n), bexp.numel())](
-        x16, sorted_ids, bexp, rw.numel(), k, rw, as_int32(p1), s1, z1, as_int32(p3), s3, z3,
-        h, I, KW * 16, KW, limit, BLOCK_M=block_m, BLOCK_N=c.block_n, W=fit_w(c.w, KW), SWAP=c.swap,
-        GATHER=c.gather, num_warps=c.warps, num_stages=c.stages)
+    grid = (triton.cdiv(I, c.block_n), bexp.numel())
+    meta = dict(BLOCK_M=block_m, BLOCK_N=c.block_n, W=fit_w(c.w, KW), SWAP=c.swap, GATHER=c.gather,
+                num_warps=c.warps, num_stages=c.stages)
+    if not c.chunk:
+        _gate_up_kernel[grid](x16, sorted_ids, bexp, rw.numel(), k, rw, as_int32(p1), s1, z1, as_int32(p3), s3, z3,
+                              h, I, KW * 16, KW, limit, 0, E, DEQ=False, **meta)
+        return
+    for e0 in range(0, E, c.chunk):
+        e1 = min(E, e0 + c.chunk)
+        d1 = dequantize_int2(p1[e0:e1], s1[e0:e1], z1[e0:e1], torch.float16)     # [C, I, D]
+        d3 = dequantize_int2(p3[e0:e1], s3[e0:e1], z3[e0:e1], torch.float16)
+        _gate_up_kernel[grid](x16, sorted_ids, bexp, rw.numel(), k, rw, d1, s1, z1, d3, s3, z3,
+                              h, I, KW * 16, KW, limit, e0, e1 - e0, DEQ=True, **meta)
 
 
 def launch_down(h, sorted_ids, bexp, k, w2, y, block_m: int, r: int, c: GemmConfig):
@@ -269,10 +302,16 @@ def launch_down(h, sorted_ids, bexp, k, w2, y, block_m: int, r: int, c: GemmConf
     p2, s2, z2 = w2
     E, D, KW = p2.shape
     S = y.shape[0] * k
-    _down_kernel[(triton.cdiv(D, c.block_n), bexp.numel() * r)](
-        h, sorted_ids, bexp, S, k, as_int32(p2), s2, z2, y, KW * 16, D, KW,
-        BLOCK_M=block_m, BLOCK_N=c.block_n, W=fit_w(c.w, KW), R=r, SWAP=c.swap, GATHER=c.gather,
-        num_warps=c.warps, num_stages=c.stages)
+    grid = (triton.cdiv(D, c.block_n), bexp.numel() * r)
+    meta = dict(BLOCK_M=block_m, BLOCK_N=c.block_n, W=fit_w(c.w, KW), R=r, SWAP=c.swap, GATHER=c.gather,
+                num_warps=c.warps, num_stages=c.stages)
+    if not c.chunk:
+        _down_kernel[grid](h, sorted_ids, bexp, S, k, as_int32(p2), s2, z2, y, KW * 16, D, KW, 0, E, DEQ=False, **meta)
+        return
+    for e0 in range(0, E, c.chunk):
+        e1 = min(E, e0 + c.chunk)
+        d2 = dequantize_int2(p2[e0:e1], s2[e0:e1], z2[e0:e1], torch.float16)     # [C, D, I]
+        _down_kernel[grid](h, sorted_ids, bexp, S, k, d2, s2, z2, y, KW * 16, D, KW, e0, e1 - e0, DEQ=True, **meta)
 
 
 def int2_moe_prefill(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,

@@ -134,10 +134,11 @@ _SMALL = GemmConfig(32, 4, 4, 2)
     (100, PrefillConfig(16, _SMALL, _SMALL)),                                     # weights on the left
     (7, PrefillConfig(32, GemmConfig(32, 8, 4, 2, swap=False), GemmConfig(64, 4, 4, 2, swap=False), 16)),
     (40, PrefillConfig(32, GemmConfig(16, 4, 4, 2, gather=True), GemmConfig(32, 8, 4, 2, gather=True), 16)),
+    (33, PrefillConfig(16, GemmConfig(32, 4, 4, 2, False, chunk=3), GemmConfig(32, 4, 4, 2, True, chunk=5))),
     (64, None)])                                                                  # the default for T
 def test_prefill_matches_reference(T, cfg):
     # E=8, k=3: some experts get 0 tokens, several M-blocks end in padding, down_block_m < block_m skips
-    # all-padding sub-blocks; the fp16 weight tile must equal (q - z) * s rounded once
+    # all-padding sub-blocks, chunk>0 dequantises a few experts at a time (blocks of other experts exit)
     E, D, I, k = 8, 256, 128, 3
     w = _experts(E, D, I, seed=T)
     x = torch.randn(T, D, device=DEV)
