@@ -85,6 +85,8 @@ def decode_configs(use_dot: bool) -> list[DecodeConfig]:
 
 
 _MAGIC = 0x4B000000  # float bits of 2^23
+_MAGIC16 = 0x6400    # fp16 bits of 1024.0 (HALF path)
+HALF_DEFAULT = False  # fp16 CUDA-core inner loop by default? (set from the H200 measurement, kernels/BENCHMARKS.md)
 
 
 @triton.jit
@@ -157,6 +159,72 @@ def _ew_chunk2(acc1, acc3, w1_ptr, s1_ptr, z1_ptr, w3_ptr, s3_ptr, z3_ptr, x_ptr
 
 
 @triton.jit
+def _ew16_chunk2(acc1, acc3, w1_ptr, s1_ptr, z1_ptr, w3_ptr, s3_ptr, z3_ptr, x_ptr, xs_ptr,
+                 rows, row_mask, kw0, KW, magic, W: tl.constexpr, TWO: tl.constexpr):
+    """One K step (16*W channels) of the fp16 CUDA-core GEMV (HALF path) for one or two matrices.
+
+    The packed words are read as int16 halves (little-endian: half 2w holds codes 0-7 of word w,
+    half 2w+1 codes 8-15). Code j of a half sits at bits [2j, 2j+2): for j < 5 it is masked in place
+    and OR-ed into the mantissa of 1024.0 (fp16 0x6400), so the half reads ``1024 + q*4^j`` exactly,
+    and one fp16 FMA ``f*4^-j - 1024*4^-j`` gives q exactly; codes 5-7 take one shift by 10 first.
+    Two halves share each 32-bit LOP3 / HFMA2. Products ``q*x`` accumulate in fp16 over the 8 codes
+    of a half, then per 64-channel group in fp32: ``acc [BN, W/4] += s * (x.q - z * sum x)``.
+    x_ptr: fp16 activations laid out [8, 2*KW] (code j of half hh); xs_ptr: fp32 group sums [KW/4].
+    """
+    BN: tl.constexpr = acc1.shape[0]
+    hw = 2 * kw0 + tl.arange(0, 2 * W)                                   # [2W] int16 halves
+    m2 = row_mask[:, None] & (hw >= 0)[None, :]
+    hofs = rows[:, None] * (2 * KW) + hw[None, :]                        # [BN, 2W]
+    zrow = 0 * rows[:, None]                                             # x loads in the weights' layout
+    h1 = tl.load(w1_ptr + hofs, mask=m2, other=0)                        # [BN, 2W] int16
+    if TWO:
+        h3 = tl.load(w3_ptr + hofs, mask=m2, other=0)
+    g = kw0 // 4 + tl.arange(0, W // 4)                                  # [W/4] groups of this step
+    gm = row_mask[:, None] & (g >= 0)[None, :]
+    sofs = rows[:, None] * (KW // 4) + g[None, :]
+    zofs = rows[:, None] * (KW // 8) + (g // 2)[None, :]
+    zsh = ((g % 2) * 4)[None, :]
+    sc1 = tl.load(s1_ptr + sofs, mask=gm, other=0.0)
+    zb1 = tl.load(z1_ptr + zofs, mask=gm, other=0)
+    if TWO:
+        sc3 = tl.load(s3_ptr + sofs, mask=gm, other=0.0)
+        zb3 = tl.load(z3_ptr + zofs, mask=gm, other=0)
+    mg = magic.to(tl.int16)
+    part1 = tl.zeros([BN, 2 * W], tl.float16)
+    if TWO:
+        part3 = tl.zeros([BN, 2 * W], tl.float16)
+    for j in tl.static_range(5):
+        mk = tl.full((1, 1), 3 << (2 * j), tl.int16)
+        xj = tl.load(x_ptr + j * (2 * KW) + hw[None, :] + zrow)          # [BN, 2W] fp16 (same for all rows)
+        q1 = ((h1 & mk) | mg).to(tl.float16, bitcast=True) * (0.25 ** j) - 1024.0 * (0.25 ** j)
+        part1 += q1 * xj
+        if TWO:
+            q3 = ((h3 & mk) | mg).to(tl.float16, bitcast=True) * (0.25 ** j) - 1024.0 * (0.25 ** j)
+            part3 += q3 * xj
+    ten = tl.full((1, 1), 10, tl.int16)
+    s1h = h1 >> ten
+    if TWO:
+        s3h = h3 >> ten
+    for j in tl.static_range(3):
+        mk = tl.full((1, 1), 3 << (2 * j), tl.int16)
+        xj = tl.load(x_ptr + (j + 5) * (2 * KW) + hw[None, :] + zrow)
+        q1 = ((s1h & mk) | mg).to(tl.float16, bitcast=True) * (0.25 ** j) - 1024.0 * (0.25 ** j)
+        part1 += q1 * xj
+        if TWO:
+            q3 = ((s3h & mk) | mg).to(tl.float16, bitcast=True) * (0.25 ** j) - 1024.0 * (0.25 ** j)
+            part3 += q3 * xj
+    xs = tl.load(xs_ptr + g)[None, :]                                    # [1, W/4]
+    p1 = tl.sum(tl.reshape(part1.to(tl.float32), (BN, W // 4, 8)), axis=2)   # [BN, W/4]
+    z1 = ((zb1.to(tl.int32) & 0xFF) >> zsh) & 0xF
+    acc1 += sc1.to(tl.float32) * (p1 - z1.to(tl.float32) * xs)
+    if TWO:
+        p3 = tl.sum(tl.reshape(part3.to(tl.float32), (BN, W // 4, 8)), axis=2)
+        z3 = ((zb3.to(tl.int32) & 0xFF) >> zsh) & 0xF
+        acc3 += sc3.to(tl.float32) * (p3 - z3.to(tl.float32) * xs)
+    return acc1, acc3
+
+
+@triton.jit
 def _q_group_dot(w_ptr, s_ptr, z_ptr, rows, row_mask, kw0, KW, xa, xg):
     """One 64-channel group (4 packed words) on the tensor cores: ``s * (q @ x - z * sum x)`` [BN, P].
 
@@ -183,12 +251,13 @@ def _prep_kernel(
     # x [T, D] (any float dtype) ->
     #   EW:  xt [T, 16, D/16] fp32 scaled by 4^-(j%8), xs [T, D/16] fp32 per-word sums
     #   DOT: xt [T, D] fp16, xs [T, D/64] fp32 per-group sums of the fp16 values
+    #   HALF: xt [T, 8, 2*D/16] fp16 (code j of int16 half hh), xs [T, D/64] as DOT
     x_ptr, xt_ptr, xs_ptr,
     # workspace to zero (y, gate/up partial sums, split counters), fp32 [NZ]
     ws_ptr, NZ,
     # words per row, the number of x programs (T * cdiv(KW, BLOCK_W))
     KW, NX,
-    BLOCK_W: tl.constexpr, BLOCK_Z: tl.constexpr, DOT: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_Z: tl.constexpr, DOT: tl.constexpr, HALF: tl.constexpr,
 ):
     pid = tl.program_id(0)
     zo = pid * BLOCK_Z + tl.arange(0, BLOCK_Z)
@@ -207,6 +276,14 @@ def _prep_kernel(
             gs = tl.sum(tl.reshape(ws, (BLOCK_W // 4, 4)), axis=1)       # [BW/4] per-group sums
             gi = (pid % nb) * (BLOCK_W // 4) + tl.arange(0, BLOCK_W // 4)
             tl.store(xs_ptr + t * (KW // 4) + gi, gs, mask=gi < KW // 4)
+        elif HALF:
+            xh = x.to(tl.float16)                                        # [BW, 16]
+            hh = 2 * kw[:, None] + (j // 8)[None, :]                     # int16 half of the word
+            tl.store(xt_ptr + t * KW * 16 + (j % 8)[None, :] * (2 * KW) + hh, xh, mask=m[:, None])
+            ws = tl.sum(xh.to(tl.float32), axis=1)
+            gs = tl.sum(tl.reshape(ws, (BLOCK_W // 4, 4)), axis=1)
+            gi = (pid % nb) * (BLOCK_W // 4) + tl.arange(0, BLOCK_W // 4)
+            tl.store(xs_ptr + t * (KW // 4) + gi, gs, mask=gi < KW // 4)
         else:
             x = x.to(tl.float32)
             tl.store(xs_ptr + t * KW + kw, tl.sum(x, axis=1), mask=m)
@@ -216,7 +293,7 @@ def _prep_kernel(
 
 @triton.jit
 def _swiglu_store(g, u, rw, rows, rmask, pair, valid, h_ptr, hs_ptr, I, limit, pid_n,
-                  BLOCK_N: tl.constexpr, DOT: tl.constexpr):
+                  BLOCK_N: tl.constexpr, DOT: tl.constexpr, HALF: tl.constexpr):
     """SwiGLU * routing weight on a finished [BN] (EW) or [BN, P] (DOT) tile of g, u; writes h (+ sums)."""
     g = tl.minimum(g, limit)
     u = tl.minimum(tl.maximum(u, -limit), limit)
@@ -228,6 +305,19 @@ def _swiglu_store(g, u, rw, rows, rmask, pair, valid, h_ptr, hs_ptr, I, limit, p
         gi = pid_n * (BLOCK_N // 64) + tl.arange(0, BLOCK_N // 64)
         tl.store(hs_ptr + pair[None, :].to(tl.int64) * (I // 64) + gi[:, None], hg,
                  mask=(gi < I // 64)[:, None] & valid[None, :])
+    elif HALF:
+        h = (g * tl.sigmoid(g) * u * rw).to(tl.float16)                  # [BN]
+        IW = I // 16
+        c = rows % 16
+        tl.store(h_ptr + pair.to(tl.int64) * I + (c % 8) * (2 * IW) + 2 * (rows // 16) + c // 8, h, mask=rmask)
+        hf = tl.where(rmask, h.to(tl.float32), 0.0)
+        hrow = hs_ptr + pair.to(tl.int64) * (I // 64)                    # group sums, zeroed by the prep kernel
+        if BLOCK_N >= 64:
+            gi = pid_n * (BLOCK_N // 64) + tl.arange(0, BLOCK_N // 64)
+            tl.atomic_add(hrow + gi, tl.sum(tl.reshape(hf, (BLOCK_N // 64, 64)), axis=1), mask=gi < I // 64,
+                          sem="relaxed")
+        else:
+            tl.atomic_add(hrow + (pid_n * BLOCK_N) // 64, tl.sum(hf, axis=0), sem="relaxed")
     else:
         h = g * tl.sigmoid(g) * u * rw                                   # [BN]
         IW = I // 16
@@ -256,7 +346,7 @@ def _gate_up_kernel(
     # value so that ptxas fuses the mask and the OR into one LOP3 instead of two immediates)
     I, D, KW, limit, MAGIC,
     BLOCK_N: tl.constexpr, W: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
-    SPLIT_K: tl.constexpr, STAGES: tl.constexpr, DOT: tl.constexpr,
+    SPLIT_K: tl.constexpr, STAGES: tl.constexpr, DOT: tl.constexpr, HALF: tl.constexpr,
 ):
     s = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -265,8 +355,9 @@ def _gate_up_kernel(
         return
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < I
-    w1_ptr += e * I * KW
-    w3_ptr += e * I * KW
+    WSZ: tl.constexpr = 2 if HALF else 1                                 # HALF: weights seen as int16 halves
+    w1_ptr += e * I * KW * WSZ
+    w3_ptr += e * I * KW * WSZ
     s1_ptr += e * I * (KW // 4)
     s3_ptr += e * I * (KW // 4)
     z1_ptr += e * I * (KW // 8)
@@ -295,19 +386,27 @@ def _gate_up_kernel(
         t0 = (s // TOPK).to(tl.int64)
         rw = tl.load(rw_ptr + s)
         x_ptr += t0 * D
-        xs_ptr += t0 * KW
-        acc1 = tl.zeros([BLOCK_N, W], tl.float32)
-        acc3 = tl.zeros([BLOCK_N, W], tl.float32)
-        for kw0 in range(k_lo, k_lo + per_split, W):
-            acc1, acc3 = _ew_chunk2(acc1, acc3, w1_ptr, s1_ptr, z1_ptr, w3_ptr, s3_ptr, z3_ptr, x_ptr, xs_ptr,
-                                    rows, rmask, kw0, KW, MAGIC, W, True)
+        if HALF:
+            xs_ptr += t0 * (KW // 4)
+            acc1 = tl.zeros([BLOCK_N, W // 4], tl.float32)
+            acc3 = tl.zeros([BLOCK_N, W // 4], tl.float32)
+            for kw0 in range(k_lo, k_lo + per_split, W):
+                acc1, acc3 = _ew16_chunk2(acc1, acc3, w1_ptr, s1_ptr, z1_ptr, w3_ptr, s3_ptr, z3_ptr, x_ptr, xs_ptr,
+                                          rows, rmask, kw0, KW, MAGIC, W, True)
+        else:
+            xs_ptr += t0 * KW
+            acc1 = tl.zeros([BLOCK_N, W], tl.float32)
+            acc3 = tl.zeros([BLOCK_N, W], tl.float32)
+            for kw0 in range(k_lo, k_lo + per_split, W):
+                acc1, acc3 = _ew_chunk2(acc1, acc3, w1_ptr, s1_ptr, z1_ptr, w3_ptr, s3_ptr, z3_ptr, x_ptr, xs_ptr,
+                                        rows, rmask, kw0, KW, MAGIC, W, True)
         gout = tl.sum(acc1, axis=1)                                      # [BN]
         uout = tl.sum(acc3, axis=1)
         m = rmask
         gofs = s.to(tl.int64) * (2 * I) + rows
         pair = s
     if SPLIT_K == 1:
-        _swiglu_store(gout, uout, rw, rows, rmask, pair, valid, h_ptr, hs_ptr, I, limit, pid_n, BLOCK_N, DOT)
+        _swiglu_store(gout, uout, rw, rows, rmask, pair, valid, h_ptr, hs_ptr, I, limit, pid_n, BLOCK_N, DOT, HALF)
     else:
         # split-K: partial sums by atomics; the last program of this tile to arrive applies SwiGLU
         tl.atomic_add(gu_ptr + gofs, gout, mask=m, sem="relaxed")
@@ -318,7 +417,7 @@ def _gate_up_kernel(
             gsum = tl.load(gu_ptr + gofs, mask=m, other=0.0, cache_modifier=".cg")
             usum = tl.load(gu_ptr + gofs + I, mask=m, other=0.0, cache_modifier=".cg")
             _swiglu_store(gsum, usum, rw, rows, rmask, pair, valid, h_ptr, hs_ptr, I, limit, pid_n,
-                          BLOCK_N, DOT)
+                          BLOCK_N, DOT, HALF)
 
 
 @triton.jit
@@ -334,7 +433,7 @@ def _down_kernel(
     # sizes (KW = I/16 packed words per row), MAGIC as in _gate_up_kernel
     I, D, KW, MAGIC,
     BLOCK_N: tl.constexpr, W: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
-    SPLIT_K: tl.constexpr, STAGES: tl.constexpr, DOT: tl.constexpr,
+    SPLIT_K: tl.constexpr, STAGES: tl.constexpr, DOT: tl.constexpr, HALF: tl.constexpr,
 ):
     s = tl.program_id(0)
     e, pair, valid, active = _expert_pairs(idx_ptr, s, S, BLOCK_S, BLOCK_P)
@@ -342,7 +441,8 @@ def _down_kernel(
         return
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < D
-    w2_ptr += e * D * KW
+    WSZ: tl.constexpr = 2 if HALF else 1
+    w2_ptr += e * D * KW * WSZ
     s2_ptr += e * D * (KW // 4)
     z2_ptr += e * D * (KW // 8)
     per_split = KW // SPLIT_K
@@ -363,11 +463,18 @@ def _down_kernel(
     else:
         t0 = (s // TOPK).to(tl.int64)
         h_ptr += s.to(tl.int64) * I
-        hs_ptr += s.to(tl.int64) * KW
-        acc = tl.zeros([BLOCK_N, W], tl.float32)
-        for kw0 in range(k_lo, k_lo + per_split, W):
-            acc, _ = _ew_chunk2(acc, acc, w2_ptr, s2_ptr, z2_ptr, w2_ptr, s2_ptr, z2_ptr, h_ptr, hs_ptr,
-                                  rows, rmask, kw0, KW, MAGIC, W, False)
+        if HALF:
+            hs_ptr += s.to(tl.int64) * (KW // 4)
+            acc = tl.zeros([BLOCK_N, W // 4], tl.float32)
+            for kw0 in range(k_lo, k_lo + per_split, W):
+                acc, _ = _ew16_chunk2(acc, acc, w2_ptr, s2_ptr, z2_ptr, w2_ptr, s2_ptr, z2_ptr, h_ptr, hs_ptr,
+                                      rows, rmask, kw0, KW, MAGIC, W, False)
+        else:
+            hs_ptr += s.to(tl.int64) * KW
+            acc = tl.zeros([BLOCK_N, W], tl.float32)
+            for kw0 in range(k_lo, k_lo + per_split, W):
+                acc, _ = _ew_chunk2(acc, acc, w2_ptr, s2_ptr, z2_ptr, w2_ptr, s2_ptr, z2_ptr, h_ptr, hs_ptr,
+                                    rows, rmask, kw0, KW, MAGIC, W, False)
         tl.atomic_add(y_ptr + t0 * D + rows, tl.sum(acc, axis=1), mask=rmask, sem="relaxed")
 
 
@@ -406,7 +513,7 @@ def _stage(cfg: StageConfig, kw: int, dot: bool, name: str) -> tuple[int, int]:
     """(words per K step, K splits) fitted to a row of kw packed words."""
     w = fit_w(cfg.w, kw)
     if dot and w % 4:
-        raise ValueError(f"kernels.int2_moe_decode: {name}: the dot path needs w to be a multiple of 4")
+        raise ValueError(f"kernels.int2_moe_decode: {name}: the dot and fp16 paths need w to be a multiple of 4")
     split = max(1, min(cfg.split, kw // w))
     while (kw // w) % split:
         split -= 1
@@ -418,12 +525,14 @@ def int2_moe_decode(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
                     w3_packed: torch.Tensor, w3_scale: torch.Tensor, w3_zero_packed: torch.Tensor,
                     w2_packed: torch.Tensor, w2_scale: torch.Tensor, w2_zero_packed: torch.Tensor,
                     limit: float, *, config: DecodeConfig | None = None,
-                    use_dot: bool | None = None) -> torch.Tensor:
+                    use_dot: bool | None = None, half: bool | None = None) -> torch.Tensor:
     """Routed-expert MoE for a few tokens -> fp32 ``[T, D]`` (see module docstring).
 
     ``use_dot`` defaults to False (the CUDA-core path, one pair per program); True reads each
-    expert once for all its tokens (tensor cores). See kernels/BENCHMARKS.md for the measurements.
-    Three launches, no host sync (CUDA-graph capturable).
+    expert once for all its tokens (tensor cores). On the CUDA-core path ``half`` (default
+    ``HALF_DEFAULT``) selects the fp16 inner loop (``_ew16_chunk2``: two codes per 32-bit op, fp16
+    products summed over 8 codes, ~1e-3 relative error) over the fp32 one (~1e-7).
+    See kernels/BENCHMARKS.md for the measurements. Three launches, no host sync (CUDA-graph capturable).
     """
     T, k = _check_routing(x, idx, weight)
     w1 = (w1_packed, w1_scale, w1_zero_packed)
@@ -434,12 +543,15 @@ def int2_moe_decode(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
     if S > 4096:
         raise ValueError(f"kernels.int2_moe_decode: T*k={S} too large for the decode kernel; use prefill")
     use_dot = bool(use_dot)
+    half = (HALF_DEFAULT if half is None else bool(half)) and not use_dot
     cfg = config or decode_configs(use_dot)[0]
     gu, dn = cfg.gate_up, cfg.down
-    gu_w, gu_split = _stage(gu, D // 16, use_dot, "gate_up")
-    dn_w, dn_split = _stage(dn, I // 16, use_dot, "down")
+    gu_w, gu_split = _stage(gu, D // 16, use_dot or half, "gate_up")
+    dn_w, dn_split = _stage(dn, I // 16, use_dot or half, "down")
     if gu.block_n % (64 if use_dot else 16):
         raise ValueError(f"kernels.int2_moe_decode: gate_up block_n must be a multiple of {64 if use_dot else 16}")
+    if half and gu.block_n < 64 and 64 % gu.block_n:
+        raise ValueError("kernels.int2_moe_decode: the fp16 path needs gate_up block_n dividing 64 or a multiple of 64")
     if use_dot and dn.block_n < 16:
         raise ValueError("kernels.int2_moe_decode: the dot path needs down block_n >= 16")
     block_p = 16 if use_dot else 1
@@ -448,34 +560,38 @@ def int2_moe_decode(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
     rw = weight.reshape(-1).to(torch.float32).contiguous()
     dev = x.device
     n_tiles = triton.cdiv(I, gu.block_n)
-    ws = torch.empty(T * D + S * 2 * I + S * n_tiles, dtype=torch.float32, device=dev)
+    n_hs = S * (I // 64) if half else 0
+    ws = torch.empty(T * D + S * 2 * I + S * n_tiles + n_hs, dtype=torch.float32, device=dev)
     y = ws[:T * D].view(T, D)                                            # [T, D]
     gu_buf = ws[T * D:T * D + S * 2 * I]                                 # [S, 2, I]
-    cnt = ws[T * D + S * 2 * I:]                                         # [S, n_tiles]
-    if use_dot:
-        xin = torch.empty((T, D), dtype=torch.float16, device=dev)
+    cnt = ws[T * D + S * 2 * I:T * D + S * 2 * I + S * n_tiles]          # [S, n_tiles]
+    if use_dot or half:
+        xin = torch.empty((T, D), dtype=torch.float16, device=dev)       # DOT [T, D]; HALF [T, 8, D/8]
         xs = torch.empty((T, D // 64), dtype=torch.float32, device=dev)
         h = torch.empty((S, I), dtype=torch.float16, device=dev)
-        hs = torch.empty((S, I // 64), dtype=torch.float32, device=dev)
+        hs = (ws[T * D + S * 2 * I + S * n_tiles:].view(S, I // 64) if half
+              else torch.empty((S, I // 64), dtype=torch.float32, device=dev))
     else:
         xin = torch.empty((T, 16, D // 16), dtype=torch.float32, device=dev)
         xs = torch.empty((T, D // 16), dtype=torch.float32, device=dev)
         h = torch.empty((S, I), dtype=torch.float32, device=dev)
         hs = torch.empty((S, I // 16), dtype=torch.float32, device=dev)
+    wv = (lambda t: as_int32(t).view(torch.int16)) if half else as_int32
     nx = T * triton.cdiv(D // 16, 64)
     nz = ws.numel()
     _prep_kernel[(max(nx, triton.cdiv(nz, 1024)),)](x.contiguous(), xin, xs, ws, nz, D // 16, nx,
-                                                    BLOCK_W=64, BLOCK_Z=1024, DOT=use_dot)
+                                                    BLOCK_W=64, BLOCK_Z=1024, DOT=use_dot, HALF=half)
     _gate_up_kernel[(S, n_tiles, gu_split)](
         xin, xs, idx_f, rw, S, k,
-        as_int32(w1_packed), w1_scale, w1_zero_packed, as_int32(w3_packed), w3_scale, w3_zero_packed,
-        gu_buf, cnt, h, hs, I, D, D // 16, float(limit), _MAGIC,
+        wv(w1_packed), w1_scale, w1_zero_packed, wv(w3_packed), w3_scale, w3_zero_packed,
+        gu_buf, cnt, h, hs, I, D, D // 16, float(limit), _MAGIC16 if half else _MAGIC,
         BLOCK_N=gu.block_n, W=gu_w, BLOCK_P=block_p, BLOCK_S=block_s, SPLIT_K=gu_split,
-        STAGES=gu.stages, DOT=use_dot, num_warps=gu.warps, num_stages=gu.stages)
+        STAGES=gu.stages, DOT=use_dot, HALF=half, num_warps=gu.warps, num_stages=gu.stages)
     _down_kernel[(S, triton.cdiv(D, dn.block_n), dn_split)](
-        h, hs, idx_f, S, k, as_int32(w2_packed), w2_scale, w2_zero_packed, y, I, D, I // 16, _MAGIC,
+        h, hs, idx_f, S, k, wv(w2_packed), w2_scale, w2_zero_packed, y, I, D, I // 16,
+        _MAGIC16 if half else _MAGIC,
         BLOCK_N=dn.block_n, W=dn_w, BLOCK_P=block_p, BLOCK_S=block_s, SPLIT_K=dn_split,
-        STAGES=dn.stages, DOT=use_dot, num_warps=dn.warps, num_stages=dn.stages)
+        STAGES=dn.stages, DOT=use_dot, HALF=half, num_warps=dn.warps, num_stages=dn.stages)
     return y
 
 
