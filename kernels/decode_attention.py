@@ -26,10 +26,13 @@ import torch
 import triton
 import triton.language as tl
 
-# tuning defaults (bench/bench_decode_attn.py); (keys per block = MMA N of q.k and K of p @ v,
-# head-dim chunk, warps) for the tensor-core path and for the fp32 ("ieee", FMA) path
-LOWP_CFG = (64, 64, 4)
+# Tuning defaults, measured on the H200 (bench/bench_decode_attn.py --sweep; docs/FULLSCALE_NOTES.md):
+# (keys per block = MMA N of q.k and K of p @ v, head-dim chunk, warps) for the tensor-core path and
+# for the fp32 ("ieee", FMA) path. Tensor-core path: 32-key blocks while B * blocks fits one wave of
+# SMs (``WAVE``), else 64-key blocks; several blocks per program (long contexts) use 64-wide chunks.
+LOWP_CFG = (32, 128, 4)
 IEEE_CFG = (32, 32, 8)
+WAVE = 132
 MAX_PROGRAMS = 256   # launch-1 programs aimed for (splits = min(blocks, MAX_PROGRAMS // B, 64))
 
 
@@ -197,9 +200,11 @@ def decode_attention(q: torch.Tensor, win: torch.Tensor, ent: torch.Tensor | Non
     # tensor-core path for 16-bit keys; bf16 only off the CPU interpreter (its bf16 tl.dot is wrong)
     lowp = q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and q.device.type != "cpu")
     d_bn, d_bc, d_nw = LOWP_CFG if lowp else IEEE_CFG
-    bn, num_warps = bn or d_bn, num_warps or d_nw
-    bc = min(bc or d_bc, C)
+    if bn is None:
+        bn = 64 if lowp and B * triton.cdiv(N, d_bn) > WAVE else d_bn
+    num_warps = num_warps or d_nw
     S, NB = _plan(B, N, bn, max_programs)
+    bc = min(bc or (d_bc if NB == 1 else min(d_bc, 64)), C)
     HP = max(16, triton.next_power_of_2(H))
     f32 = torch.float32
     m = torch.empty(B, S, H, dtype=f32, device=q.device)
@@ -212,7 +217,7 @@ def decode_attention(q: torch.Tensor, win: torch.Tensor, ent: torch.Tensor | Non
         q, win, e, sel if sel is not None else pos, pos, thr_, scr, m, lsum, acc, float(scale),
         H, W, N, T, win.stride(0), e.stride(0), q.stride(0), sel.stride(0) if sel is not None else 0, NB, S,
         C=C, HP=HP, BNc=bn, BCc=bc, HAS_SEL=sel is not None, LOWP=lowp, ONE=NB == 1,
-        num_warps=num_warps)
+        num_warps=num_warps, num_stages=1)   # no software pipelining: the NB-block loops overflow shared memory
     out = torch.empty(B, H, C, dtype=q.dtype, device=q.device)
     CB = min(C, 128)
     _attn_combine_kernel[(B * H, C // CB)](m, lsum, acc, sink.to(f32).contiguous(), out, H, S, out.stride(0),
