@@ -221,23 +221,25 @@ def bench_fp8(res, dev, reps, sweep, copy_gbps):
     res["fp8_gemv"] = rows
 
 
-# (block_m, GemmConfig) candidates of the prefill sweep per T (run 1's sweep: kernels/BENCHMARKS.md);
-# chunk=32: dequantise 32 experts at a time to fp16 (1.07 GB for w1+w3), then a plain fp16 grouped GEMM
+# (block_m, GemmConfig) candidates of the prefill sweep per T (kernels/BENCHMARKS.md "INT2 prefill grouped
+# GEMM v2"): expand 2 = interleave tree + prefetched scales (default), 3 = no prefetch, 0 = run 1's reshape;
+# swap False = tokens on the MMA's M side; chunk=32: dequantise 32 experts at a time to fp16 + fp16 GEMM
 _G = GemmConfig
 PREFILL_GATE_UP = {
-    2048: [(64, _G(64, 8, 4, 3)), (128, _G(64, 8, 8, 3)), (128, _G(32, 8, 4, 3)), (64, _G(32, 8, 4, 3)),
-           (64, _G(64, 8, 4, 4)), (64, _G(128, 4, 4, 4, False, chunk=32)), (128, _G(128, 4, 8, 3, False, chunk=32)),
-           (64, _G(256, 4, 8, 3, False, chunk=32)), (64, _G(128, 4, 4, 4, True, chunk=32))],
-    6144: [(256, _G(64, 8, 8, 3)), (256, _G(32, 8, 4, 3)), (256, _G(64, 8, 8, 4)), (128, _G(64, 8, 4, 3)),
-           (128, _G(128, 4, 8, 3, False, chunk=32)), (128, _G(256, 4, 8, 3, False, chunk=32)),
-           (64, _G(128, 4, 4, 4, False, chunk=32)), (256, _G(128, 4, 8, 3, False, chunk=32))]}
+    2048: [(64, _G(64, 8, 4, 3)), (64, _G(64, 8, 4, 3, False)), (64, _G(64, 8, 4, 3, expand=3)),
+           (128, _G(64, 8, 8, 3)), (128, _G(64, 8, 4, 3, False)), (64, _G(128, 8, 8, 3)),
+           (64, _G(128, 8, 8, 3, False)), (64, _G(64, 16, 4, 3)), (64, _G(64, 8, 4, 4)),
+           (64, _G(64, 8, 4, 3, expand=0)), (64, _G(128, 4, 4, 4, False, chunk=32))],
+    6144: [(256, _G(64, 8, 8, 3)), (256, _G(64, 8, 8, 3, False)), (128, _G(64, 8, 4, 3)),
+           (128, _G(64, 8, 4, 3, False)), (128, _G(128, 8, 8, 3, False)), (256, _G(64, 8, 8, 3, expand=0)),
+           (256, _G(64, 8, 8, 3, expand=3)), (128, _G(128, 4, 8, 3, False, chunk=32))]}
 PREFILL_DOWN = {
-    2048: [(64, _G(64, 8, 4, 3)), (64, _G(32, 8, 4, 3)), (128, _G(64, 8, 8, 3)), (64, _G(64, 8, 4, 4)),
-           (64, _G(128, 4, 4, 4, False, chunk=32)), (128, _G(128, 4, 8, 3, False, chunk=32)),
-           (64, _G(256, 4, 8, 3, False, chunk=32))],
-    6144: [(256, _G(128, 8, 8, 2)), (256, _G(64, 8, 8, 3)), (256, _G(64, 8, 4, 3)), (128, _G(64, 8, 4, 3)),
-           (128, _G(128, 4, 8, 3, False, chunk=32)), (128, _G(256, 4, 8, 3, False, chunk=32)),
-           (256, _G(128, 4, 8, 3, False, chunk=32))]}
+    2048: [(64, _G(64, 8, 4, 3)), (64, _G(64, 8, 4, 3, False)), (64, _G(128, 8, 8, 3)),
+           (64, _G(128, 8, 4, 3, False)), (128, _G(64, 8, 8, 3)), (64, _G(64, 8, 4, 3, expand=0)),
+           (64, _G(64, 8, 4, 3, expand=3)), (64, _G(128, 4, 4, 4, False, chunk=32))],
+    6144: [(256, _G(128, 8, 8, 2)), (256, _G(64, 8, 8, 3)), (128, _G(128, 8, 8, 3, False)),
+           (256, _G(128, 8, 8, 3, False)), (128, _G(64, 8, 4, 3)), (256, _G(128, 8, 8, 2, expand=0)),
+           (128, _G(128, 4, 8, 3, False, chunk=32))]}
 
 
 def bench_prefill(res, layers: Int2Layers, dev, reps, sweep, tokens=(2048, 6144)):
@@ -279,10 +281,17 @@ def bench_prefill(res, layers: Int2Layers, dev, reps, sweep, tokens=(2048, 6144)
                 dn_rows.append(dict(block_m=bm, cfg=c, ms=t * 1e3, TFLOPs=flops_dn / t / 1e12))
                 print(f"  down    T={T} bm={bm:3d} {t * 1e3:7.3f} ms {flops_dn / t / 1e12:6.0f} TFLOP/s {c}", flush=True)
         cands = [pick_prefill_config(T, k, E)]
-        if gu_rows and dn_rows:
-            g = min(gu_rows, key=lambda r: r["ms"])
-            d = min((r for r in dn_rows if g["block_m"] % r["block_m"] == 0), key=lambda r: r["ms"])
-            cands.append(PrefillConfig(g["block_m"], g["cfg"], d["cfg"], d["block_m"]))
+        for fused_only in (False, True):
+            gs = [r for r in gu_rows if not (fused_only and r["cfg"].chunk)]
+            if not gs:
+                continue
+            g = min(gs, key=lambda r: r["ms"])
+            ds = [r for r in dn_rows if g["block_m"] % r["block_m"] == 0 and not (fused_only and r["cfg"].chunk)]
+            if ds:
+                d = min(ds, key=lambda r: r["ms"])
+                c = PrefillConfig(g["block_m"], g["cfg"], d["cfg"], d["block_m"])
+                if c not in cands:
+                    cands.append(c)
         best = None
         ref = int2_moe_prefill_v1(x, idx, wt, *w, 10.0)
         for cfg in cands:

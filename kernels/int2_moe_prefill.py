@@ -38,15 +38,16 @@ from .int2_moe_decode import _check_routing, check_moe_weights
 @dataclass(frozen=True)
 class GemmConfig:
     """One launch: weight rows per program, packed words per K step (16*w channels), warps, stages,
-    weights as the dot's left operand (``swap``), K tile built by a repeated-address load (``gather``)
-    instead of a [BN, W, 16] expand + reshape; ``chunk > 0``: dequantise ``chunk`` experts at a time to
+    weights as the dot's left operand (``swap``), how the K tile is built (``expand``: 2 = interleave
+    tree with the next step's scales/zeros prefetched, 3 = the same without prefetch, 1 = repeated-address load, 0 = [BN, W, 16] expand
+    + reshape; see ``_int2_tile_f16``); ``chunk > 0``: dequantise ``chunk`` experts at a time to
     fp16 (``dequantize_int2``, a ``[chunk, N, K]`` temporary) and run the dot on those instead."""
     block_n: int = 128
     w: int = 8
     warps: int = 8
     stages: int = 3
     swap: bool = True
-    gather: bool = False
+    expand: int = 2
     chunk: int = 0
 
 
@@ -74,6 +75,50 @@ def pick_prefill_config(T: int, k: int, E: int) -> PrefillConfig:
 
 
 @triton.jit
+def _code_f16(words, zh, sc, J: tl.constexpr):
+    """Weight of code J of every word: ``((1024 + q) - (1024 + z)) * s`` in fp16, ``[BN, W]``."""
+    q = ((words >> (2 * J)) & 3) | 0x6400
+    return (q.to(tl.int16).to(tl.float16, bitcast=True) - zh) * sc
+
+
+@triton.jit
+def _words_load(w_ptr, rows, row_mask, kw0, KW, W: tl.constexpr):
+    """Packed words ``[BN, W]`` int32 of K step kw0."""
+    kw = kw0 + tl.arange(0, W)
+    return tl.load(w_ptr + rows[:, None] * KW + kw[None, :], mask=row_mask[:, None] & (kw >= 0)[None, :], other=0)
+
+
+@triton.jit
+def _sz_load(s_ptr, z_ptr, rows, row_mask, kw0, KW, W: tl.constexpr):
+    """Scale ``[BN, W]`` fp16 and packed zero byte ``[BN, W]`` of each word of K step kw0 (0 past K)."""
+    kw = kw0 + tl.arange(0, W)
+    m2 = row_mask[:, None] & (kw < KW)[None, :]
+    g = kw // 4                                                          # [W] group (64 = 4 words)
+    sc = tl.load(s_ptr + rows[:, None] * (KW // 4) + g[None, :], mask=m2, other=0.0)
+    zb = tl.load(z_ptr + rows[:, None] * (KW // 8) + (g // 2)[None, :], mask=m2, other=0)
+    return sc, zb
+
+
+@triton.jit
+def _tile_interleave(words, sc, zb, kw0, W: tl.constexpr):
+    """``[BN, 16W]`` fp16 tile from words / scales / zero bytes ``[BN, W]`` (see ``_int2_tile_f16``)."""
+    g = (kw0 + tl.arange(0, W)) // 4
+    z = ((zb.to(tl.int32) & 0xFF) >> ((g % 2) * 4)[None, :]) & 0xF
+    zh = (z | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)          # 1024 + z, [BN, W]
+    # out[16w + j] = code j: interleave(evens, odds) recursively -> leaf pairs (j, j + 8)
+    a0 = tl.interleave(_code_f16(words, zh, sc, 0), _code_f16(words, zh, sc, 8))
+    a1 = tl.interleave(_code_f16(words, zh, sc, 4), _code_f16(words, zh, sc, 12))
+    a2 = tl.interleave(_code_f16(words, zh, sc, 2), _code_f16(words, zh, sc, 10))
+    a3 = tl.interleave(_code_f16(words, zh, sc, 6), _code_f16(words, zh, sc, 14))
+    a4 = tl.interleave(_code_f16(words, zh, sc, 1), _code_f16(words, zh, sc, 9))
+    a5 = tl.interleave(_code_f16(words, zh, sc, 5), _code_f16(words, zh, sc, 13))
+    a6 = tl.interleave(_code_f16(words, zh, sc, 3), _code_f16(words, zh, sc, 11))
+    a7 = tl.interleave(_code_f16(words, zh, sc, 7), _code_f16(words, zh, sc, 15))
+    return tl.interleave(tl.interleave(tl.interleave(a0, a1), tl.interleave(a2, a3)),
+                         tl.interleave(tl.interleave(a4, a5), tl.interleave(a6, a7)))   # [BN, 16W]
+
+
+@triton.jit
 def _int2_tile_f16(
     # packed codes, scales, zeros of ONE expert, row-major [K_out, KW] / [K_out, KW/4] / [K_out, KW/8]
     w_ptr, s_ptr, z_ptr,
@@ -81,10 +126,18 @@ def _int2_tile_f16(
     rows, row_mask,
     # first packed word of this K chunk, words per row (K_in/16; a multiple of W)
     kw0, KW,
-    W: tl.constexpr, GATHER: tl.constexpr,
+    W: tl.constexpr, EXPAND: tl.constexpr,
 ):
-    """Dequantised ``[BN, 16*W]`` fp16 tile, natural K order (see module docstring)."""
-    if GATHER:
+    """Dequantised ``[BN, 16*W]`` fp16 tile, natural K order (see module docstring).
+
+    EXPAND=0: expand the words to [BN, W, 16] and reshape; 1: load every channel's word (repeated
+    addresses); 2: dequantise the 16 codes as 16 [BN, W] tensors in the words' own layout and merge
+    them with a tree of ``tl.interleave`` (in-thread joins, no cross-thread data movement).
+    """
+    if EXPAND >= 2:
+        sc, zb = _sz_load(s_ptr, z_ptr, rows, row_mask, kw0, KW, W)
+        w = _tile_interleave(_words_load(w_ptr, rows, row_mask, kw0, KW, W), sc, zb, kw0, W)
+    elif EXPAND == 1:
         k = kw0 * 16 + tl.arange(0, 16 * W)                              # [BK] channel
         m = row_mask[:, None] & (k >= 0)[None, :]
         words = tl.load(w_ptr + rows[:, None] * KW + (k // 16)[None, :], mask=m, other=0)   # [BN, BK]
@@ -128,7 +181,7 @@ def _gate_up_kernel(
     # DEQ: w1/w3 are fp16 [EC, I, D] of experts E0..E0+EC-1 (other blocks exit)
     E0, EC,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr, SWAP: tl.constexpr,
-    GATHER: tl.constexpr, DEQ: tl.constexpr,
+    EXPAND: tl.constexpr, DEQ: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -158,7 +211,28 @@ def _gate_up_kernel(
     else:
         acc1 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
         acc3 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for kw0 in range(0, KW, W):
+    if EXPAND == 2 and not DEQ:
+        # scales / zeros of step i+1 are loaded during step i (they are too narrow for cp.async)
+        sc1, zb1 = _sz_load(s1_ptr, z1_ptr, rows, rmask, 0, KW, W)
+        sc3, zb3 = _sz_load(s3_ptr, z3_ptr, rows, rmask, 0, KW, W)
+        for kw0 in range(0, KW, W):
+            a = tl.load(x_ptr + tok[:, None] * D + (kw0 * 16 + kk)[None, :], mask=valid[:, None],
+                        other=0.0)                                       # [BM, 16W] fp16
+            q1 = _words_load(w1_ptr, rows, rmask, kw0, KW, W)            # [BN, W]
+            q3 = _words_load(w3_ptr, rows, rmask, kw0, KW, W)
+            sc1n, zb1n = _sz_load(s1_ptr, z1_ptr, rows, rmask, kw0 + W, KW, W)   # next step's
+            sc3n, zb3n = _sz_load(s3_ptr, z3_ptr, rows, rmask, kw0 + W, KW, W)
+            b1 = _tile_interleave(q1, sc1, zb1, kw0, W)                  # [BN, 16W]
+            b3 = _tile_interleave(q3, sc3, zb3, kw0, W)
+            if SWAP:
+                at = tl.trans(a)
+                acc1 = tl.dot(b1, at, acc1)
+                acc3 = tl.dot(b3, at, acc3)
+            else:
+                acc1 = tl.dot(a, tl.trans(b1), acc1)
+                acc3 = tl.dot(a, tl.trans(b3), acc3)
+            sc1, zb1, sc3, zb3 = sc1n, zb1n, sc3n, zb3n
+    for kw0 in range(0, KW if (EXPAND != 2 or DEQ) else 0, W):
         a = tl.load(x_ptr + tok[:, None] * D + (kw0 * 16 + kk)[None, :], mask=valid[:, None],
                     other=0.0)                                           # [BM, 16W] fp16
         if DEQ:
@@ -166,8 +240,8 @@ def _gate_up_kernel(
             b1 = tl.load(w1_ptr + wofs, mask=rmask[:, None], other=0.0)  # [BN, 16W] fp16
             b3 = tl.load(w3_ptr + wofs, mask=rmask[:, None], other=0.0)
         else:
-            b1 = _int2_tile_f16(w1_ptr, s1_ptr, z1_ptr, rows, rmask, kw0, KW, W, GATHER)   # [BN, 16W]
-            b3 = _int2_tile_f16(w3_ptr, s3_ptr, z3_ptr, rows, rmask, kw0, KW, W, GATHER)
+            b1 = _int2_tile_f16(w1_ptr, s1_ptr, z1_ptr, rows, rmask, kw0, KW, W, EXPAND)   # [BN, 16W]
+            b3 = _int2_tile_f16(w3_ptr, s3_ptr, z3_ptr, rows, rmask, kw0, KW, W, EXPAND)
         if SWAP:
             at = tl.trans(a)                                             # [16W, BM]
             acc1 = tl.dot(b1, at, acc1)
@@ -203,7 +277,7 @@ def _down_kernel(
     # DEQ: w2 is fp16 [EC, D, I] of experts E0..E0+EC-1 (other blocks exit)
     E0, EC,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
-    SWAP: tl.constexpr, GATHER: tl.constexpr, DEQ: tl.constexpr,
+    SWAP: tl.constexpr, EXPAND: tl.constexpr, DEQ: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -231,12 +305,24 @@ def _down_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for kw0 in range(0, KW, W):
+    if EXPAND == 2 and not DEQ:
+        sc, zb = _sz_load(s2_ptr, z2_ptr, rows, rmask, 0, KW, W)
+        for kw0 in range(0, KW, W):
+            a = tl.load(hrow + (kw0 * 16 + kk)[None, :])                # [BM, 16W] fp16
+            q = _words_load(w2_ptr, rows, rmask, kw0, KW, W)
+            scn, zbn = _sz_load(s2_ptr, z2_ptr, rows, rmask, kw0 + W, KW, W)
+            b = _tile_interleave(q, sc, zb, kw0, W)
+            if SWAP:
+                acc = tl.dot(b, tl.trans(a), acc)
+            else:
+                acc = tl.dot(a, tl.trans(b), acc)
+            sc, zb = scn, zbn
+    for kw0 in range(0, KW if (EXPAND != 2 or DEQ) else 0, W):
         a = tl.load(hrow + (kw0 * 16 + kk)[None, :])                    # [BM, 16W] fp16
         if DEQ:
             b = tl.load(w2_ptr + rows[:, None] * I + (kw0 * 16 + kk)[None, :], mask=rmask[:, None], other=0.0)
         else:
-            b = _int2_tile_f16(w2_ptr, s2_ptr, z2_ptr, rows, rmask, kw0, KW, W, GATHER)    # [BN, 16W]
+            b = _int2_tile_f16(w2_ptr, s2_ptr, z2_ptr, rows, rmask, kw0, KW, W, EXPAND)    # [BN, 16W]
         if SWAP:
             acc = tl.dot(b, tl.trans(a), acc)
         else:
@@ -283,7 +369,7 @@ def launch_gate_up(x16, sorted_ids, bexp, k, rw, w1, w3, h, limit: float, block_
     (p1, s1, z1), (p3, s3, z3) = w1, w3
     E, I, KW = p1.shape
     grid = (triton.cdiv(I, c.block_n), bexp.numel())
-    meta = dict(BLOCK_M=block_m, BLOCK_N=c.block_n, W=fit_w(c.w, KW), SWAP=c.swap, GATHER=c.gather,
+    meta = dict(BLOCK_M=block_m, BLOCK_N=c.block_n, W=fit_w(c.w, KW), SWAP=c.swap, EXPAND=c.expand,
                 num_warps=c.warps, num_stages=c.stages)
     if not c.chunk:
         _gate_up_kernel[grid](x16, sorted_ids, bexp, rw.numel(), k, rw, as_int32(p1), s1, z1, as_int32(p3), s3, z3,
@@ -303,7 +389,7 @@ def launch_down(h, sorted_ids, bexp, k, w2, y, block_m: int, r: int, c: GemmConf
     E, D, KW = p2.shape
     S = y.shape[0] * k
     grid = (triton.cdiv(D, c.block_n), bexp.numel() * r)
-    meta = dict(BLOCK_M=block_m, BLOCK_N=c.block_n, W=fit_w(c.w, KW), R=r, SWAP=c.swap, GATHER=c.gather,
+    meta = dict(BLOCK_M=block_m, BLOCK_N=c.block_n, W=fit_w(c.w, KW), R=r, SWAP=c.swap, EXPAND=c.expand,
                 num_warps=c.warps, num_stages=c.stages)
     if not c.chunk:
         _down_kernel[grid](h, sorted_ids, bexp, S, k, as_int32(p2), s2, z2, y, KW * 16, D, KW, 0, E, DEQ=False, **meta)

@@ -133,7 +133,7 @@ _SMALL = GemmConfig(32, 4, 4, 2)
 @pytest.mark.parametrize("T,cfg", [
     (100, PrefillConfig(16, _SMALL, _SMALL)),                                     # weights on the left
     (7, PrefillConfig(32, GemmConfig(32, 8, 4, 2, swap=False), GemmConfig(64, 4, 4, 2, swap=False), 16)),
-    (40, PrefillConfig(32, GemmConfig(16, 4, 4, 2, gather=True), GemmConfig(32, 8, 4, 2, gather=True), 16)),
+    (40, PrefillConfig(32, GemmConfig(16, 4, 4, 2, expand=1), GemmConfig(32, 8, 4, 2, expand=1), 16)),
     (33, PrefillConfig(16, GemmConfig(32, 4, 4, 2, False, chunk=3), GemmConfig(32, 4, 4, 2, True, chunk=5))),
     (64, None)])                                                                  # the default for T
 def test_prefill_matches_reference(T, cfg):
