@@ -252,8 +252,10 @@ def _linear_raw(lin, x: torch.Tensor) -> torch.Tensor:
 
 def compressor_step(comp: Compressor, x: torch.Tensor, ctx: StepContext, st: StaticCompressorState,
                     kvg: tuple | None = None) -> None:
-    """Append the token x [B,1,D] at position ``ctx.pos`` and (re)write entry pos // r (spec §2.4);
-    one Triton launch after the projections when ``ctx.fused`` (kernels/compressor_step.py).
+    """Append the token x [B,1,D] at position ``ctx.pos`` and write entry pos // r (spec §2.4): the
+    torch path rewrites it every step, the fused kernel (one launch after the projections, when
+    ``ctx.fused``; kernels/compressor_step.py) only when its window completes -- readers mask the
+    entry until then (visibility (pos+1)//r), so both give the same visible entries.
     ``kvg``: the token's (kv, gate) projections [B, 1, coff*hd] if already computed."""
     cos, sin = ctx.comp_cs[comp.ratio]
     if _fusable(ctx, x):
