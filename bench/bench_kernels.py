@@ -2,6 +2,7 @@
 
     python bench/bench_kernels.py --out results.json            # on a CUDA machine
     python bench/bench_kernels.py --smoke --out /tmp/s.json     # tiny shapes, CPU interpreter
+    python bench/bench_kernels.py --prefill-only [--no-sweep] --out p.json   # INT2 prefill only
 
 Measures (kernels/BENCHMARKS.md explains each number):
 * device-to-device copy bandwidth (bytes read + written), the ceiling for the ratios below;
@@ -9,7 +10,8 @@ Measures (kernels/BENCHMARKS.md explains each number):
   achieved GB/s of routed-expert weight bytes, for 1 / 3 / 16 tokens, a config sweep, the
   dequantise-then-matmul baseline;
 * FP8 GEMV at the attention shapes (weights rotated through > 256 MB), vs the torch path;
-* INT2 prefill grouped GEMM TFLOP/s at 2048 tokens vs a torch bf16 matmul of the same FLOPs;
+* INT2 prefill grouped GEMM (E=256) at 2048 and 6144 tokens: per-launch config sweep, TFLOP/s of the
+  new kernels and the v1 baseline vs a torch bf16 matmul of the same logical shapes (``--prefill-only``);
 * MXFP4 MoE (dequantise + bf16 matmul) for one decode token.
 """
 from __future__ import annotations

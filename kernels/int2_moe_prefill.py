@@ -19,9 +19,14 @@ b, or -1 past the end. Activations are converted to fp16 once (``x16 [T, D]``).
 Dequant in fp16 (``_int2_tile_f16``): a code q becomes ``1024 + q`` by OR-ing it into the mantissa of
 0x6400 and bit-casting; the zero z likewise, so ``(1024+q) - (1024+z)`` is exact and one fp16 multiply
 by the scale gives the weight with a single rounding (the value the fp32 path rounds to fp16).
-``SWAP`` (constexpr) puts the weight tile on the left of the dot (``acc [BLOCK_N, BLOCK_M]``): the
-dequantised registers are the MMA's A operand and the token count is the MMA's N side (>= 16), so a
-small BLOCK_M costs no padding of the weight side.
+The tile is built in the packed words' own register layout: the 16 codes of a ``[BN, W]`` word tile
+are dequantised as 16 ``[BN, W]`` tensors and merged by a tree of ``tl.interleave`` (in-thread
+joins), so no code crosses threads (``EXPAND`` 2/3; 0 and 1 are the slower layouts, kept for the
+benchmark). ``SWAP`` (constexpr) puts the weight tile on the left of the dot (``acc [BLOCK_N,
+BLOCK_M]``): the dequantised registers are the MMA's A operand and the token count is the MMA's N
+side (>= 16), so a small BLOCK_M costs no padding of the weight side. ``GemmConfig.chunk`` instead
+dequantises ``chunk`` experts at a time to fp16 (``dequantize_int2``) and runs the same kernels as
+a plain fp16 grouped GEMM. Measurements: kernels/BENCHMARKS.md "INT2 prefill grouped GEMM v2".
 """
 from __future__ import annotations
 
