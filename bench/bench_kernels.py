@@ -225,7 +225,8 @@ def bench_fp8(res, dev, reps, sweep, copy_gbps):
 
 # (block_m, GemmConfig) candidates of the prefill sweep per T (kernels/BENCHMARKS.md "INT2 prefill grouped
 # GEMM v2"): expand 2 = interleave tree + prefetched scales (default), 3 = no prefetch, 0 = run 1's reshape;
-# (swap=False with expand 2/3 fails to compile on Triton 3.6: run 2); chunk=32: dequantise 32 experts at a time to fp16 + fp16 GEMM
+# (swap=False with expand 2/3 fails to compile on Triton 3.6: run 2); chunk=32: dequantise 32 experts
+# at a time to fp16, then the fp16 grouped GEMM
 _G = GemmConfig
 PREFILL_GATE_UP = {
     2048: [(64, _G(64, 8, 4, 3)), (64, _G(64, 8, 4, 3, expand=3)),
@@ -266,7 +267,8 @@ def bench_prefill(res, layers: Int2Layers, dev, reps, sweep, tokens=(2048, 6144)
                     print(f"  gate_up T={T} bm={bm} {c}: FAILED {type(ex).__name__}", flush=True)
                     continue
                 gu_rows.append(dict(block_m=bm, cfg=c, ms=t * 1e3, TFLOPs=flops_gu / t / 1e12))
-                print(f"  gate_up T={T} bm={bm:3d} {t * 1e3:7.3f} ms {flops_gu / t / 1e12:6.0f} TFLOP/s {c}", flush=True)
+                print(f"  gate_up T={T} bm={bm:3d} {t * 1e3:7.3f} ms {flops_gu / t / 1e12:6.0f} TFLOP/s {c}",
+                      flush=True)
             for bm, c in PREFILL_DOWN.get(T, PREFILL_DOWN[2048]):
                 sid, bexp = align_pairs(idx, E, bm)
                 h = torch.randn((bexp.numel() * bm, I), device=dev).to(torch.float16)
@@ -277,7 +279,8 @@ def bench_prefill(res, layers: Int2Layers, dev, reps, sweep, tokens=(2048, 6144)
                     print(f"  down T={T} bm={bm} {c}: FAILED {type(ex).__name__}", flush=True)
                     continue
                 dn_rows.append(dict(block_m=bm, cfg=c, ms=t * 1e3, TFLOPs=flops_dn / t / 1e12))
-                print(f"  down    T={T} bm={bm:3d} {t * 1e3:7.3f} ms {flops_dn / t / 1e12:6.0f} TFLOP/s {c}", flush=True)
+                print(f"  down    T={T} bm={bm:3d} {t * 1e3:7.3f} ms {flops_dn / t / 1e12:6.0f} TFLOP/s {c}",
+                      flush=True)
         cands = [pick_prefill_config(T, k, E)]
         for fused_only in (False, True):
             gs = [r for r in gu_rows if not (fused_only and r["cfg"].chunk)]
@@ -301,7 +304,8 @@ def bench_prefill(res, layers: Int2Layers, dev, reps, sweep, tokens=(2048, 6144)
             rel = ((y - ref).norm() / ref.norm()).item()
             t = timed(lambda: int2_moe_prefill(x, idx, wt, *w, 10.0, config=cfg), reps, graph=False)
             r = dict(cfg=repr(cfg), ms=t * 1e3, TFLOPs=flops / t / 1e12, rel_vs_v1=rel)
-            print(f"  prefill T={T} {t * 1e3:7.3f} ms {flops / t / 1e12:6.0f} TFLOP/s rel vs v1 {rel:.1e} {cfg}", flush=True)
+            print(f"  prefill T={T} {t * 1e3:7.3f} ms {flops / t / 1e12:6.0f} TFLOP/s rel vs v1 {rel:.1e} {cfg}",
+                  flush=True)
             if best is None or r["ms"] < best["ms"]:
                 best = r
         if T <= 2048:                                                     # fp32 torch reference (slow)

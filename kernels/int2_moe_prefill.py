@@ -44,9 +44,10 @@ from .int2_moe_decode import _check_routing, check_moe_weights
 class GemmConfig:
     """One launch: weight rows per program, packed words per K step (16*w channels), warps, stages,
     weights as the dot's left operand (``swap``), how the K tile is built (``expand``: 2 = interleave
-    tree with the next step's scales/zeros prefetched, 3 = the same without prefetch, 1 = repeated-address load, 0 = [BN, W, 16] expand
-    + reshape; see ``_int2_tile_f16``); ``chunk > 0``: dequantise ``chunk`` experts at a time to
-    fp16 (``dequantize_int2``, a ``[chunk, N, K]`` temporary) and run the dot on those instead."""
+    tree with the next step's scales/zeros prefetched, 3 = the same without prefetch, 1 =
+    repeated-address load, 0 = [BN, W, 16] expand + reshape; see ``_int2_tile_f16``); ``chunk > 0``:
+    dequantise ``chunk`` experts at a time to fp16 (``dequantize_int2``, a ``[chunk, N, K]``
+    temporary) and run the dot on those instead."""
     block_n: int = 128
     w: int = 8
     warps: int = 8
