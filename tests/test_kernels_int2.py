@@ -131,7 +131,7 @@ _SMALL = GemmConfig(32, 4, 4, 2)
 
 
 @pytest.mark.parametrize("T,cfg", [
-    (100, PrefillConfig(16, _SMALL, _SMALL)),                                     # weights on the left
+    (50, PrefillConfig(16, _SMALL, _SMALL)),                                      # weights on the left
     (7, PrefillConfig(32, GemmConfig(32, 8, 4, 2, swap=False), GemmConfig(64, 4, 4, 2, swap=False), 16)),
     (40, PrefillConfig(32, GemmConfig(16, 4, 4, 2, expand=1), GemmConfig(32, 8, 4, 2, expand=1), 16)),
     (33, PrefillConfig(16, GemmConfig(32, 4, 4, 2, False, chunk=3), GemmConfig(32, 4, 4, 2, True, chunk=5))),
@@ -146,7 +146,7 @@ def test_prefill_matches_reference(T, cfg):
     y = int2_moe_prefill(x, idx, wt, *w, LIMIT, config=cfg)
     ref = int2_moe_reference(x, idx, wt, *w, LIMIT)
     assert _rel(y, ref) < 2e-3
-    if T == 100:   # the v1 baseline kernels (kept for the benchmark) agree too
+    if T == 50:    # the v1 baseline kernels (kept for the benchmark) agree too
         assert _rel(int2_moe_prefill_v1(x, idx, wt, *w, LIMIT, block_m=16, block_n=32), ref) < 2e-3
 
 
