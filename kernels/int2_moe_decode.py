@@ -62,10 +62,11 @@ class DecodeConfig:
     down: StageConfig
 
 
-def decode_configs(use_dot: bool) -> list[DecodeConfig]:
-    """Candidate configurations swept by bench/bench_kernels.py; the first is the default.
+def decode_configs(use_dot: bool, half: bool = False) -> list[DecodeConfig]:
+    """Candidate configurations swept by the benchmarks; the first is the default.
 
     V4-Flash shapes: gate/up K = D = 4096 (256 words), down K = I = 2048 (128 words).
+    ``half``: the fp16 CUDA-core path (bench/bench_int2_half.py); otherwise the fp32 one or the dot path.
     """
     if use_dot:
         pairs = [(StageConfig(64, 8, 4, 1, 3), StageConfig(64, 8, 4, 1, 3)),      # best (H200, run 2)
@@ -73,6 +74,15 @@ def decode_configs(use_dot: bool) -> list[DecodeConfig]:
                  (StageConfig(64, 8, 4, 4, 3), StageConfig(64, 8, 4, 2, 3)),
                  (StageConfig(64, 8, 4, 2, 2), StageConfig(64, 8, 4, 2, 2)),
                  (StageConfig(64, 16, 4, 2, 3), StageConfig(64, 16, 4, 1, 3))]
+    elif half:
+        pairs = [(StageConfig(32, 64, 4, 1), StageConfig(32, 64, 4, 2)),           # best (H200, half run 1)
+                 (StageConfig(32, 128, 4, 1), StageConfig(32, 128, 4, 1)),
+                 (StageConfig(64, 64, 8, 1), StageConfig(64, 64, 8, 2)),
+                 (StageConfig(16, 64, 2, 1), StageConfig(16, 64, 2, 2)),
+                 (StageConfig(32, 64, 8, 1), StageConfig(32, 64, 8, 2)),
+                 (StageConfig(32, 64, 4, 2), StageConfig(32, 64, 4, 1)),
+                 (StageConfig(64, 128, 8, 1), StageConfig(64, 128, 8, 1)),
+                 (StageConfig(32, 32, 4, 1), StageConfig(32, 32, 4, 2))]
     else:
         pairs = [(StageConfig(16, 32, 2, 1), StageConfig(16, 32, 2, 4)),           # best (H200, run 2)
                  (StageConfig(16, 32, 2, 1), StageConfig(32, 32, 4, 2)),
@@ -86,7 +96,7 @@ def decode_configs(use_dot: bool) -> list[DecodeConfig]:
 
 _MAGIC = 0x4B000000  # float bits of 2^23
 _MAGIC16 = 0x6400    # fp16 bits of 1024.0 (HALF path)
-HALF_DEFAULT = False  # fp16 CUDA-core inner loop by default? (set from the H200 measurement, kernels/BENCHMARKS.md)
+HALF_DEFAULT = True   # fp16 CUDA-core inner loop: 48.0 -> 32.0 us/layer at T=1 on the H200 (kernels/BENCHMARKS.md)
 
 
 @triton.jit
@@ -529,9 +539,10 @@ def int2_moe_decode(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
     """Routed-expert MoE for a few tokens -> fp32 ``[T, D]`` (see module docstring).
 
     ``use_dot`` defaults to False (the CUDA-core path, one pair per program); True reads each
-    expert once for all its tokens (tensor cores). On the CUDA-core path ``half`` (default
-    ``HALF_DEFAULT``) selects the fp16 inner loop (``_ew16_chunk2``: two codes per 32-bit op, fp16
-    products summed over 8 codes, ~1e-3 relative error) over the fp32 one (~1e-7).
+    expert once for all its tokens (tensor cores). On the CUDA-core path ``half`` selects the fp16
+    inner loop (``_ew16_chunk2``: two codes per 32-bit op, fp16 products summed over 8 codes;
+    4e-5 - 2e-4 relative error for bf16 inputs, ~1e-3 for fp32 inputs rounded to fp16) over the fp32
+    one (~1e-7); default: ``HALF_DEFAULT`` for bf16/fp16 activations, the fp32 loop for fp32 ones.
     See kernels/BENCHMARKS.md for the measurements. Three launches, no host sync (CUDA-graph capturable).
     """
     T, k = _check_routing(x, idx, weight)
@@ -543,8 +554,10 @@ def int2_moe_decode(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
     if S > 4096:
         raise ValueError(f"kernels.int2_moe_decode: T*k={S} too large for the decode kernel; use prefill")
     use_dot = bool(use_dot)
-    half = (HALF_DEFAULT if half is None else bool(half)) and not use_dot
-    cfg = config or decode_configs(use_dot)[0]
+    if half is None:   # bf16/fp16 activations are exact in fp16; an fp32 model keeps the fp32 loop
+        half = HALF_DEFAULT and x.dtype in (torch.bfloat16, torch.float16)
+    half = bool(half) and not use_dot
+    cfg = config or decode_configs(use_dot, half)[0]
     gu, dn = cfg.gate_up, cfg.down
     gu_w, gu_split = _stage(gu, D // 16, use_dot or half, "gate_up")
     dn_w, dn_split = _stage(dn, I // 16, use_dot or half, "down")

@@ -45,7 +45,9 @@ def test_half_decode_matches_reference(T, shared):
     full = int2_moe_decode(x, idx, wt, *w, 7.0, half=False)
     assert _rel(half, ref) < 1e-3
     assert _rel(full, ref) < 1e-5
+    # default: the fp16 loop for bf16 activations, the exact fp32 loop for fp32 ones
     assert HALF_DEFAULT is False or torch.equal(int2_moe_decode(x, idx, wt, *w, 7.0), half)
+    assert torch.equal(int2_moe_decode(x.float(), idx, wt, *w, 7.0), full)
 
 
 @pytest.mark.parametrize("cfg", [DecodeConfig(StageConfig(16, 8, 2, split=4), StageConfig(32, 4, 2, split=2)),
