@@ -11,13 +11,14 @@ Builds the synthetic V4-Flash (dsv4lib.fullscale.synthetic_model), fills a stati
 For every case: GPU time per step summed over kernels, kernel count, and the top kernels by total
 time. Prints a short table last; writes everything to ``--out`` (JSON).
 
-    python3 bench/profile_step.py --out $OUT/profile.json            # H200, ~3 min
+    python3 bench/profile_step.py --out $OUT/profile.json            # H200, ~2 min (--unfused: torch step)
     python3 bench/profile_step.py --preset tiny --ctx 64 --prefill 64 --out /tmp/p.json   # CPU smoke
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import defaultdict
@@ -26,6 +27,8 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+if not torch.cuda.is_available():   # CPU smoke runs: the Triton step kernels run interpreted
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dsv4lib.config import ModelConfig  # noqa: E402
@@ -81,9 +84,10 @@ def main(argv=None) -> int:
     ap.add_argument("--mmlu", default="32x192")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=40)
-    ap.add_argument("--fused", action="store_true")
+    ap.add_argument("--unfused", action="store_true", help="torch static step instead of the Triton step kernels")
     ap.add_argument("--out", default="profile.json")
     a = ap.parse_args(argv)
+    a.fused = not a.unfused
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = without_mtp(getattr(ModelConfig, a.preset)())
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

@@ -49,4 +49,7 @@ def test_bf16_attention_tf32_adds_no_error(monkeypatch):
     err_with = (with_tf32 - ref).abs().max().item()
     err_without = (without - ref).abs().max().item()
     assert err_with <= 1.25 * err_without + 1e-3 * ref.abs().max().item(), (err_with, err_without)
-    assert (with_tf32.argmax(-1) == without.argmax(-1)).float().mean() >= 0.98
+    # argmax vs the fp32 model: TF32 must not agree less than plain bf16 does (random tiny weights have
+    # near-ties; two bf16 runs agree on 95 % of positions on the H200, so compare against the reference)
+    agree = lambda a: (a.argmax(-1) == ref.argmax(-1)).float().mean().item()   # noqa: E731
+    assert agree(with_tf32) >= agree(without) - 0.03, (agree(with_tf32), agree(without))

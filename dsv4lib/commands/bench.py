@@ -19,8 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mmlu-batch", type=int, default=32)
     p.add_argument("--mmlu-len", type=int, default=192)
     p.add_argument("--no-components", action="store_true")
-    p.add_argument("--fused", action="store_true",
-                   help="static/graphed step with the fused attention kernels (opt-in, see docs/FULLSCALE_NOTES.md)")
+    p.add_argument("--unfused", action="store_true",
+                   help="static/graphed step on the torch path instead of the Triton step kernels (docs/FULLSCALE_NOTES.md)")
     p.add_argument("--out", default=None, help="write the results JSON here (after every section)")
 
 
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     opts = BenchOptions(preset=args.preset, decode=cases, decode_steps=args.steps, eager_steps=args.eager_steps,
                         prefill_ctx_max=args.prefill_ctx_max, prefill_len=args.prefill_len,
                         mmlu_batch=args.mmlu_batch, mmlu_len=args.mmlu_len, components=not args.no_components,
-                        fused=args.fused)
+                        fused=not args.unfused)
     write = (lambda r: write_json(args.out, r)) if args.out else (lambda r: None)
     res = run_benchmark(opts, write, log=lambda s: print(s, flush=True))
     print(format_table(res))

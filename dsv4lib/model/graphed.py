@@ -490,10 +490,11 @@ def check_static_ready(model) -> None:
 def static_decode_step(model, cache: StaticCache, ids: torch.Tensor, fused: bool = False) -> torch.Tensor:
     """ids [B,1] at position ``cache.pos`` -> fp32 logits [B, V]; advances ``cache.pos`` on device.
 
-    ``fused`` (opt-in: on the H200 the v3 run measured no gain at batch 1 and a slower step at batch 8,
-    docs/FULLSCALE_NOTES.md) runs each compressor step, RMSNorm(+RoPE) and the output's inverse
-    RoPE as one Triton launch and the attention core as two (kernels/compressor_step.py,
-    kernels/rmsnorm_rope.py, kernels/decode_attention.py).
+    ``fused`` runs the step's small pieces as Triton launches: compressor steps, RMSNorm(+RoPE), the
+    attention core (kernels/compressor_step.py, rmsnorm_rope.py, decode_attention.py), mHC pre/post
+    (mhc_step.py), router top-k and the shared expert's SwiGLU (moe_step.py). :class:`GraphedDecoder`
+    and the benchmark use it by default (H200, b1 @1K: 8.8 ms per step vs 28.2 ms for the torch
+    step, docs/FULLSCALE_NOTES.md); False is the torch reference path (the CPU tests' default).
     """
     B = ids.shape[0]
     if B != cache.batch_size or ids.shape[1] != 1:
@@ -515,7 +516,7 @@ class GraphedDecoder:
     slot they touched is rewritten by the real step before it is read.
     """
 
-    def __init__(self, model, cache: StaticCache, warmup: int = 2, fused: bool = False) -> None:
+    def __init__(self, model, cache: StaticCache, warmup: int = 2, fused: bool = True) -> None:
         check_static_ready(model)
         if fused:
             stack_projections(model)
