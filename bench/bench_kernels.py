@@ -100,10 +100,11 @@ def bench_decode(res, layers: Int2Layers, dev, reps, sweep, quick=False):
     def run_case(T, shared, use_dot, cfg, seed=0):
         routes = [routing(T, E, 6, dev, seed + l, shared) for l in range(L)]
         distinct = sum(torch.unique(r[0]).numel() for r in routes)
-        fn = lambda: [int2_moe_decode(xs[l, :T], *routes[l], *weights[l], 10.0, config=cfg, use_dot=use_dot)
-                      for l in range(L)]
+        # the fp32 CUDA-core loop and the dot path (bench/bench_int2_half.py times the fp16 loop, the default)
+        fn = lambda: [int2_moe_decode(xs[l, :T], *routes[l], *weights[l], 10.0, config=cfg, use_dot=use_dot,
+                                      half=False) for l in range(L)]
         ref = int2_moe_reference(xs[0, :T], *routes[0], *weights[0], 10.0)
-        y = int2_moe_decode(xs[0, :T], *routes[0], *weights[0], 10.0, config=cfg, use_dot=use_dot)
+        y = int2_moe_decode(xs[0, :T], *routes[0], *weights[0], 10.0, config=cfg, use_dot=use_dot, half=False)
         rel = ((y - ref).norm() / ref.norm()).item()
         t = timed(fn, reps, graph=True)
         nbytes = distinct * layers.expert_bytes()
@@ -154,8 +155,9 @@ def bench_decode_random256(res, layers: Int2Layers, dev, reps, cfg_dot, cfg_ew):
     for T, use_dot, cfg in ((1, False, cfg_ew), (16, True, cfg_dot), (16, False, cfg_ew)):
         routes = [routing(T, E, 6, dev, 100 + l) for l in range(L)]
         distinct = sum(torch.unique(r[0]).numel() for r in routes)
-        fn = lambda: [int2_moe_decode(xs[l, :T], *routes[l], *weights[l], 10.0, config=cfg, use_dot=use_dot)
-                      for l in range(L)]
+        # the fp32 CUDA-core loop and the dot path (bench/bench_int2_half.py times the fp16 loop, the default)
+        fn = lambda: [int2_moe_decode(xs[l, :T], *routes[l], *weights[l], 10.0, config=cfg, use_dot=use_dot,
+                                      half=False) for l in range(L)]
         t = timed(fn, reps, graph=True)
         out.append(dict(T=T, use_dot=use_dot, layers=L, us_per_layer=t / L * 1e6, distinct_experts_per_layer=distinct / L,
                         GBps=distinct * layers.expert_bytes() / t / 1e9))

@@ -9,6 +9,8 @@ exists at any time. ``decode_bytes_per_token`` counts the bytes one decode step 
 """
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -160,9 +162,18 @@ def copy_bandwidth(device, nbytes: int = 2 << 30, reps: int = 10) -> float:
 
 
 def time_cuda(fn, reps: int = 10, warmup: int = 1) -> float:
-    """Median milliseconds of ``fn()`` (CUDA events; one sync per rep)."""
+    """Median milliseconds of ``fn()`` (CUDA events; one sync per rep). Without CUDA (CPU smoke runs of
+    the benchmarks) the host clock is used instead."""
     for _ in range(warmup):
         fn()
+    if not torch.cuda.is_available():
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t) * 1e3)
+        ts.sort()
+        return ts[len(ts) // 2]
     torch.cuda.synchronize()
     ts = []
     for _ in range(reps):
