@@ -1,7 +1,9 @@
 """Autoregressive generation on the model's explicit cache (CONTRACTS "Model", spec §2.10, §4).
 
-One prefill call ``model(prompt, cache=cache)`` and then one ``model(next_token, cache=cache)``
-per new token; sampling (greedy / temperature / top-k / top-p, optional repetition penalty) runs
+One prefill call ``model(prompt, cache=cache)`` and then one decode step per new token: with
+``decoder="auto"`` (default) a CUDA-graph replay of the whole step when the model allows it
+(``graphed.graph_capturable``: CUDA, INT2 experts, no hooks), else ``model(next_token, cache=cache)``;
+``"eager"`` / ``"static"`` (the static-cache step uncaptured, any device) / ``"graph"`` force one. Sampling (greedy / temperature / top-k / top-p, optional repetition penalty) runs
 on CPU in fp32 with a seeded ``torch.Generator`` so results do not depend on the device.
 
 Stops on: EOS (or any id in ``stop_ids``), a stop string in the decoded text (text is cut before
@@ -25,6 +27,7 @@ from dsv4lib.chat import chat_ids
 from dsv4lib.logits import logits_at
 
 PromptLike = str | Sequence[dict] | Sequence[int] | torch.Tensor
+DECODERS = ("auto", "eager", "static", "graph")
 
 
 @dataclass(frozen=True)
@@ -143,13 +146,14 @@ def generate(model, tokenizer, prompt_or_messages: PromptLike, *, max_new_tokens
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, repetition_penalty: float = 1.0,
              stop: Sequence[str] = (), stop_ids: Sequence[int] | None = None,
              stream: Callable[[str], None] | None = None, seed: int | None = None, thinking: bool = False,
-             loop_repeats: int | None = 6, loop_period: int = 32, **chat_kwargs) -> GenerationResult:
+             loop_repeats: int | None = 6, loop_period: int = 32, decoder: str = "auto",
+             **chat_kwargs) -> GenerationResult:
     """Generate a continuation of one prompt (text, chat messages or ids); see the module docstring."""
     return generate_batch(model, tokenizer, [prompt_or_messages], max_new_tokens=max_new_tokens,
                           temperature=temperature, top_p=top_p, top_k=top_k,
                           repetition_penalty=repetition_penalty, stop=stop, stop_ids=stop_ids,
                           streams=[stream] if stream else None, seed=seed, thinking=thinking,
-                          loop_repeats=loop_repeats, loop_period=loop_period, **chat_kwargs)[0]
+                          loop_repeats=loop_repeats, loop_period=loop_period, decoder=decoder, **chat_kwargs)[0]
 
 
 @torch.inference_mode()
@@ -158,10 +162,12 @@ def generate_batch(model, tokenizer, prompts: Sequence[PromptLike], *, max_new_t
                    repetition_penalty: float = 1.0, stop: Sequence[str] = (), stop_ids: Sequence[int] | None = None,
                    streams: Sequence[Callable[[str], None] | None] | None = None, seed: int | None = None,
                    thinking: bool = False, loop_repeats: int | None = 6, loop_period: int = 32,
-                   **chat_kwargs) -> list[GenerationResult]:
+                   decoder: str = "auto", **chat_kwargs) -> list[GenerationResult]:
     """Generate for several prompts; equal-length prompts share one batched cache (results in input order)."""
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if decoder not in DECODERS:
+        raise ValueError(f"decoder must be one of {DECODERS}, got {decoder!r}")
     cfg = SamplingConfig(temperature, top_p, top_k, repetition_penalty)
     all_ids = [prompt_to_ids(tokenizer, p, thinking=thinking, **chat_kwargs) for p in prompts]
     if any(not ids for ids in all_ids):
@@ -175,20 +181,36 @@ def generate_batch(model, tokenizer, prompts: Sequence[PromptLike], *, max_new_t
     for length, members in groups.items():
         out = _generate_group(model, tokenizer, [all_ids[i] for i in members], cfg, gen, max_new_tokens,
                               stop, set(stop_ids) if stop_ids is not None else {tokenizer.eos_id},
-                              [streams[i] if streams else None for i in members], loop_repeats, loop_period)
+                              [streams[i] if streams else None for i in members], loop_repeats, loop_period,
+                              decoder)
         for i, r in zip(members, out):
             results[i] = r
     return results                                                                # type: ignore[return-value]
 
 
+def _decode_step(model, cache, max_len: int, decoder: str, device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """ids [B,1] -> logits [B, V] for the tokens after the prefill already in ``cache``."""
+    from dsv4lib.model.graphed import StaticDecoder, graph_capturable
+    from dsv4lib.model.static_cache import static_from_cache
+    if decoder == "auto":
+        decoder = "graph" if graph_capturable(model, device) else "eager"
+    if decoder == "eager":
+        return lambda ids: model(ids, cache=cache)[:, -1]
+    if decoder == "graph" and not graph_capturable(model, device):
+        raise ValueError("decoder='graph' needs a CUDA model with INT2 experts, no low-precision sim and no MoE hooks")
+    return StaticDecoder(model, static_from_cache(model, cache, max_len), capture=decoder == "graph").step
+
+
 def _generate_group(model, tokenizer, prompts: list[list[int]], cfg: SamplingConfig, gen: torch.Generator,
-                    max_new: int, stop: Sequence[str], stop_ids: set[int], streams, loop_repeats, loop_period):
+                    max_new: int, stop: Sequence[str], stop_ids: set[int], streams, loop_repeats, loop_period,
+                    decoder: str = "auto"):
     B, S = len(prompts), len(prompts[0])
     device = _model_device(model)
     x = torch.tensor(prompts, dtype=torch.long, device=device)                    # [B, S]
     cache = model.new_cache(B, S + max_new)
     t0 = time.perf_counter()
     logits = logits_at(model, x, torch.full((B,), S - 1), cache)                  # [B, V]
+    step_fn = _decode_step(model, cache, S + max_new, decoder, device) if max_new > 1 else None
     t1 = time.perf_counter()
     new: list[list[int]] = [[] for _ in range(B)]
     reason = ["length"] * B
@@ -214,7 +236,7 @@ def _generate_group(model, tokenizer, prompts: list[list[int]], cfg: SamplingCon
         if all(done) or step == max_new - 1:
             break
         context = torch.cat([context, nxt[:, None]], dim=1)
-        logits = model(nxt[:, None].to(device), cache=cache)[:, -1]
+        logits = step_fn(nxt[:, None].to(device))
         steps += 1
     t2 = time.perf_counter()
     out = []

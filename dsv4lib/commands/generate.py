@@ -33,6 +33,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--think", action="store_true", help="thinking mode (chat prompts)")
+    p.add_argument("--decoder", default="auto", choices=["auto", "eager", "static", "graph"],
+                   help="decode step: auto = CUDA graph when the model allows it (INT2 experts on CUDA), else eager")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -51,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     target = prompt if args.raw else [{"role": "user", "content": prompt}]
     res = generate(model, tok, target, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, thinking=args.think, stop=args.stop,
-                   stream=lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+                   stream=lambda s: (sys.stdout.write(s), sys.stdout.flush()), decoder=args.decoder)
     sys.stdout.write("\n")
     if args.stats:
         print(f"[prompt {res.n_prompt} tokens, {res.n_new} new, {res.tokens_per_s:.1f} tok/s, "

@@ -542,3 +542,32 @@ class GraphedDecoder:
         self.ids.copy_(ids)
         self.graph.replay()
         return self.logits
+
+
+def graph_capturable(model, device) -> bool:
+    """Whether the whole decode step of ``model`` can be captured in a CUDA graph on ``device``: CUDA,
+    no low-precision simulation, INT2 experts (the dense and MXFP4 backends sync with the host) and no
+    MoE hooks (they observe routing on the host)."""
+    from .quantized_experts import INT2Experts
+    return (torch.device(device).type == "cuda" and hasattr(model, "layers") and not getattr(model, "lowp_sim", True)
+            and all(isinstance(layer.ffn.experts, INT2Experts) and not layer.ffn._hooks for layer in model.layers))
+
+
+class StaticDecoder:
+    """One-token decode steps over a :class:`StaticCache`: replays of a captured CUDA graph
+    (``capture=True``, :class:`GraphedDecoder`) or the same step uncaptured (any device).
+
+    ``step(ids [B,1]) -> fp32 logits [B, V]`` (a fresh tensor). ``fused`` defaults to ``capture``
+    (the Triton step kernels on the GPU, the torch reference step elsewhere).
+    """
+
+    def __init__(self, model, cache: StaticCache, capture: bool = False, fused: bool | None = None) -> None:
+        self.model, self.cache = model, cache
+        self.fused = capture if fused is None else fused
+        self.graph = GraphedDecoder(model, cache, fused=self.fused) if capture else None
+
+    def step(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.graph is not None:
+            return self.graph.step(ids).clone()
+        return static_decode_step(self.model, self.cache, ids, self.fused)
+
