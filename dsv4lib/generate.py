@@ -18,6 +18,7 @@ Sampling in a batch draws from one generator, so sampled (not greedy) rows depen
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -192,13 +193,21 @@ def _decode_step(model, cache, max_len: int, decoder: str, device) -> Callable[[
     """ids [B,1] -> logits [B, V] for the tokens after the prefill already in ``cache``."""
     from dsv4lib.model.graphed import StaticDecoder, graph_capturable
     from dsv4lib.model.static_cache import static_from_cache
-    if decoder == "auto":
-        decoder = "graph" if graph_capturable(model, device) else "eager"
-    if decoder == "eager":
-        return lambda ids: model(ids, cache=cache)[:, -1]
+
+    def eager(ids):
+        return model(ids, cache=cache)[:, -1]
+    if decoder == "eager" or (decoder == "auto" and not graph_capturable(model, device)):
+        return eager
     if decoder == "graph" and not graph_capturable(model, device):
         raise ValueError("decoder='graph' needs a CUDA model with INT2 experts, no low-precision sim and no MoE hooks")
-    return StaticDecoder(model, static_from_cache(model, cache, max_len), capture=decoder == "graph").step
+    try:
+        # the eager cache is left untouched: a failed capture under "auto" falls back to it
+        return StaticDecoder(model, static_from_cache(model, cache, max_len), capture=decoder != "static").step
+    except Exception as e:  # noqa: BLE001 -- "auto" must not make generation fail
+        if decoder != "auto":
+            raise
+        warnings.warn(f"generate: CUDA-graph decode unavailable ({e!r:.200}); using the eager step")
+        return eager
 
 
 def _generate_group(model, tokenizer, prompts: list[list[int]], cfg: SamplingConfig, gen: torch.Generator,

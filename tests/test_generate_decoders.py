@@ -54,3 +54,21 @@ def test_graph_decoder_matches_eager_greedy_gpu(tmp_path, model_tok):
     eager = G.generate_batch(model, tok, prompts, decoder="eager", **kw)
     graph = G.generate_batch(model, tok, prompts, decoder="auto", **kw)
     assert [r.ids for r in graph] == [r.ids for r in eager]
+
+
+def test_auto_falls_back_to_eager_when_capture_fails(model_tok, monkeypatch):
+    import dsv4lib.model.graphed as graphed
+    model, tok = model_tok
+    kw = dict(max_new_tokens=8, stop_ids=(), loop_repeats=None)
+    eager = G.generate(model, tok, "The old city gate", decoder="eager", **kw)
+
+    class Broken:
+        def __init__(self, *a, **k):
+            raise RuntimeError("capture failed")
+    monkeypatch.setattr(graphed, "graph_capturable", lambda m, d: True)
+    monkeypatch.setattr(graphed, "StaticDecoder", Broken)
+    with pytest.warns(UserWarning, match="CUDA-graph decode unavailable"):
+        auto = G.generate(model, tok, "The old city gate", decoder="auto", **kw)
+    assert auto.ids == eager.ids
+    with pytest.raises(RuntimeError, match="capture failed"):
+        G.generate(model, tok, "The old city gate", decoder="graph", **kw)
