@@ -17,6 +17,7 @@ Measures (kernels/BENCHMARKS.md explains each number):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -209,6 +210,12 @@ def bench_fp8(res, dev, reps, sweep, copy_gbps):
                          GBps=nbytes / t / 1e9, frac_copy=nbytes / t / 1e9 / copy_gbps)
                 if best is None or r["us"] < best["us"]:
                     best = r
+            dflt = pick_config(M, N, K)
+            if dflt.split_k > 1:   # the one-launch split-K epilogue against the default (atomic) one
+                lcfg = dataclasses.replace(dflt, epilogue="last")
+                fn = lambda: [fp8_linear(x[gi], *ws[si * groups + gi], config=lcfg)
+                              for si in range(n_sets) for gi in range(groups)]
+                best["last_epilogue_us"] = timed(fn, reps, graph=True) / n_sets * 1e6
             torch_fn = lambda: [fp8_linear_reference(x[gi], *ws[si * groups + gi])
                                 for si in range(min(n_sets, 4)) for gi in range(groups)]
             tt = timed(torch_fn, max(3, reps // 4), graph=False) / min(n_sets, 4)

@@ -10,6 +10,13 @@ activation tile (fp32 accumulation), times the block's scale column. Split-K (fp
 the small layers (wq_a 1024 rows, wkv 512 rows) enough programs for 132 SMs. Activations must stay
 below 65504 in magnitude (fp16 operands; the CPU interpreter's bf16 dot is broken).
 
+Split-K epilogues (``FP8Config.epilogue``): ``"atomic"`` (default) adds fp32 partials into a zeroed
+output and casts it afterwards (three graph nodes: memset, kernel, cast); ``"last"`` writes each split's
+partial tile to a workspace and the last program of a tile to arrive (per-tile counter, acq_rel atomic)
+sums the splits in a fixed order, stores the output in x's dtype and resets its counter to zero -- one
+node, deterministic sums. Its workspace and counters are cached per (device, stream) and never freed
+(the CUDA graphs that captured them keep using the same memory).
+
 For many tokens (prefill) ``fp8_linear`` uses the same kernel with larger M tiles; the torch path
 (``fp8_linear_reference``: dequantise then matmul) is what the benchmark compares against.
 """
@@ -22,6 +29,7 @@ import triton
 import triton.language as tl
 
 BLOCK = 128
+SPLIT_K_EPILOGUE = "atomic"   # default split-K epilogue of pick_config ("last": one launch; not yet timed on a GPU)
 
 
 @dataclass(frozen=True)
@@ -31,6 +39,7 @@ class FP8Config:
     split_k: int = 1
     warps: int = 4
     stages: int = 4
+    epilogue: str = "atomic"       # split-K: "atomic" (zeroed fp32 output + cast) or "last" (see module doc)
 
 
 def fp8_configs(m: int) -> list[FP8Config]:
@@ -51,18 +60,20 @@ def pick_config(m: int, n: int, k: int) -> FP8Config:
     split = 1
     while tiles * split < 264 and split < 8 and triton.cdiv(k, BLOCK) >= 2 * split * 2:
         split *= 2
-    return FP8Config(16, bn, split)
+    return FP8Config(16, bn, split, epilogue=SPLIT_K_EPILOGUE)
 
 
 @triton.jit
 def _fp8_linear_kernel(
     # activations x [M, K] (fp32/bf16/fp16), weight [N, K] e4m3, scale [NB, KB] fp32
     x_ptr, w_ptr, s_ptr,
-    # output y [M, N] (fp32 when SPLIT_K > 1: atomic adds into zeros)
+    # output y [M, N] (fp32 when SPLIT_K > 1 with atomics: adds into zeros)
     y_ptr,
+    # LAST epilogue: partials ws [SPLIT_K, M, N] fp32, per-tile arrival counters cnt (int32, zero on entry)
+    ws_ptr, cnt_ptr,
     # sizes
     M, N, K, KB,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, LAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -86,10 +97,24 @@ def _fp8_linear_kernel(
         sc = tl.load(s_ptr + (rn // 128) * KB + kb, mask=nm, other=0.0)  # [BN]
         acc += tl.dot(a, tl.trans(b)) * sc[None, :]
     ptrs = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
+    om = mm[:, None] & nm[None, :]
     if SPLIT_K == 1:
-        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mm[:, None] & nm[None, :])
+        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=om)
+    elif LAST:
+        MN = M.to(tl.int64) * N
+        wofs = rm[:, None].to(tl.int64) * N + rn[None, :]                # [BM, BN]
+        tl.store(ws_ptr + pid_k * MN + wofs, acc, mask=om)
+        tl.debug_barrier()
+        tile = pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:                                       # every split's partial is written
+            tot = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+            for sk in range(SPLIT_K):
+                tot += tl.load(ws_ptr + sk * MN + wofs, mask=om, other=0.0, cache_modifier=".cg")
+            tl.store(ptrs, tot.to(y_ptr.dtype.element_ty), mask=om)
+            tl.atomic_xchg(cnt_ptr + tile, 0)                            # ready for the next call
     else:
-        tl.atomic_add(ptrs, acc, mask=mm[:, None] & nm[None, :])
+        tl.atomic_add(ptrs, acc, mask=om)
 
 
 def decode_scale(scale: torch.Tensor) -> torch.Tensor:
@@ -124,15 +149,40 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *,
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
     cfg = config or pick_config(M, N, K)
-    if cfg.split_k > 1:
-        y = torch.zeros((M, N), dtype=torch.float32, device=x.device)
-    else:
-        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    if cfg.epilogue not in ("atomic", "last"):
+        raise ValueError(f"kernels.fp8_linear: epilogue must be 'atomic' or 'last', got {cfg.epilogue!r}")
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), cfg.split_k)
-    _fp8_linear_kernel[grid](x2, w, s, y, M, N, K, KB,
-                             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k,
+    last = cfg.split_k > 1 and cfg.epilogue == "last"
+    if last:
+        ws, cnt = _last_workspace(x.device, cfg.split_k * M * N, grid[0] * grid[1])
+        y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    else:
+        ws = cnt = scale                                                 # unused
+        y = (torch.zeros((M, N), dtype=torch.float32, device=x.device) if cfg.split_k > 1
+             else torch.empty((M, N), dtype=x.dtype, device=x.device))
+    _fp8_linear_kernel[grid](x2, w, s, y, ws, cnt, M, N, K, KB,
+                             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, LAST=last,
                              num_warps=cfg.warps, num_stages=cfg.stages)
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+_WORKSPACES: dict = {}
+
+
+def _last_workspace(device: torch.device, n_partial: int, n_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 partials >= n_partial, int32 zeroed counters >= n_tiles) for the current stream of ``device``.
+
+    Grown by doubling; replaced buffers stay referenced (a captured CUDA graph may still use them)."""
+    sid = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (str(device), sid)
+    bufs = _WORKSPACES.setdefault(key, [])
+    if not bufs or bufs[-1][0].numel() < n_partial or bufs[-1][1].numel() < n_tiles:
+        old = bufs[-1] if bufs else (torch.empty(0), torch.empty(0))
+        p = max(n_partial, 2 * old[0].numel(), 1 << 16)
+        t = max(n_tiles, 2 * old[1].numel(), 1024)
+        bufs.append((torch.empty(p, dtype=torch.float32, device=device),
+                     torch.zeros(t, dtype=torch.int32, device=device)))
+    return bufs[-1]
 
 
 # ----------------------------------------------------------------------------- torch reference

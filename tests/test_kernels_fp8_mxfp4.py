@@ -80,3 +80,26 @@ def test_fp8_full_shapes_gpu(M, N, K):
     w, s = random_fp8(N, K, DEV, g)
     x = torch.randn(M, K, device=DEV, generator=g, dtype=torch.bfloat16)
     assert _rel(fp8_linear(x, w, s), fp8_linear_reference(x.double(), w, s.double())) < 1e-2
+
+
+@pytest.mark.parametrize("M,N,K,split", [(1, 200, 512, 4), (5, 130, 384, 3), (16, 64, 1024, 8)])
+def test_fp8_linear_last_arrival_split_k(M, N, K, split):
+    """Split-K with the one-launch epilogue (partials in a workspace, the last program of a tile sums them
+    and resets its counter): equals the atomic epilogue, and the shared workspace/counters stay valid over
+    repeated calls and different shapes."""
+    from dsv4lib.kernels.fp8_linear import fp8_linear as kernel
+    g = torch.Generator(device=DEV).manual_seed(N + split)
+    w, s = random_fp8(N, K, DEV, g)
+    x = torch.randn(M, K, device=DEV, generator=g).to(torch.bfloat16)
+    ref = fp8_linear_reference(x.double(), w, s.double())
+    atomic = kernel(x, w, s, config=FP8Config(16, 32, split, epilogue="atomic"))
+    for _ in range(3):
+        last = kernel(x, w, s, config=FP8Config(16, 32, split, epilogue="last"))
+        assert last.dtype == x.dtype and last.shape == (M, N)
+        assert _rel(last, ref) < 1e-2 and _rel(last, atomic) < 1e-2
+    w2, s2 = random_fp8(96, 256, DEV, g)                                # another shape through the same buffers
+    x2 = torch.randn(2, 256, device=DEV, generator=g)
+    y2 = kernel(x2, w2, s2, config=FP8Config(16, 32, 2, epilogue="last"))
+    assert _rel(y2, fp8_linear_reference(x2.double(), w2, s2.double())) < 1e-3
+    with pytest.raises(ValueError, match="epilogue"):
+        kernel(x2, w2, s2, config=FP8Config(16, 32, 2, epilogue="sum"))
