@@ -15,6 +15,19 @@ import triton.language as tl
 
 
 @triton.jit
+def sinkhorn_tile(m, eps, ITERS: tl.constexpr):
+    """Sinkhorn projection of an [HC, HC] tile in registers (``dsv4lib.model.mhc.sinkhorn``): row
+    softmax + eps, column normalisation, then ``ITERS - 1`` x (row, column) normalisations."""
+    m = tl.exp(m - tl.max(m, axis=1)[:, None])
+    m = m / tl.sum(m, axis=1)[:, None] + eps
+    m = m / (tl.sum(m, axis=0)[None, :] + eps)
+    for _ in tl.static_range(ITERS - 1):
+        m = m / (tl.sum(m, axis=1)[:, None] + eps)
+        m = m / (tl.sum(m, axis=0)[None, :] + eps)
+    return m
+
+
+@triton.jit
 def _hc_split_kernel(
     # mix [T, (2+HC)*HC] fp32, scale [3] fp32, base [(2+HC)*HC] fp32
     mix_ptr, scale_ptr, base_ptr,
@@ -33,13 +46,7 @@ def _hc_split_kernel(
     pre = tl.sigmoid(tl.load(row + i) * s0 + tl.load(base_ptr + i)) + eps
     post = 2.0 * tl.sigmoid(tl.load(row + HC + i) * s1 + tl.load(base_ptr + HC + i))
     rc = i[:, None] * HC + i[None, :]                                    # [HC, HC]
-    m = tl.load(row + 2 * HC + rc) * s2 + tl.load(base_ptr + 2 * HC + rc)
-    m = tl.exp(m - tl.max(m, axis=1)[:, None])
-    m = m / tl.sum(m, axis=1)[:, None] + eps
-    m = m / (tl.sum(m, axis=0)[None, :] + eps)
-    for _ in tl.static_range(ITERS - 1):
-        m = m / (tl.sum(m, axis=1)[:, None] + eps)
-        m = m / (tl.sum(m, axis=0)[None, :] + eps)
+    m = sinkhorn_tile(tl.load(row + 2 * HC + rc) * s2 + tl.load(base_ptr + 2 * HC + rc), eps, ITERS)
     tl.store(pre_ptr + t * HC + i, pre)
     tl.store(post_ptr + t * HC + i, post)
     tl.store(comb_ptr + t * HC * HC + rc, m)

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .mhc_sinkhorn import sinkhorn_tile
+
 NSPLIT = 64          # K slices of the mixing GEMV per token (hc*D = 16384 at V4 shapes -> 256 each)
 
 
@@ -70,13 +72,7 @@ def _mix_finish_kernel(part_ptr, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, co
     mc = tl.sum(tl.where(r[None, None, :] == (2 * HC + rc)[:, :, None], tot[None, None, :], 0.0), axis=2) * rs
     pre = tl.sigmoid(mpre * s0 + tl.load(base_ptr + i)) + hc_eps
     post = 2.0 * tl.sigmoid(mpost * s1 + tl.load(base_ptr + HC + i))
-    m = mc * s2 + tl.load(base_ptr + 2 * HC + rc)
-    m = tl.exp(m - tl.max(m, axis=1)[:, None])
-    m = m / tl.sum(m, axis=1)[:, None] + hc_eps
-    m = m / (tl.sum(m, axis=0)[None, :] + hc_eps)
-    for _ in tl.static_range(ITERS - 1):
-        m = m / (tl.sum(m, axis=1)[:, None] + hc_eps)
-        m = m / (tl.sum(m, axis=0)[None, :] + hc_eps)
+    m = sinkhorn_tile(mc * s2 + tl.load(base_ptr + 2 * HC + rc), hc_eps, ITERS)
     tl.store(post_ptr + t * HC + i, post)
     tl.store(comb_ptr + t * HC * HC + rc, m)
     for d0 in range(0, D, BD):
