@@ -16,6 +16,10 @@ from .lowp import fake_quant_fp8, hp, tf32_matmuls
 from .rope import apply_rope, cos_sin, layer_freqs
 
 
+QUERY_CHUNK = 512
+"""Queries per attention block in prefill (memory: scores are [B, H, QUERY_CHUNK, keys of the chunk])."""
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, dtype=torch.float32, device=None) -> None:
         super().__init__()
@@ -60,11 +64,11 @@ class Attention(nn.Module):
             lc.window = win[:, max(0, win.shape[1] - keep):] if keep > 0 else win[:, :0]
         else:
             win = kv
-        kpos = start_pos - (win.shape[1] - S) + torch.arange(win.shape[1], device=x.device)
-        vis = (kpos[None, :] <= pos[:, None]) & (kpos[None, :] > pos[:, None] - self.window)   # [S, Nw]
-        bias = torch.zeros(S, win.shape[1], device=x.device).masked_fill(~vis, float("-inf"))
-        bias = bias.expand(B, S, -1)
-        keys = win
+        Nw = win.shape[1]
+        base = start_pos - (Nw - S)                                         # window key j sits at position base + j
+        kpos = base + torch.arange(Nw, device=x.device)                     # [Nw]
+        ent = cb = None
+        T = 0
         if self.ratio:
             new = self.compressor(x, lc.comp if lc is not None else None)
             ent = lc.comp.entries if lc is not None else new                # [B, T, c]
@@ -77,19 +81,34 @@ class Attention(nn.Module):
                     idx = self.indexer(x, qr, pos, cos, sin, lc.index if lc is not None else None)  # [B,S,k]
                     idx = torch.where(idx < 0, torch.full_like(idx, T), idx)
                     cb = torch.full((B, S, T + 1), float("-inf"), device=x.device)
-                    cb = cb.scatter(-1, idx, 0.0)[..., :T]
+                    cb = cb.scatter(-1, idx, 0.0)[..., :T]                  # [B, S, T]
                 else:
                     ok = torch.arange(T, device=x.device)[None, :] < thr[:, None]
                     cb = torch.zeros(S, T, device=x.device).masked_fill(~ok, float("-inf")).expand(B, S, T)
-                keys = torch.cat([win, ent.to(win.dtype)], 1)
-                bias = torch.cat([bias, cb], -1)
-        # bf16/fp16 model on CUDA: q and keys hold bf16 values, exact in TF32 -> tensor cores for the
-        # two products (scores exact up to summation order; p rounded to 11 bits, below o's bf16 rounding)
-        with tf32_matmuls(x.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and keys.dtype == q.dtype):
-            z = torch.einsum("bshd,bnd->bhsn", hp(q), hp(keys)) * c ** -0.5 + bias[:, None]
-            sink = hp(self.attn_sink).view(1, H, 1, 1).expand(B, H, S, 1)
-            p = torch.cat([z, sink], -1).softmax(-1)[..., :-1]              # [B, H, S, N]
-            o = torch.einsum("bhsn,bnd->bshd", p, hp(keys)).to(x.dtype)  # [B, S, H, c]
+                ent = ent.to(win.dtype)
+        # queries in chunks of QUERY_CHUNK: each chunk sees only the window keys inside its span and the
+        # entries complete by its last query (the rest are -inf for all of its queries), so scores are
+        # [B, H, chunk, ~chunk + window + T/r] instead of [B, H, S, S + T] (same softmax, less memory)
+        o = torch.empty(B, S, H, c, dtype=x.dtype, device=x.device)
+        sink = hp(self.attn_sink).view(1, H, 1, 1)
+        for s0 in range(0, S, QUERY_CHUNK):
+            s1 = min(S, s0 + QUERY_CHUNK)
+            j0 = max(0, start_pos + s0 - self.window + 1 - base)
+            j1 = min(Nw, start_pos + s1 - base)
+            pq, kp = pos[s0:s1], kpos[j0:j1]
+            vis = (kp[None, :] <= pq[:, None]) & (kp[None, :] > pq[:, None] - self.window)    # [s, n]
+            bias = torch.zeros(s1 - s0, j1 - j0, device=x.device).masked_fill(~vis, float("-inf")).expand(B, -1, -1)
+            keys = win[:, j0:j1]
+            t1 = min(T, (start_pos + s1) // self.ratio) if T else 0         # entries visible to the chunk's last query
+            if t1:
+                keys = torch.cat([keys, ent[:, :t1]], 1)
+                bias = torch.cat([bias, cb[:, s0:s1, :t1]], -1)
+            # bf16/fp16 model on CUDA: q and keys hold bf16 values, exact in TF32 -> tensor cores for the
+            # two products (scores exact up to summation order; p rounded to 11 bits, below o's bf16 rounding)
+            with tf32_matmuls(x.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and keys.dtype == q.dtype):
+                z = torch.einsum("bshd,bnd->bhsn", hp(q[:, s0:s1]), hp(keys)) * c ** -0.5 + bias[:, None]
+                p = torch.cat([z, sink.expand(B, H, s1 - s0, 1)], -1).softmax(-1)[..., :-1]   # [B, H, s, n]
+                o[:, s0:s1] = torch.einsum("bhsn,bnd->bshd", p, hp(keys)).to(x.dtype)         # [B, s, H, c]
         o = apply_rope(o, cos, sin, inverse=True)
         o = o.reshape(B, S, self.groups, -1)                                # [B, S, G, H*c/G]
         wa = self.wo_a.dequantized_weight(o.dtype).view(self.groups, self.o_lora, -1)

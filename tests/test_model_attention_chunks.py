@@ -1,0 +1,31 @@
+"""Prefill attention in query chunks (model.attention.QUERY_CHUNK): each chunk only scores the window keys
+inside its span and the entries complete by its last query. Must equal one chunk over all keys (the
+dense formulation) -- full forward, and a chunked prefill into a cache followed by decode steps."""
+import pytest
+import torch
+
+import dsv4lib.model.attention as attention
+from dsv4lib.config import ModelConfig
+from dsv4lib.model import DeepseekV4
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16])
+@torch.no_grad()
+def test_query_chunks_equal_dense(monkeypatch, chunk):
+    torch.set_num_threads(1)
+    cfg = ModelConfig.tiny()                                            # window 8; CSA, HCA and sliding layers
+    torch.manual_seed(0)
+    m = DeepseekV4(cfg).eval()
+    ids = torch.randint(0, cfg.vocab_size, (2, 70), generator=torch.Generator().manual_seed(1))
+    dense = m(ids)                                                      # QUERY_CHUNK 512 > 70: one chunk
+    c = m.new_cache(2, 80)
+    dense_pre = m(ids[:, :45], c)
+    dense_dec = torch.cat([m(ids[:, i:i + 1], c) for i in range(45, 70)], 1)
+    monkeypatch.setattr(attention, "QUERY_CHUNK", chunk)
+    got = m(ids)
+    assert (got - dense).abs().max() <= 1e-5 * dense.abs().max()
+    c = m.new_cache(2, 80)
+    got_pre = torch.cat([m(ids[:, :20], c), m(ids[:, 20:45], c)], 1)     # chunked prefill across windows/entries
+    got_dec = torch.cat([m(ids[:, i:i + 1], c) for i in range(45, 70)], 1)
+    assert (got_pre - dense_pre).abs().max() <= 1e-4 * dense_pre.abs().max()
+    assert (got_dec - dense_dec).abs().max() <= 1e-4 * dense_dec.abs().max()
