@@ -110,7 +110,21 @@ class Attention(nn.Module):
                 p = torch.cat([z, sink.expand(B, H, s1 - s0, 1)], -1).softmax(-1)[..., :-1]   # [B, H, s, n]
                 o[:, s0:s1] = torch.einsum("bhsn,bnd->bshd", p, hp(keys)).to(x.dtype)         # [B, s, H, c]
         o = apply_rope(o, cos, sin, inverse=True)
-        o = o.reshape(B, S, self.groups, -1)                                # [B, S, G, H*c/G]
-        wa = self.wo_a.dequantized_weight(o.dtype).view(self.groups, self.o_lora, -1)
-        u = torch.einsum("bsgi,goi->bsgo", o, wa).flatten(2)               # [B, S, G*o_lora]
+        u = grouped_output_a(self, o.reshape(B, S, self.groups, -1))       # [B, S, G*o_lora]
         return self.wo_b(u)
+
+
+def grouped_output_a(attn: Attention, o: torch.Tensor) -> torch.Tensor:
+    """Grouped output projection (spec §2.3): o [B, S, G, H*c/G] -> [B, S, G*o_lora], group g through
+    its own [o_lora, H*c/G] block of ``wo_a``. For a few tokens on CUDA with an FP8 weight: one FP8 GEMV
+    over all groups' rows (each weight byte read once, no dequantised copy) keeping the diagonal blocks;
+    otherwise the dequantised weight and an einsum."""
+    B, S, G = o.shape[:3]
+    R = attn.o_lora
+    w = attn.wo_a.weight
+    if w.dtype == torch.float8_e4m3fn and o.is_cuda and B * S <= 16:
+        y = attn.wo_a(o.reshape(B * S * G, -1))                            # [B*S*G, G*R]
+        return y.view(B * S, G, G, R).diagonal(dim1=1, dim2=2).permute(0, 2, 1).reshape(B, S, G * R)
+    wa = attn.wo_a.dequantized_weight(o.dtype).view(G, R, -1)
+    return torch.einsum("bsgi,goi->bsgo", o, wa).flatten(2)
+

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .attention import grouped_output_a
 from .compressor import Compressor
 from .lowp import hp
 from .mhc import _mix, hc_post
@@ -320,19 +321,6 @@ def indexer_select(idx_mod, x: torch.Tensor, qr: torch.Tensor, ctx: StepContext,
     return sel, sel < ctx.idx_thr
 
 
-def _wo_a(attn, o: torch.Tensor) -> torch.Tensor:
-    """Grouped output projection o [B,1,G,H*c/G] -> [B,1,G*o_lora] (spec §2.3)."""
-    B = o.shape[0]
-    G, R = attn.groups, attn.o_lora
-    w = attn.wo_a.weight
-    if w.dtype == torch.float8_e4m3fn and o.is_cuda:
-        # one FP8 GEMV over all groups' rows (each weight byte read once), keep the diagonal blocks
-        y = attn.wo_a(o.reshape(B * G, -1))                            # [B*G, G*R]
-        return y.view(B, G, G, R).diagonal(dim1=1, dim2=2).permute(0, 2, 1).reshape(B, 1, G * R)
-    wa = attn.wo_a.dequantized_weight(o.dtype).view(G, R, -1)
-    return torch.einsum("bsgi,goi->bsgo", o, wa).flatten(2)
-
-
 def attention_step(attn, x: torch.Tensor, ctx: StepContext, lc: StaticLayerCache) -> torch.Tensor:
     """x [B,1,D] (post attn_norm) at device position ``ctx.pos`` -> [B,1,D] (spec §2.3)."""
     B = x.shape[0]
@@ -395,7 +383,7 @@ def attention_step(attn, x: torch.Tensor, ctx: StepContext, lc: StaticLayerCache
         o = _rms(o, None, 0.0, cos, nsin, mode=2)
     else:
         o = _rope_(o, ctx.rot_inv[f])
-    u = _wo_a(attn, o.reshape(B, 1, attn.groups, -1))                   # [B, 1, G*o_lora]
+    u = grouped_output_a(attn, o.reshape(B, 1, attn.groups, -1))       # [B, 1, G*o_lora]
     return attn.wo_b(u)
 
 
