@@ -16,11 +16,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_kernels import Int2Layers, routing, timed  # noqa: E402
+from bench_kernels import Int2Layers, time_decode  # noqa: E402
 
 from dsv4lib.fullscale import copy_bandwidth  # noqa: E402
-from dsv4lib.kernels.int2_moe_decode import (decode_configs, int2_moe_decode,  # noqa: E402
-                                             int2_moe_reference)
+from dsv4lib.kernels.int2_moe_decode import decode_configs  # noqa: E402
 
 HALF_CONFIGS = decode_configs(False, half=True)
 
@@ -42,18 +41,11 @@ def main(argv=None) -> int:
     rows = []
 
     def case(T, shared, half, cfg, label):
-        routes = [routing(T, E, 6, dev, 100 * T + l, shared) for l in range(L)]
-        distinct = sum(torch.unique(r[0]).numel() for r in routes)
-        y = int2_moe_decode(xs[0, :T], *routes[0], *weights[0], 10.0, config=cfg, half=half)
-        ref = int2_moe_reference(xs[0, :T], *routes[0], *weights[0], 10.0)
-        rel = ((y - ref).norm() / ref.norm()).item()
-        t = timed(lambda: [int2_moe_decode(xs[l, :T], *routes[l], *weights[l], 10.0, config=cfg, half=half)
-                           for l in range(L)], a.reps, graph=True)
-        gbps = distinct * layers.expert_bytes() / t / 1e9
-        r = dict(label=label, T=T, shared=shared, half=half, cfg=repr(cfg), us_per_layer=t / L * 1e6, GBps=gbps,
-                 pct_copy=100 * gbps / res["copy_GBps"], rel_err=rel)
-        print(f"  {label:28s} T={T:2d} half={half!s:5} {t / L * 1e6:8.2f} us/layer {gbps:7.0f} GB/s "
-              f"({r['pct_copy']:.1f} %) rel {rel:.1e}  {cfg}", flush=True)
+        r = dict(label=label, T=T, shared=shared, half=half, cfg=repr(cfg),
+                 **time_decode(layers, weights, xs, T, shared, cfg, a.reps, 100 * T, half=half))
+        r["pct_copy"] = 100 * r["GBps"] / res["copy_GBps"]
+        print(f"  {label:28s} T={T:2d} half={half!s:5} {r['us_per_layer']:8.2f} us/layer {r['GBps']:7.0f} GB/s "
+              f"({r['pct_copy']:.1f} %) rel {r['rel_err']:.1e}  {cfg}", flush=True)
         rows.append(r)
         res["rows"] = rows
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)

@@ -92,27 +92,32 @@ def routing(T, E, k, dev, seed, shared=False):
     return idx.to(dev), (torch.rand(T, k, generator=g) + 0.25).to(dev)
 
 
+def time_decode(layers: Int2Layers, weights, xs, T, shared, cfg, reps, seed, use_dot=False, half=False) -> dict:
+    """One INT2 decode case over all L layers (CUDA-graph replay): us per layer, GB/s of the distinct
+    experts' bytes, and the layer-0 error against the fp32 torch reference."""
+    L, dev = layers.L, xs.device
+    routes = [routing(T, layers.E, 6, dev, seed + l, shared) for l in range(L)]
+    distinct = sum(torch.unique(r[0]).numel() for r in routes)
+    ref = int2_moe_reference(xs[0, :T], *routes[0], *weights[0], 10.0)
+    y = int2_moe_decode(xs[0, :T], *routes[0], *weights[0], 10.0, config=cfg, use_dot=use_dot, half=half)
+    t = timed(lambda: [int2_moe_decode(xs[l, :T], *routes[l], *weights[l], 10.0, config=cfg, use_dot=use_dot,
+                                       half=half) for l in range(L)], reps, graph=True)
+    return dict(us_per_layer=t / L * 1e6, GBps=distinct * layers.expert_bytes() / t / 1e9,
+                distinct_experts_per_layer=distinct / L, rel_err=((y - ref).norm() / ref.norm()).item())
+
+
 def bench_decode(res, layers: Int2Layers, dev, reps, sweep, quick=False):
-    L, E, D = layers.L, layers.E, layers.D
+    L, D = layers.L, layers.D
     xs = torch.randn(L, 16, D, device=dev, dtype=torch.bfloat16)
     weights = [layers.layer(l) for l in range(L)]
     rows = []
 
     def run_case(T, shared, use_dot, cfg, seed=0):
-        routes = [routing(T, E, 6, dev, seed + l, shared) for l in range(L)]
-        distinct = sum(torch.unique(r[0]).numel() for r in routes)
         # the fp32 CUDA-core loop and the dot path (bench/bench_int2_half.py times the fp16 loop, the default)
-        fn = lambda: [int2_moe_decode(xs[l, :T], *routes[l], *weights[l], 10.0, config=cfg, use_dot=use_dot,
-                                      half=False) for l in range(L)]
-        ref = int2_moe_reference(xs[0, :T], *routes[0], *weights[0], 10.0)
-        y = int2_moe_decode(xs[0, :T], *routes[0], *weights[0], 10.0, config=cfg, use_dot=use_dot, half=False)
-        rel = ((y - ref).norm() / ref.norm()).item()
-        t = timed(fn, reps, graph=True)
-        nbytes = distinct * layers.expert_bytes()
-        r = dict(T=T, shared=shared, use_dot=use_dot, cfg=repr(cfg), us_per_layer=t / L * 1e6,
-                 GBps=nbytes / t / 1e9, distinct_experts_per_layer=distinct / L, rel_err=rel)
-        print(f"  decode T={T} shared={shared} dot={use_dot} {t / L * 1e6:8.2f} us/layer rel {rel:.1e} {cfg}",
-              flush=True)
+        r = dict(T=T, shared=shared, use_dot=use_dot, cfg=repr(cfg),
+                 **time_decode(layers, weights, xs, T, shared, cfg, reps, seed, use_dot=use_dot))
+        print(f"  decode T={T} shared={shared} dot={use_dot} {r['us_per_layer']:8.2f} us/layer "
+              f"rel {r['rel_err']:.1e} {cfg}", flush=True)
         return r
 
     cands = decode_configs(False) if sweep else decode_configs(False)[:1]
@@ -149,19 +154,14 @@ def bench_decode(res, layers: Int2Layers, dev, reps, sweep, quick=False):
 
 def bench_decode_random256(res, layers: Int2Layers, dev, reps, cfg_dot, cfg_ew):
     """T=16 with independent routing over all 256 experts: bytes grow with distinct experts."""
-    L, E, D = layers.L, layers.E, layers.D
+    L, D = layers.L, layers.D
     weights = [layers.layer(l) for l in range(L)]
     xs = torch.randn(L, 16, D, device=dev, dtype=torch.bfloat16)
     out = []
     for T, use_dot, cfg in ((1, False, cfg_ew), (16, True, cfg_dot), (16, False, cfg_ew)):
-        routes = [routing(T, E, 6, dev, 100 + l) for l in range(L)]
-        distinct = sum(torch.unique(r[0]).numel() for r in routes)
         # the fp32 CUDA-core loop and the dot path (bench/bench_int2_half.py times the fp16 loop, the default)
-        fn = lambda: [int2_moe_decode(xs[l, :T], *routes[l], *weights[l], 10.0, config=cfg, use_dot=use_dot,
-                                      half=False) for l in range(L)]
-        t = timed(fn, reps, graph=True)
-        out.append(dict(T=T, use_dot=use_dot, layers=L, us_per_layer=t / L * 1e6, distinct_experts_per_layer=distinct / L,
-                        GBps=distinct * layers.expert_bytes() / t / 1e9))
+        out.append(dict(T=T, use_dot=use_dot, layers=L,
+                        **time_decode(layers, weights, xs, T, False, cfg, reps, 100, use_dot=use_dot)))
     res["decode_random256"] = out
 
 
