@@ -213,6 +213,11 @@ def _proj_joint(lins: list, x: torch.Tensor) -> torch.Tensor:
     st = _stacked_base(lins)
     if st is None:
         return torch.cat([_linear_raw(lin, x) for lin in lins], -1)
+    return _stacked_gemv(st, x)
+
+
+def _stacked_gemv(st: tuple, x: torch.Tensor) -> torch.Tensor:
+    """x times a stacked (weight, FP8 scale or None) -> [..., sum out]."""
     W, S = st
     if S is not None:
         if x.is_cuda:
@@ -226,10 +231,11 @@ def _proj_joint(lins: list, x: torch.Tensor) -> torch.Tensor:
 
 
 def _proj(lins: list, x: torch.Tensor) -> list[torch.Tensor]:
-    """[lin(x) for lin in lins] as column slices of :func:`_proj_joint` when stacked."""
-    if _stacked_base(lins) is None:
+    """[lin(x) for lin in lins] as column slices of one stacked GEMV when the group was stacked."""
+    st = _stacked_base(lins)
+    if st is None:
         return [_linear_raw(lin, x) for lin in lins]
-    y = _proj_joint(lins, x)
+    y = _stacked_gemv(st, x)
     out, o = [], 0
     for lin in lins:
         out.append(y[..., o:o + lin.out_features])
