@@ -353,6 +353,14 @@ def bench_mxfp4(res, dev, reps, D, I, E):
     res["mxfp4_bytes_per_token_layer"] = 6 * 3 * D * I * (0.5 + 1 / 32)
 
 
+def print_fp8(res):
+    print(f"{'FP8 GEMV':18s} {'M':>3s} {'us':>8s} {'GB/s':>7s} {'%copy':>6s} {'last-epi us':>11s} {'torch us':>9s}")
+    for r in res["fp8_gemv"]:
+        print(f"{r['layer']:18s} {r['M']:3d} {r['us']:8.2f} {r['GBps']:7.0f} {100 * r['frac_copy']:6.1f} "
+              f"{r.get('last_epilogue_us', float('nan')):11.2f} {r['torch_dequant_matmul_us']:9.1f}")
+    print(f"FP8 GEMM 2048x8192x4096 TFLOP/s: {res['fp8_gemm_2048x8192x4096']}")
+
+
 def print_prefill(res):
     print(f"{'INT2 prefill (E=256, k=6)':26s} {'v1 ms':>7s} {'v2 ms':>7s} {'v2 TF/s':>8s} {'bf16 ms':>8s} "
           f"{'bf16 TF/s':>9s} {'%bf16':>6s} {'x v1':>5s}")
@@ -372,6 +380,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="decode config sweeps only (implies --decode-only)")
     ap.add_argument("--decode-only", action="store_true", help="only copy bandwidth + the INT2 decode sections")
     ap.add_argument("--prefill-only", action="store_true", help="only the INT2 prefill section (T=2048, 6144)")
+    ap.add_argument("--fp8-only", action="store_true", help="only copy bandwidth + the FP8 GEMV/GEMM section")
     args = ap.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     sweep = not args.no_sweep and not args.smoke
@@ -391,6 +400,12 @@ def main(argv=None) -> int:
         print_prefill(res)
         return 0
     res["copy_GBps"] = copy_bandwidth(dev, 2**31 if not args.smoke else 2**20, reps=20) / 1e9
+    if args.fp8_only:
+        bench_fp8(res, dev, reps, sweep, res["copy_GBps"])
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+        print_fp8(res)
+        return 0
     layers = Int2Layers(L, E, D, I, dev, 0)
     # correctness at these shapes before timing
     lw = layers.layer(0)
@@ -444,11 +459,7 @@ def main(argv=None) -> int:
     print(f"decode best cfgs: {res['decode_best_config']}")
     print(f"dequant-then-matmul T=1: {res['decode_dequant_then_matmul_T1_us']:.1f} us/layer")
     if "fp8_gemv" in res:
-        print(f"{'FP8 GEMV':18s} {'M':>3s} {'us':>8s} {'GB/s':>7s} {'%copy':>6s} {'torch us':>9s}")
-        for r in res["fp8_gemv"]:
-            print(f"{r['layer']:18s} {r['M']:3d} {r['us']:8.2f} {r['GBps']:7.0f} {100 * r['frac_copy']:6.1f} "
-                  f"{r['torch_dequant_matmul_us']:9.1f}")
-        print(f"FP8 GEMM 2048x8192x4096 TFLOP/s: {res['fp8_gemm_2048x8192x4096']}")
+        print_fp8(res)
     if args.decode_only:
         return 0
     print_prefill(res)

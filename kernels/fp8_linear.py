@@ -101,16 +101,16 @@ def _fp8_linear_kernel(
     if SPLIT_K == 1:
         tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=om)
     elif LAST:
-        MN = M.to(tl.int64) * N
         wofs = rm[:, None].to(tl.int64) * N + rn[None, :]                # [BM, BN]
-        tl.store(ws_ptr + pid_k * MN + wofs, acc, mask=om)
+        # (M may arrive as a constexpr: Triton specialises integer arguments equal to 1)
+        tl.store(ws_ptr + pid_k.to(tl.int64) * M * N + wofs, acc, mask=om)
         tl.debug_barrier()
         tile = pid_m * tl.num_programs(0) + pid_n
         arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:                                       # every split's partial is written
             tot = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
             for sk in range(SPLIT_K):
-                tot += tl.load(ws_ptr + sk * MN + wofs, mask=om, other=0.0, cache_modifier=".cg")
+                tot += tl.load(ws_ptr + (sk * M).to(tl.int64) * N + wofs, mask=om, other=0.0, cache_modifier=".cg")
             tl.store(ptrs, tot.to(y_ptr.dtype.element_ty), mask=om)
             tl.atomic_xchg(cnt_ptr + tile, 0)                            # ready for the next call
     else:
