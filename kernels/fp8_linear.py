@@ -10,26 +10,28 @@ activation tile (fp32 accumulation), times the block's scale column. Split-K (fp
 the small layers (wq_a 1024 rows, wkv 512 rows) enough programs for 132 SMs. Activations must stay
 below 65504 in magnitude (fp16 operands; the CPU interpreter's bf16 dot is broken).
 
-Split-K epilogues (``FP8Config.epilogue``): ``"atomic"`` (default) adds fp32 partials into a zeroed
-output and casts it afterwards (three graph nodes: memset, kernel, cast); ``"last"`` writes each split's
+Split-K epilogues (``FP8Config.epilogue``): ``"atomic"`` adds fp32 partials into a zeroed
+output and casts it afterwards (three graph nodes: memset, kernel, cast); ``"last"`` (default) writes each split's
 partial tile to a workspace and the last program of a tile to arrive (per-tile counter, acq_rel atomic)
 sums the splits in a fixed order, stores the output in x's dtype and resets its counter to zero -- one
 node, deterministic sums. Its workspace and counters are cached per (device, stream) and never freed
-(the CUDA graphs that captured them keep using the same memory).
+(the CUDA graphs that captured them keep using the same memory). Measured on the H200 (bench/sweep_fp8.py):
+"last" beats "atomic" at every split shape of the decode step, 1.6-2.4 us per call (the memset and the
+cast were two more graph nodes).
 
 For many tokens (prefill) ``fp8_linear`` uses the same kernel with larger M tiles; the torch path
 (``fp8_linear_reference``: dequantise then matmul) is what the benchmark compares against.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
 import triton.language as tl
 
 BLOCK = 128
-SPLIT_K_EPILOGUE = "atomic"   # default split-K epilogue of pick_config ("last": one launch; not yet timed on a GPU)
+SPLIT_K_EPILOGUE = "last"     # split-K epilogue of pick_config (bench/sweep_fp8.py: "last" won every split shape)
 
 
 @dataclass(frozen=True)
@@ -51,16 +53,40 @@ def fp8_configs(m: int) -> list[FP8Config]:
             FP8Config(128, 256, warps=8, stages=3)]
 
 
-def pick_config(m: int, n: int, k: int) -> FP8Config:
-    """Default tile: small M -> GEMV tiles with split-K until >= ~2 programs per SM."""
-    if m > 16:
-        return fp8_configs(m)[0]
-    bn = 64
-    tiles = triton.cdiv(n, bn)
+# Winners of ``bench/sweep_fp8.py`` on the H200 (Triton 3.6, 2026-11-29; kernels/BENCHMARKS.md "FP8 sweep"),
+# keyed by (N, K, row bucket): the fused decode step's V4-Flash projections at batch 1 and 8.
+TUNED = {
+    (1536, 4096, 16): FP8Config(16, 64, 8, 4, 3, "last"),     # wq_a | wkv (stacked)
+    (32768, 1024, 16): FP8Config(16, 128, 1, 4, 3),           # wq_b
+    (8192, 4096, 16): FP8Config(16, 128, 4, 4, 3, "last"),    # wo_a, all 8 groups' rows (batch 1: 8 rows)
+    (8192, 4096, 64): FP8Config(64, 64, 2, 4, 4, "last"),     # wo_a at batch 8 (64 rows)
+    (4096, 8192, 16): FP8Config(16, 64, 8, 4, 3, "last"),     # wo_b
+    (4096, 4096, 16): FP8Config(16, 64, 8, 4, 3, "last"),     # shared expert w1 | w3 (stacked)
+    (4096, 2048, 16): FP8Config(16, 64, 4, 4, 3, "last"),     # shared expert w2
+    (8192, 1024, 16): FP8Config(16, 64, 1, 4, 5),             # indexer wq_b
+}
+
+
+def _split(tiles: int, kb: int) -> int:
+    """Split-K until >= ~2 programs per SM, keeping >= 4 K blocks per split."""
     split = 1
-    while tiles * split < 264 and split < 8 and triton.cdiv(k, BLOCK) >= 2 * split * 2:
+    while tiles * split < 264 and split < 8 and kb >= 4 * split * 2:
         split *= 2
-    return FP8Config(16, bn, split, epilogue=SPLIT_K_EPILOGUE)
+    return split
+
+
+def pick_config(m: int, n: int, k: int) -> FP8Config:
+    """Tile for M activation rows: the sweep's winner for a tuned shape; otherwise GEMV tiles (M <= 16)
+    or 64-row tiles (M <= 64) with split-K, and 128x128 tiles for prefill."""
+    bucket = 16 if m <= 16 else 64 if m <= 64 else None
+    if bucket is not None and (n, k, bucket) in TUNED:
+        cfg = TUNED[(n, k, bucket)]
+        return cfg if cfg.split_k == 1 else replace(cfg, epilogue=SPLIT_K_EPILOGUE)
+    if m > 64:
+        return fp8_configs(m)[0]
+    bm, bn = (16, 64) if m <= 16 else (64, 64)
+    split = _split(triton.cdiv(n, bn) * triton.cdiv(m, bm), triton.cdiv(k, BLOCK))
+    return FP8Config(bm, bn, split, 4, 3 if m <= 16 else 4, epilogue=SPLIT_K_EPILOGUE)
 
 
 @triton.jit

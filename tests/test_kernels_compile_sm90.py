@@ -18,25 +18,29 @@ pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[1]
 
 _SCRIPT = r'''
-import json, sys, traceback
+import json
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from dsv4lib.kernels.fp8_linear import _fp8_linear_kernel
+from dsv4lib.kernels.fp8_linear import TUNED, FP8Config, _fp8_linear_kernel
 
+cases = {(16, 64, 1, 4, 4, False), (16, 64, 4, 4, 4, False), (16, 64, 4, 4, 4, True)}
+cases |= {(c.block_m, c.block_n, c.split_k, c.warps, c.stages, c.split_k > 1 and c.epilogue == "last")
+          for c in TUNED.values()}
 out = {}
-for m in (1, 16):
-    for split_k, last in ((1, False), (4, False), (4, True)):
+for bm, bn, split_k, warps, stages, last in sorted(cases):
+    for m in ((1, 16) if bm == 16 else (64,)):
         sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32",
                "y_ptr": "*bf16" if split_k == 1 or last else "*fp32", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
                "M": "constexpr" if m == 1 else "i32", "N": "i32", "K": "i32", "KB": "i32",
                "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "SPLIT_K": "constexpr", "LAST": "constexpr"}
-        cons = {"BLOCK_M": 16, "BLOCK_N": 64, "SPLIT_K": split_k, "LAST": last}
+        cons = {"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": split_k, "LAST": last}
         if m == 1:
             cons["M"] = 1
-        name = f"fp8_linear M={m} split_k={split_k} last={last}"
+        name = f"fp8_linear M={m} tile={bm}x{bn} split_k={split_k} warps={warps} stages={stages} last={last}"
         try:
-            k = triton.compile(ASTSource(_fp8_linear_kernel, sig, cons), target=GPUTarget("cuda", 90, 32))
+            k = triton.compile(ASTSource(_fp8_linear_kernel, sig, cons), target=GPUTarget("cuda", 90, 32),
+                               options=dict(num_warps=warps, num_stages=stages))
             out[name] = "ok" if k.asm.get("cubin") else "no cubin"
         except Exception as e:  # noqa: BLE001 - reported per case
             out[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
@@ -45,6 +49,7 @@ print(json.dumps(out))
 
 
 def test_fp8_linear_compiles_for_sm90():
+    """The fallback configs and every tuned one (kernels/fp8_linear.py TUNED), at M = 1 and M > 1."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     p = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT,
@@ -53,6 +58,6 @@ def test_fp8_linear_compiles_for_sm90():
         pytest.skip("this Triton has no offline compile entry points")
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])
-    assert len(res) == 6
+    assert len(res) >= 6
     bad = {k: v for k, v in res.items() if v != "ok"}
     assert not bad, bad
