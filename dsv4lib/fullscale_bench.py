@@ -183,6 +183,19 @@ def _decode_case(model, B: int, ctx: int, opts: BenchOptions, dev, res: dict) ->
         case["graphed_tok_s"] = B / (ms * 1e-3)
         case["final_position"] = cache.position()
         del dec
+        if opts.fused:   # A/B in the same run: the same step on one stream (no concurrent branches)
+            from .model import graphed
+            for t_, v in zip(cache.small_state(), pos0):
+                t_.copy_(v)
+            graphed.CONCURRENT = False
+            try:
+                dec = GraphedDecoder(model, cache, fused=True)
+                case["single_stream_vs_concurrent_max_abs"] = float((dec.step(tok) - first).abs().max())
+                ms1 = time_cuda(lambda: dec.step(dec.logits.argmax(-1, keepdim=True)), steps, warmup=2)
+                case["graphed_single_stream_ms"] = ms1
+                del dec
+            finally:
+                graphed.CONCURRENT = True
     case["bytes_per_token"] = decode_bytes_per_token(model, B, ctx)["per_token"]
     res["decode"].append(case)
     if B == 1 and ctx == min(c for _, c in opts.decode) and opts.components and dev.type == "cuda":
@@ -298,15 +311,15 @@ def format_table(res: dict) -> str:
              f"resident {res['resident_GB']['total']:.2f} GB  peak {res.get('peak_allocated_GB', 0):.2f} GB  "
              f"copy {res.get('copy_GBps', 0):.0f} GB/s  bytes/token(b1,1K) "
              f"{res['bytes_per_token_b1_1k']['per_token'] / GB:.3f} GB  roofline {res.get('roofline_b1_tok_s', 0):.0f} tok/s",
-             "| batch | context | fill | eager tok/s | static ms | graphed ms | graphed tok/s | GB/token |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| batch | context | fill | eager tok/s | static ms | graphed ms | 1-stream ms | graphed tok/s | GB/token |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for d in res["decode"]:
         if "error" in d:
-            lines.append(f"| {d['batch']} | {d['context']} | ERROR {d['error'][:60]} |||||")
+            lines.append(f"| {d['batch']} | {d['context']} | ERROR {d['error'][:60]} ||||||")
             continue
         lines.append(f"| {d['batch']} | {d['context']} | {d['context_fill']} | {d.get('eager_tok_s', float('nan')):.1f} | "
                      f"{d.get('static_uncaptured_ms', float('nan')):.2f} | {d.get('graphed_ms', float('nan')):.2f} | "
-                     f"{d.get('graphed_tok_s', float('nan')):.1f} | {d['bytes_per_token'] / GB:.3f} |")
+                     f"{d.get('graphed_single_stream_ms', float('nan')):.2f} | {d.get('graphed_tok_s', float('nan')):.1f} | {d['bytes_per_token'] / GB:.3f} |")
     p = res["prefill"]
     lines.append(f"prefill b1 x {p['tokens']}: {p['tok_s']:.0f} tok/s")
     m = res["mmlu"]

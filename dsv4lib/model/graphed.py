@@ -48,6 +48,51 @@ class StepContext:
     idx_future: torch.Tensor | None
     zero: torch.Tensor
     ninf: torch.Tensor
+    side: object = None     # torch.cuda.Stream for the fused step's concurrent branches, or None
+
+
+CONCURRENT = True
+"""Fused CUDA step: run the independent pieces of a layer on a second stream (see :func:`_branch`).
+A CUDA graph captures the fork/join as parallel branches. False: one stream (the bench's A/B switch)."""
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device: torch.device):
+    """One side stream per device (reused by warm-up, capture and uncaptured steps)."""
+    key = torch.device(device)
+    if key not in _SIDE_STREAMS:
+        _SIDE_STREAMS[key] = torch.cuda.Stream(key)
+    return _SIDE_STREAMS[key]
+
+
+class _branch:
+    """``with _branch(ctx): ...`` runs the block on ``ctx.side`` after everything issued so far on the
+    current stream (fork); :func:`_join` makes the current stream wait for it. Without a side stream
+    (CPU, torch step, ``CONCURRENT=False``) the block runs in place. The fused step forks only work
+    whose inputs stay referenced until the join and whose outputs are read after it, so the caching
+    allocator cannot hand a block to one stream while the other still uses it."""
+
+    def __init__(self, ctx: StepContext | None) -> None:
+        self.side = getattr(ctx, "side", None)
+        self._cm = None
+
+    def __enter__(self):
+        if self.side is not None:
+            self.side.wait_stream(torch.cuda.current_stream(self.side.device))
+            self._cm = torch.cuda.stream(self.side)
+            self._cm.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._cm is not None:
+            self._cm.__exit__(*exc)
+        return False
+
+
+def _join(ctx: StepContext | None) -> None:
+    if getattr(ctx, "side", None) is not None:
+        torch.cuda.current_stream(ctx.side.device).wait_stream(ctx.side)
 
 
 def step_context(model, cache: StaticCache, fused: bool) -> StepContext:
@@ -83,8 +128,9 @@ def step_context(model, cache: StaticCache, fused: bool) -> StepContext:
                     ent_bias[r] = torch.where(torch.arange(T, device=dev) < idx_thr, zero, ninf)   # [T]
     W = cache.layers[0].window.shape[1]
     win_bias = torch.where(torch.arange(W, device=dev) <= pos, zero, ninf)   # [W]
+    side = _side_stream(dev) if fused and CONCURRENT and pos.is_cuda else None
     return StepContext(pos, fused, rot, rot_inv, cs, comp_cs, (pos % W).view(1), win_bias, ent_bias, ent_thr,
-                       idx_thr, idx_future, zero, ninf)
+                       idx_thr, idx_future, zero, ninf, side)
 
 
 def selects_all(attn, lc: StaticLayerCache) -> bool:
@@ -332,6 +378,17 @@ def attention_step(attn, x: torch.Tensor, ctx: StepContext, lc: StaticLayerCache
     B = x.shape[0]
     H, c = attn.n_heads, attn.head_dim
     f = 1 if attn.ratio else 0
+    ent = sel = thr = pre = None
+    if attn.ratio:   # compressors (and the indexer's projections): independent of the q/kv path below
+        all_sel = attn.indexer is None or selects_all(attn, lc)
+        cp = [attn.compressor.wkv, attn.compressor.wgate]
+        ip = ([attn.indexer.compressor.wkv, attn.indexer.compressor.wgate, attn.indexer.weights_proj]
+              if attn.indexer is not None else [])
+        with _branch(ctx):
+            pre = _proj(cp + ip, x) if _fusable(ctx, x) and _stacked_base(cp + ip) is not None else None
+            compressor_step(attn.compressor, x, ctx, lc.comp, None if pre is None else (pre[0], pre[1]))
+            if attn.indexer is not None and all_sel:   # every entry is selected; the indexer's keys still advance
+                compressor_step(attn.indexer.compressor, x, ctx, lc.index, None if pre is None else (pre[2], pre[3]))
     if _fusable(ctx, x):
         cos, sin, _ = ctx.cs[f]
         qa, kva = _proj([attn.wq_a, attn.wkv], x)                       # [B, 1, q_lora], [B, 1, c]
@@ -344,20 +401,13 @@ def attention_step(attn, x: torch.Tensor, ctx: StepContext, lc: StaticLayerCache
         q = _rope_(q * torch.rsqrt(hp(q).pow(2).mean(-1, keepdim=True) + attn.eps).to(q.dtype), ctx.rot[f])
         kv = _rope_(attn.kv_norm(attn.wkv(x)), ctx.rot[f])              # [B, 1, c]
     lc.window.index_copy_(1, ctx.win_slot, kv.to(lc.window.dtype))
-    ent = sel = thr = None
     if attn.ratio:
-        cp = [attn.compressor.wkv, attn.compressor.wgate]
-        ip = ([attn.indexer.compressor.wkv, attn.indexer.compressor.wgate, attn.indexer.weights_proj]
-              if attn.indexer is not None else [])
-        pre = _proj(cp + ip, x) if _fusable(ctx, x) and _stacked_base(cp + ip) is not None else None
-        compressor_step(attn.compressor, x, ctx, lc.comp, None if pre is None else (pre[0], pre[1]))
+        _join(ctx)
         ent = lc.comp.entries                                           # [B, T, c]
-        if attn.indexer is not None and not selects_all(attn, lc):
+        if not all_sel:
             sel, _ = indexer_select(attn.indexer, x, qr, ctx, lc.index, None if pre is None else pre[2:])   # [B, k]
             thr = ctx.idx_thr
         else:
-            if attn.indexer is not None:   # every entry is selected; the indexer's keys still advance
-                compressor_step(attn.indexer.compressor, x, ctx, lc.index, None if pre is None else (pre[2], pre[3]))
             thr = ctx.ent_thr[attn.ratio]
 
     def core_torch() -> torch.Tensor:
@@ -437,25 +487,28 @@ def _router_logits(gate, x: torch.Tensor) -> torch.Tensor:
     return F.linear(hp(x), hp(W))
 
 
-def moe_step(ffn, x: torch.Tensor, ids: torch.Tensor):
+def moe_step(ffn, x: torch.Tensor, ids: torch.Tensor, ctx: StepContext | None = None):
     """The MoE of the fused decode step for x [B,1,D] (spec §2.7) -> (routed fp32 [B,1,D], shared
     [B,1,D] in x's dtype or None): router top-k in one launch (kernels/moe_step.py), the expert
-    backend, the shared expert as one stacked w1‖w3 GEMV + one SwiGLU launch + w2. The two parts are
-    summed (and rounded to x's dtype, as ``MoE.forward``) inside the mHC post kernel."""
+    backend, the shared expert as one stacked w1‖w3 GEMV + one SwiGLU launch + w2 (on ``ctx.side``,
+    concurrent with the router and the routed experts, when there is one). The two parts are summed (and rounded to x's dtype, as ``MoE.forward``) inside the mHC post kernel."""
     from dsv4lib.kernels.moe_step import router_topk, swiglu_rows
     shape = x.shape
+    se = ffn.shared_experts
+    sh = None
+    if se is not None:   # concurrent with the router and the routed experts
+        with _branch(ctx):
+            gu = _proj_joint([se.w1, se.w3], x)                        # [B, 1, 2I] (g ‖ u)
+            sh = se.w2(swiglu_rows(gu, se.limit).to(x.dtype))           # [B, 1, D]
     xf = x.reshape(-1, shape[-1])                                       # [B, D]
     g = ffn.gate
     logits = _router_logits(g, xf)                                      # [B, E] fp32
     hidx = g.tid2eid[ids.reshape(-1)] if g.hash else None
     _, idx, w = router_topk(logits, None if g.hash else g.bias, g.k, g.scale, g.renorm, hidx)
     y = ffn.experts(xf, idx, w, ffn.limit).reshape(shape)               # [B, 1, D] fp32
-    se = ffn.shared_experts
-    if se is None:
-        return y, None
-    gu = _proj_joint([se.w1, se.w3], x)                                # [B, 1, 2I] (g ‖ u)
-    h = swiglu_rows(gu, se.limit).to(x.dtype)                           # [B, 1, I]
-    return y, se.w2(h)
+    if se is not None:
+        _join(ctx)
+    return y, sh
 
 
 def _moe_fusable(ffn) -> bool:
@@ -470,7 +523,7 @@ def block_step(layer, X: torch.Tensor, ctx: StepContext, ids: torch.Tensor, lc: 
     x, post, comb = hc_pre_step(layer, X, "hc_ffn", fz)
     xn = _norm(ctx, layer.ffn_norm, x)
     if _fusable(ctx, xn) and _moe_fusable(layer.ffn):
-        y, sh = moe_step(layer.ffn, xn, ids)
+        y, sh = moe_step(layer.ffn, xn, ids, ctx)
         return hc_post_step(y, X, post, comb, fz, sh)
     return hc_post_step(layer.ffn(xn, ids), X, post, comb, fz)
 
