@@ -178,24 +178,32 @@ def _decode_case(model, B: int, ctx: int, opts: BenchOptions, dev, res: dict) ->
         first = dec.step(tok).clone()
         if "static_vs_eager_max_abs" in case:
             case["graphed_vs_eager_max_abs"] = float((first - ref).abs().max())
-        ms = time_cuda(lambda: dec.step(dec.logits.argmax(-1, keepdim=True)), steps, warmup=2)
-        case["graphed_ms"] = ms
-        case["graphed_tok_s"] = B / (ms * 1e-3)
-        case["final_position"] = cache.position()
-        del dec
-        if opts.fused:   # A/B in the same run: the same step on one stream (no concurrent branches)
+        dec1 = None
+        if opts.fused:   # A/B in the same run: the same step captured on one stream (no concurrent branches)
             from .model import graphed
             for t_, v in zip(cache.small_state(), pos0):
                 t_.copy_(v)
             graphed.CONCURRENT = False
             try:
-                dec = GraphedDecoder(model, cache, fused=True)
-                case["single_stream_vs_concurrent_max_abs"] = float((dec.step(tok) - first).abs().max())
-                ms1 = time_cuda(lambda: dec.step(dec.logits.argmax(-1, keepdim=True)), steps, warmup=2)
-                case["graphed_single_stream_ms"] = ms1
-                del dec
+                dec1 = GraphedDecoder(model, cache, fused=True)
             finally:
                 graphed.CONCURRENT = True
+            # same state (the step at pos0 rewrote only what the first one wrote): must agree up to the
+            # atomics' summation order
+            case["single_stream_vs_concurrent_max_abs"] = float((dec1.step(tok) - first).abs().max())
+        for t_, v in zip(cache.small_state(), pos0):
+            t_.copy_(v)
+        ms = time_cuda(lambda: dec.step(dec.logits.argmax(-1, keepdim=True)), steps, warmup=2)
+        case["graphed_ms"] = ms
+        case["graphed_tok_s"] = B / (ms * 1e-3)
+        case["final_position"] = cache.position()
+        del dec
+        if dec1 is not None:
+            for t_, v in zip(cache.small_state(), pos0):
+                t_.copy_(v)
+            case["graphed_single_stream_ms"] = time_cuda(lambda: dec1.step(dec1.logits.argmax(-1, keepdim=True)),
+                                                         steps, warmup=2)
+            del dec1
     case["bytes_per_token"] = decode_bytes_per_token(model, B, ctx)["per_token"]
     res["decode"].append(case)
     if B == 1 and ctx == min(c for _, c in opts.decode) and opts.components and dev.type == "cuda":

@@ -8,7 +8,8 @@ output by O(1). That is what made this test fail twice in ~8 GPU runs (rel ~0.10
 `bench/repro_int2_model.py` on the H200 (2026-11-29) found the first diverging layer with input rel 3.7e-4,
 a different routing, and the expert kernel on the CPU's inputs at rel 3.6e-4. So the comparison is split:
 1. routing, free-running: per MoE call >= 99 % of tokens select the same expert set, and every token that
-   does not has a near-tie (gap between its k-th and (k+1)-th biased scores < 1e-3 relative) on the CPU;
+   does not has a near-tie (gap between its k-th and (k+1)-th biased scores < 1e-3 relative) on the CPU
+   (MXFP4, a bf16 path: 95 % and 5e-2, ``ROUTING_TOL``);
 2. logits with the GPU's routers pinned to the CPU's decisions (forward hooks replay them in call order),
    so the tolerance below measures the kernels, not the tie-breaking.
 
@@ -28,6 +29,10 @@ pytestmark = [pytest.mark.gpu,
 
 
 TOL = {"int2": (2e-3, 0.99), "mxfp4": (0.1, 0.98)}
+# free-running routing: (min fraction of tokens with the same expert set per MoE call, max relative score
+# gap of the others). The MXFP4 path runs bf16 matmuls (logits rel ~5e-2), so its ties are wider:
+# on the H200 2 of 160 tokens changed one expert in layer 5 (2026-11-29).
+ROUTING_TOL = {"int2": (0.99, 1e-3), "mxfp4": (0.95, 5e-2)}
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -36,17 +41,18 @@ def _close(got: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return rel, agree
 
 
-def _routing_checks(cpu_calls: list, gpu_calls: list) -> None:
-    """Free-running routers: same expert sets except at near-ties (see the module docstring)."""
+def _routing_checks(cpu_calls: list, gpu_calls: list, min_same: float, max_gap: float) -> None:
+    """Free-running routers: >= ``min_same`` of the tokens select the same expert set per call, and
+    the others had a near-tie (relative gap < ``max_gap``) on the CPU (see the module docstring)."""
     assert len(cpu_calls) == len(gpu_calls) > 0
     for n, ((s, idx, _, bias), (_, gidx, _, _)) in enumerate(zip(cpu_calls, gpu_calls)):
         same = (idx.sort(-1).values == gidx.sort(-1).values).all(-1)           # [T]
-        assert same.float().mean() >= 0.99, (n, same.float().mean().item())
+        assert same.float().mean() >= min_same, (n, same.float().mean().item())
         if not same.all():
             assert bias is not None, ("hash-routed layer differs", n)
             top = (s + bias).topk(idx.shape[1] + 1, -1).values                  # [T, k+1]
             gap = (top[:, -2] - top[:, -1]) / top[:, 0].abs()
-            assert (gap[~same] < 1e-3).all(), (n, gap[~same].tolist())
+            assert (gap[~same] < max_gap).all(), (n, gap[~same].tolist())
 
 
 def _record_gates(model, calls: list) -> None:
@@ -80,7 +86,7 @@ def test_kernel_backed_model_matches_torch_path(tmp_path, experts):
     with torch.no_grad():
         ref = cpu(ids)
         gpu(ids.cuda())
-        _routing_checks(cpu_calls, gpu_calls)
+        _routing_checks(cpu_calls, gpu_calls, *ROUTING_TOL[experts])
         queue = list(cpu_calls)                       # replay the CPU's routing: every gate call, in order
         _pin_gates(gpu, queue)
         rel, agree = _close(gpu(ids.cuda()).cpu(), ref)
