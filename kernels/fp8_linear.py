@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .workspace import split_workspace
+
 BLOCK = 128
 SPLIT_K_EPILOGUE = "last"     # split-K epilogue of pick_config (bench/sweep_fp8.py: "last" won every split shape)
 
@@ -180,7 +182,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *,
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), cfg.split_k)
     last = cfg.split_k > 1 and cfg.epilogue == "last"
     if last:
-        ws, cnt = _last_workspace(x.device, cfg.split_k * M * N, grid[0] * grid[1])
+        ws, cnt = split_workspace(x.device, cfg.split_k * M * N, grid[0] * grid[1])
         y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     else:
         ws = cnt = scale                                                 # unused
@@ -190,25 +192,6 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *,
                              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, LAST=last,
                              num_warps=cfg.warps, num_stages=cfg.stages)
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
-
-
-_WORKSPACES: dict = {}
-
-
-def _last_workspace(device: torch.device, n_partial: int, n_tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(fp32 partials >= n_partial, int32 zeroed counters >= n_tiles) for the current stream of ``device``.
-
-    Grown by doubling; replaced buffers stay referenced (a captured CUDA graph may still use them)."""
-    sid = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
-    key = (str(device), sid)
-    bufs = _WORKSPACES.setdefault(key, [])
-    if not bufs or bufs[-1][0].numel() < n_partial or bufs[-1][1].numel() < n_tiles:
-        old = bufs[-1] if bufs else (torch.empty(0), torch.empty(0))
-        p = max(n_partial, 2 * old[0].numel(), 1 << 16)
-        t = max(n_tiles, 2 * old[1].numel(), 1024)
-        bufs.append((torch.empty(p, dtype=torch.float32, device=device),
-                     torch.zeros(t, dtype=torch.int32, device=device)))
-    return bufs[-1]
 
 
 # ----------------------------------------------------------------------------- torch reference

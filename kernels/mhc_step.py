@@ -1,16 +1,20 @@
-"""mHC pre and post for a few tokens (decode), three launches per block site instead of ~20 torch ops
+"""mHC pre and post for a few tokens (decode), two launches per block site instead of ~20 torch ops
 (v4_arch.md section 2.2; the math of ``dsv4lib.model.mhc.hc_pre`` / ``hc_post``).
 
 Pre, for X ``[T, hc, D]`` (the hc residual streams of T tokens) and ``fn [(2+hc)*hc, hc*D]`` fp32:
 
-1. ``_mix_partial_kernel``, grid ``(T, NSPLIT)``: each program takes a K slice of the flattened
-   streams ``v = X.flatten()`` and writes its partial dots ``fn[:, slice] . v[slice]`` plus the partial
-   sum of squares to ``part [T, NSPLIT, NMP]`` (no atomics, no zeroing).
-2. ``_mix_finish_kernel``, one program per token: sums the partials; the RMS normalisation is a
+One launch, ``_hc_pre_kernel``, grid ``(T, NSPLIT)``:
+
+1. each program takes a K slice of the flattened streams ``v = X.flatten()`` and writes its partial
+   dots ``fn[:, slice] . v[slice]`` plus the partial sum of squares to ``part [T, NSPLIT, NMP]``, then
+   counts itself in the token's arrival counter (acq_rel atomic, kernels/workspace.py);
+2. the last program of a token to arrive finishes it: sums the partials; the RMS normalisation is a
    scalar per token, so ``mix = rsqrt(mean(v^2) + eps) * (fn . v)`` equals the reference's
    ``(v * rsqrt(...)) @ fn^T`` up to rounding; then ``pre = sigmoid(.) + eps``, ``post = 2 sigmoid(.)``,
    ``comb = sinkhorn(.)`` (the hc x hc matrix in registers, as ``kernels/mhc_sinkhorn.py``), and the
-   sublayer input ``y = sum_k pre_k X_k`` over D in chunks, stored in X's dtype.
+   sublayer input ``y = sum_k pre_k X_k`` over D in chunks, stored in X's dtype -- optionally followed
+   by the sublayer's RMSNorm (``out_norm``: the attention / FFN input norm, one launch fewer), and
+   resets the counter. (Two launches before: the finish waited a full launch gap for the partials.)
 
 Post, ``_hc_post_kernel`` grid ``(T, cdiv(D, BLOCK_D))``: ``out_k = post_k f + sum_j comb[j, k] res_j``
 in fp32, stored in the streams' dtype.
@@ -22,17 +26,22 @@ import triton
 import triton.language as tl
 
 from .mhc_sinkhorn import sinkhorn_tile
+from .workspace import split_workspace
 
 NSPLIT = 64          # K slices of the mixing GEMV per token (hc*D = 16384 at V4 shapes -> 256 each)
 
 
 @triton.jit
-def _mix_partial_kernel(x_ptr, fn_ptr, part_ptr, K, NM, per,
-                        NMP: tl.constexpr, BK: tl.constexpr):
-    # x [T, K] (streams flattened, any float dtype), fn [NM, K] fp32, part [T, NSPLIT, NMP] fp32
+def _hc_pre_kernel(x_ptr, fn_ptr, part_ptr, cnt_ptr, scale_ptr, base_ptr, nw_ptr, y_ptr, post_ptr, comb_ptr,
+                   K, D, NM, per, norm_eps, hc_eps, out_eps,
+                   NMP: tl.constexpr, SB: tl.constexpr, HC: tl.constexpr, ITERS: tl.constexpr,
+                   BD: tl.constexpr, BK: tl.constexpr, HAS_NORM: tl.constexpr):
+    # x [T, K] (streams flattened, any float dtype), fn [NM, K] fp32, part [T, NSPLIT, NMP] fp32,
+    # cnt [T] int32 arrival counters (zero on entry, reset by the finishing program)
     t = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     ns = tl.num_programs(1)
+    # ---- partial: this program's K slice of the mixing GEMV and of the sum of squares
     r = tl.arange(0, NMP)
     acc = tl.zeros([NMP], tl.float32)
     ssq = tl.zeros([BK], tl.float32)
@@ -43,44 +52,47 @@ def _mix_partial_kernel(x_ptr, fn_ptr, part_ptr, K, NM, per,
         w = tl.load(fn_ptr + r[:, None] * K + k[None, :], mask=(r < NM)[:, None] & km[None, :], other=0.0)
         acc += tl.sum(w * v[None, :], axis=1)                                              # [NMP]
         ssq += v * v
-    # slot NM of the row carries the sum of squares (NMP > NM)
-    acc = tl.where(r == NM, tl.sum(ssq, axis=0), acc)
+    acc = tl.where(r == NM, tl.sum(ssq, axis=0), acc)      # slot NM carries the sum of squares (NMP > NM)
     tl.store(part_ptr + (t * ns + sp) * NMP + r, acc)
-
-
-@triton.jit
-def _mix_finish_kernel(part_ptr, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr,
-                       K, D, norm_eps, hc_eps, ns,
-                       NMP: tl.constexpr, SB: tl.constexpr, HC: tl.constexpr, ITERS: tl.constexpr,
-                       BD: tl.constexpr):
-    t = tl.program_id(0).to(tl.int64)
-    NM: tl.constexpr = (2 + HC) * HC
-    s = tl.arange(0, SB)
-    r = tl.arange(0, NMP)
-    p = tl.load(part_ptr + (t * ns + s[:, None]) * NMP + r[None, :], mask=(s < ns)[:, None], other=0.0)
-    tot = tl.sum(p, axis=0)                                                                # [NMP]
-    ssq = tl.sum(tl.where(r == NM, tot, 0.0), axis=0)
-    rs = 1.0 / tl.sqrt(ssq / K + norm_eps)
-    i = tl.arange(0, HC)
-    rc = i[:, None] * HC + i[None, :]                                                      # [HC, HC]
-    s0 = tl.load(scale_ptr)
-    s1 = tl.load(scale_ptr + 1)
-    s2 = tl.load(scale_ptr + 2)
-    # gather mix entries from the [NMP] vector (no dynamic indexing of registers in Triton)
-    mpre = tl.sum(tl.where(r[None, :] == i[:, None], tot[None, :], 0.0), axis=1) * rs      # [HC]
-    mpost = tl.sum(tl.where(r[None, :] == (HC + i)[:, None], tot[None, :], 0.0), axis=1) * rs
-    mc = tl.sum(tl.where(r[None, None, :] == (2 * HC + rc)[:, :, None], tot[None, None, :], 0.0), axis=2) * rs
-    pre = tl.sigmoid(mpre * s0 + tl.load(base_ptr + i)) + hc_eps
-    post = 2.0 * tl.sigmoid(mpost * s1 + tl.load(base_ptr + HC + i))
-    m = sinkhorn_tile(mc * s2 + tl.load(base_ptr + 2 * HC + rc), hc_eps, ITERS)
-    tl.store(post_ptr + t * HC + i, post)
-    tl.store(comb_ptr + t * HC * HC + rc, m)
-    for d0 in range(0, D, BD):
-        d = d0 + tl.arange(0, BD)
-        dm = d < D
-        xs = tl.load(x_ptr + t * K + i[:, None] * D + d[None, :], mask=dm[None, :], other=0.0).to(tl.float32)
-        y = tl.sum(pre[:, None] * xs, axis=0)                                             # [BD]
-        tl.store(y_ptr + t * D + d, y.to(y_ptr.dtype.element_ty), mask=dm)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr + t, 1, sem="acq_rel")
+    if arrived == ns - 1:   # every slice is written: this program finishes the token
+        s = tl.arange(0, SB)
+        p = tl.load(part_ptr + (t * ns + s[:, None]) * NMP + r[None, :], mask=(s < ns)[:, None], other=0.0,
+                    cache_modifier=".cg")
+        tot = tl.sum(p, axis=0)                                                            # [NMP]
+        rs = 1.0 / tl.sqrt(tl.sum(tl.where(r == NM, tot, 0.0), axis=0) / K + norm_eps)
+        i = tl.arange(0, HC)
+        rc = i[:, None] * HC + i[None, :]                                                  # [HC, HC]
+        # gather mix entries from the [NMP] vector (no dynamic indexing of registers in Triton)
+        mpre = tl.sum(tl.where(r[None, :] == i[:, None], tot[None, :], 0.0), axis=1) * rs  # [HC]
+        mpost = tl.sum(tl.where(r[None, :] == (HC + i)[:, None], tot[None, :], 0.0), axis=1) * rs
+        mc = tl.sum(tl.where(r[None, None, :] == (2 * HC + rc)[:, :, None], tot[None, None, :], 0.0), axis=2) * rs
+        pre = tl.sigmoid(mpre * tl.load(scale_ptr) + tl.load(base_ptr + i)) + hc_eps
+        post = 2.0 * tl.sigmoid(mpost * tl.load(scale_ptr + 1) + tl.load(base_ptr + HC + i))
+        m = sinkhorn_tile(mc * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * HC + rc), hc_eps, ITERS)
+        tl.store(post_ptr + t * HC + i, post)
+        tl.store(comb_ptr + t * HC * HC + rc, m)
+        # sublayer input y = sum_k pre_k X_k, rounded to y's dtype; then (HAS_NORM) its RMSNorm in place
+        yss = tl.zeros([BD], tl.float32)
+        for d0 in range(0, D, BD):
+            d = d0 + tl.arange(0, BD)
+            dm = d < D
+            xs = tl.load(x_ptr + t * K + i[:, None] * D + d[None, :], mask=dm[None, :], other=0.0).to(tl.float32)
+            y = tl.sum(pre[:, None] * xs, axis=0).to(y_ptr.dtype.element_ty)                # [BD]
+            tl.store(y_ptr + t * D + d, y, mask=dm)
+            yf = y.to(tl.float32)
+            yss += yf * yf
+        if HAS_NORM:
+            tl.debug_barrier()
+            ry = 1.0 / tl.sqrt(tl.sum(yss, axis=0) / D + out_eps)
+            for d0 in range(0, D, BD):
+                d = d0 + tl.arange(0, BD)
+                dm = d < D
+                y = tl.load(y_ptr + t * D + d, mask=dm, other=0.0).to(tl.float32)
+                g = tl.load(nw_ptr + d, mask=dm, other=0.0)
+                tl.store(y_ptr + t * D + d, (g * (y * ry)).to(y_ptr.dtype.element_ty), mask=dm)
+        tl.atomic_xchg(cnt_ptr + t, 0)                                                     # ready for the next call
 
 
 @triton.jit
@@ -115,12 +127,16 @@ def _check(X: torch.Tensor, name: str) -> tuple[int, int, int]:
 
 
 def hc_pre_fused(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int,
-                 hc_eps: float, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """X [..., hc, D] -> (y [..., D] in X's dtype, post [..., hc] fp32, comb [..., hc, hc] fp32)."""
+                 hc_eps: float, norm_eps: float, out_norm: torch.Tensor | None = None,
+                 out_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """X [..., hc, D] -> (y [..., D] in X's dtype, post [..., hc] fp32, comb [..., hc, hc] fp32).
+    ``out_norm`` [D] (an RMSNorm weight, eps ``out_eps``): y comes back normalised, ``norm(y)``."""
     T, hc, D = _check(X, "hc_pre_fused")
     NM, K = (2 + hc) * hc, hc * D
     if tuple(fn.shape) != (NM, K) or fn.dtype != torch.float32:
         raise ValueError(f"kernels.mhc_step.hc_pre_fused: fn must be fp32 [{NM}, {K}], got {fn.dtype} {tuple(fn.shape)}")
+    if out_norm is not None and out_norm.numel() != D:
+        raise ValueError(f"kernels.mhc_step.hc_pre_fused: out_norm must have {D} entries, got {tuple(out_norm.shape)}")
     lead = X.shape[:-2]
     x = X.reshape(T, K).contiguous()
     ns = max(1, min(NSPLIT, triton.cdiv(K, 128)))
@@ -128,14 +144,16 @@ def hc_pre_fused(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: t
     ns = triton.cdiv(K, per)
     NMP = triton.next_power_of_2(NM + 1)
     part = torch.empty(T, ns, NMP, dtype=torch.float32, device=X.device)
-    _mix_partial_kernel[(T, ns)](x, fn.contiguous(), part, K, NM, per, NMP=NMP, BK=128, num_warps=4)
+    _, cnt = split_workspace(X.device, 0, T)
     y = torch.empty(T, D, dtype=X.dtype, device=X.device)
     post = torch.empty(T, hc, dtype=torch.float32, device=X.device)
     comb = torch.empty(T, hc, hc, dtype=torch.float32, device=X.device)
-    _mix_finish_kernel[(T,)](part, x, scale.float().contiguous(), base.float().contiguous(), y, post, comb,
-                             K, D, float(norm_eps), float(hc_eps), ns,
-                             NMP=NMP, SB=triton.next_power_of_2(ns), HC=hc, ITERS=iters,
-                             BD=min(1024, triton.next_power_of_2(D)), num_warps=4)
+    nw = out_norm.float().contiguous() if out_norm is not None else post
+    _hc_pre_kernel[(T, ns)](x, fn.contiguous(), part, cnt, scale.float().contiguous(), base.float().contiguous(),
+                            nw, y, post, comb, K, D, NM, per, float(norm_eps), float(hc_eps), float(out_eps),
+                            NMP=NMP, SB=triton.next_power_of_2(ns), HC=hc, ITERS=iters,
+                            BD=min(1024, triton.next_power_of_2(D)), BK=128, HAS_NORM=out_norm is not None,
+                            num_warps=4)
     return y.reshape(*lead, D), post.reshape(*lead, hc), comb.reshape(*lead, hc, hc)
 
 

@@ -44,12 +44,27 @@ for bm, bn, split_k, warps, stages, last in sorted(cases):
             out[name] = "ok" if k.asm.get("cubin") else "no cubin"
         except Exception as e:  # noqa: BLE001 - reported per case
             out[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+from dsv4lib.kernels.mhc_step import _hc_pre_kernel
+for has_norm in (False, True):
+    sig = {"x_ptr": "*bf16", "fn_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32", "scale_ptr": "*fp32",
+           "base_ptr": "*fp32", "nw_ptr": "*fp32", "y_ptr": "*bf16", "post_ptr": "*fp32", "comb_ptr": "*fp32",
+           "K": "i32", "D": "i32", "NM": "i32", "per": "i32", "norm_eps": "fp32", "hc_eps": "fp32",
+           "out_eps": "fp32", "NMP": "constexpr", "SB": "constexpr", "HC": "constexpr", "ITERS": "constexpr",
+           "BD": "constexpr", "BK": "constexpr", "HAS_NORM": "constexpr"}
+    cons = dict(NMP=32, SB=64, HC=4, ITERS=20, BD=1024, BK=128, HAS_NORM=has_norm)
+    name = f"hc_pre norm={has_norm}"
+    try:
+        k = triton.compile(ASTSource(_hc_pre_kernel, sig, cons), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=4))
+        out[name] = "ok" if k.asm.get("cubin") else "no cubin"
+    except Exception as e:  # noqa: BLE001
+        out[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
 print(json.dumps(out))
 '''
 
 
-def test_fp8_linear_compiles_for_sm90():
-    """The fallback configs and every tuned one (kernels/fp8_linear.py TUNED), at M = 1 and M > 1."""
+def test_kernels_compile_for_sm90():
+    """fp8_linear: the fallback configs and every tuned one (TUNED), at M = 1 and M > 1; mHC pre."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     p = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT,

@@ -30,6 +30,25 @@ def test_hc_pre_fused_matches_eager(dtype):
     assert (comb.sum(-2) - 1).abs().max() < 1e-3                         # Sinkhorn ran (columns ~ 1)
 
 
+@pytest.mark.parametrize("dtype,D", [(torch.float32, 200), (torch.bfloat16, 1500)])
+def test_hc_pre_fused_with_norm(dtype, D):
+    """The sublayer's RMSNorm fused into the finishing program (D = 1500: two chunks of the D loop), and
+    the per-token arrival counters reset between calls (three calls, fresh inputs each)."""
+    from dsv4lib.model.linear import RMSNorm
+    norm = RMSNorm(D, eps=1e-5).to(DEV)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(D, generator=torch.Generator().manual_seed(9)) + 0.5)
+    for seed in range(3):
+        X, fn, scale, base = _inputs(dtype, B=2, D=D, seed=10 + seed)
+        y, post, comb = hc_pre_fused(X, fn, scale, base, 20, 1e-6, 1e-6, norm.weight, norm.eps)
+        ry, rpost, rcomb = hc_pre_reference(X, fn, scale, base, 20, 1e-6, 1e-6)
+        ry = norm(ry)
+        assert y.dtype == dtype and y.shape == ry.shape
+        assert (post - rpost).abs().max() <= 1e-5 and (comb - rcomb).abs().max() <= 1e-5
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert (y.float() - ry.float()).abs().max() <= tol * ry.float().abs().max(), seed
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_hc_post_fused_matches_eager(dtype):
     X, fn, scale, base = _inputs(dtype, seed=1)
@@ -47,6 +66,8 @@ def test_hc_post_fused_matches_eager(dtype):
 
 def test_mhc_step_bad_input():
     X, fn, scale, base = _inputs(torch.float32)
+    with pytest.raises(ValueError, match="out_norm"):
+        hc_pre_fused(X, fn, scale, base, 20, 1e-6, 1e-6, torch.ones(7, device=X.device))
     with pytest.raises(ValueError, match="hc_pre_fused: fn"):
         hc_pre_fused(X, fn[:, :-1], scale, base, 20, 1e-6, 1e-6)
     with pytest.raises(ValueError, match="power of two"):

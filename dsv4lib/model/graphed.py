@@ -443,23 +443,30 @@ def attention_step(attn, x: torch.Tensor, ctx: StepContext, lc: StaticLayerCache
     return attn.wo_b(u)
 
 
-def hc_pre_step(layer, X: torch.Tensor, site: str, fused: bool = False):
-    """``Block._pre`` (spec §2.2). ``fused``: the whole site in two Triton launches
-    (kernels/mhc_step.py); otherwise on CUDA the split + Sinkhorn run as one Triton launch."""
+def hc_pre_step(layer, X: torch.Tensor, site: str, fused: bool = False, norm=None):
+    """``Block._pre`` (spec §2.2), then ``norm`` (the sublayer's input RMSNorm) when given. ``fused``:
+    the whole site, norm included, in one Triton launch (kernels/mhc_step.py); otherwise on CUDA the
+    split + Sinkhorn run as one Triton launch."""
     c = layer.cfg
     hc = c.hc_mult
+
+    def then_norm(r):
+        return r if norm is None else (norm(r[0]), r[1], r[2])
+
     if hc & (hc - 1) or X.dtype == torch.float64 or not (X.is_cuda or fused):
-        return layer._pre(X, site)
+        return then_norm(layer._pre(X, site))
     fn, scale, base = (getattr(layer, f"{site}_{k}") for k in ("fn", "scale", "base"))
     if fused:
         from dsv4lib.kernels.mhc_step import hc_pre_fused
-        return _guarded("hc_pre", lambda: hc_pre_fused(X, fn, scale, base, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps),
-                        lambda: layer._pre(X, site))
+        return _guarded("hc_pre", lambda: hc_pre_fused(X, fn, scale, base, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps,
+                                                       None if norm is None else norm.weight,
+                                                       1e-6 if norm is None else norm.eps),
+                        lambda: then_norm(layer._pre(X, site)))
     from dsv4lib.kernels.mhc_sinkhorn import hc_split
     mix = _mix(X, fn, c.rms_norm_eps)                                   # [B, 1, (2+hc)*hc]
     pre, post, comb = hc_split(mix, scale, base, hc, c.hc_sinkhorn_iters, c.hc_eps)
     y = (pre.unsqueeze(-1) * hp(X)).sum(-2)                             # [B, 1, D]
-    return y.to(X.dtype), post, comb
+    return then_norm((y.to(X.dtype), post, comb))
 
 
 def hc_post_step(f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, fused: bool,
@@ -518,10 +525,9 @@ def _moe_fusable(ffn) -> bool:
 def block_step(layer, X: torch.Tensor, ctx: StepContext, ids: torch.Tensor, lc: StaticLayerCache) -> torch.Tensor:
     """One mHC block (spec §2.2) for X [B,1,hc,D]."""
     fz = ctx.fused
-    x, post, comb = hc_pre_step(layer, X, "hc_attn", fz)
-    X = hc_post_step(attention_step(layer.attn, _norm(ctx, layer.attn_norm, x), ctx, lc), X, post, comb, fz)
-    x, post, comb = hc_pre_step(layer, X, "hc_ffn", fz)
-    xn = _norm(ctx, layer.ffn_norm, x)
+    x, post, comb = hc_pre_step(layer, X, "hc_attn", fz, layer.attn_norm)   # x: attn_norm(sublayer input)
+    X = hc_post_step(attention_step(layer.attn, x, ctx, lc), X, post, comb, fz)
+    xn, post, comb = hc_pre_step(layer, X, "hc_ffn", fz, layer.ffn_norm)
     if _fusable(ctx, xn) and _moe_fusable(layer.ffn):
         y, sh = moe_step(layer.ffn, xn, ids, ctx)
         return hc_post_step(y, X, post, comb, fz, sh)

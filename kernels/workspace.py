@@ -1,0 +1,26 @@
+"""Scratch for kernels whose last program finishes the work (split-K "last" epilogues): fp32 partials
+and int32 arrival counters that are zero on entry and reset to zero by the finishing program.
+
+One set per (device, stream): kernels on one stream run one after another, so they can share the
+counters; concurrent streams (the fused step's side branch) get their own. Grown by doubling; replaced
+buffers stay referenced, because a captured CUDA graph keeps using the memory it captured."""
+from __future__ import annotations
+
+import torch
+
+_WORKSPACES: dict = {}
+
+
+def split_workspace(device: torch.device, n_partial: int, n_counters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fp32 partials >= n_partial, int32 zeroed counters >= n_counters) for the current stream of ``device``."""
+    device = torch.device(device)
+    sid = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (str(device), sid)
+    bufs = _WORKSPACES.setdefault(key, [])
+    if not bufs or bufs[-1][0].numel() < n_partial or bufs[-1][1].numel() < n_counters:
+        old = bufs[-1] if bufs else (torch.empty(0), torch.empty(0))
+        p = max(n_partial, 2 * old[0].numel(), 1 << 16)
+        t = max(n_counters, 2 * old[1].numel(), 1024)
+        bufs.append((torch.empty(p, dtype=torch.float32, device=device),
+                     torch.zeros(t, dtype=torch.int32, device=device)))
+    return bufs[-1]
