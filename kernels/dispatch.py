@@ -33,9 +33,10 @@ def int2_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
     return int2_moe_prefill(*args)
 
 
-def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """FP8 e4m3 weight with 128x128 block scales (fp32 multiplier or E8M0) -> x's dtype."""
-    return _fp8_linear(x, w, scale)
+def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """FP8 e4m3 weight with 128x128 block scales (fp32 multiplier or E8M0) -> x's dtype; ``groups`` > 1:
+    x [..., G, K], block-diagonal (grouped) projection."""
+    return _fp8_linear(x, w, scale, groups=groups)
 
 
 def mxfp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,

@@ -99,9 +99,10 @@ def _fp8_linear_kernel(
     y_ptr,
     # LAST epilogue: partials ws [SPLIT_K, M, N] fp32, per-tile arrival counters cnt (int32, zero on entry)
     ws_ptr, cnt_ptr,
-    # sizes
-    M, N, K, KB,
+    # sizes; G > 1 (GROUPED): x is [M, G, K] and output rows [g*N/G, (g+1)*N/G) read x[:, g] only
+    M, N, K, KB, G,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, LAST: tl.constexpr,
+    GROUPED: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -114,11 +115,15 @@ def _fp8_linear_kernel(
     per = tl.cdiv(KB, SPLIT_K)
     kb_lo = pid_k * per
     kb_hi = tl.minimum(kb_lo + per, KB)
+    if GROUPED:   # the launcher keeps each N tile inside one group
+        xrow = rm.to(tl.int64) * G + (pid_n * BLOCK_N) // (N // G)
+    else:
+        xrow = rm.to(tl.int64)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for kb in range(kb_lo, kb_hi):
         k = kb * 128 + kk
         km = k < K
-        a = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + k[None, :], mask=mm[:, None] & km[None, :],
+        a = tl.load(x_ptr + xrow[:, None] * K + k[None, :], mask=mm[:, None] & km[None, :],
                     other=0.0).to(tl.float16)                            # [BM, 128]
         b = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + k[None, :], mask=nm[:, None] & km[None, :],
                     other=0.0).to(tl.float16)                            # [BN, 128]
@@ -157,8 +162,12 @@ def decode_scale(scale: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *,
-               config: FP8Config | None = None) -> torch.Tensor:
-    """``x [..., K] @ dequant(w [N, K], scale)^T -> [..., N]`` in x's dtype."""
+               config: FP8Config | None = None, groups: int = 1) -> torch.Tensor:
+    """``x [..., K] @ dequant(w [N, K], scale)^T -> [..., N]`` in x's dtype.
+
+    ``groups`` G > 1: a grouped projection (V4's ``wo_a``): x ``[..., G, K]``, output ``[..., N]`` whose
+    rows ``[g N/G, (g+1) N/G)`` are ``x[..., g, :] @ W[rows]^T`` -- each weight byte read once, only the
+    diagonal blocks computed."""
     if w.dtype != torch.float8_e4m3fn or w.dim() != 2:
         raise ValueError(f"kernels.fp8_linear: w must be float8_e4m3fn [N, K], got {w.dtype} {tuple(w.shape)}")
     N, K = w.shape
@@ -173,10 +182,21 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *,
         raise ValueError("kernels.fp8_linear: w must be contiguous")
     if w.device != x.device or scale.device != x.device:
         raise ValueError(f"kernels.fp8_linear: x on {x.device}, w on {w.device}, scale on {scale.device}")
+    if groups > 1 and (x.dim() < 2 or x.shape[-2] != groups or N % groups):
+        raise ValueError(f"kernels.fp8_linear: groups={groups} needs x [..., {groups}, K] and N % groups == 0, "
+                         f"got x {tuple(x.shape)}, N={N}")
     s = decode_scale(scale).contiguous()
+    lead = x.shape[:-2] if groups > 1 else x.shape[:-1]
     x2 = x.reshape(-1, K).contiguous()
-    M = x2.shape[0]
+    M = x2.shape[0] // groups
     cfg = config or pick_config(M, N, K)
+    if groups > 1:
+        bn = cfg.block_n
+        while (N // groups) % bn and bn > 16:   # an N tile must not straddle two groups
+            bn //= 2
+        if (N // groups) % bn:
+            raise ValueError(f"kernels.fp8_linear: N/groups={N // groups} is not a multiple of 16")
+        cfg = replace(cfg, block_n=bn)
     if cfg.epilogue not in ("atomic", "last"):
         raise ValueError(f"kernels.fp8_linear: epilogue must be 'atomic' or 'last', got {cfg.epilogue!r}")
     grid = (triton.cdiv(N, cfg.block_n), triton.cdiv(M, cfg.block_m), cfg.split_k)
@@ -188,10 +208,10 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *,
         ws = cnt = scale                                                 # unused
         y = (torch.zeros((M, N), dtype=torch.float32, device=x.device) if cfg.split_k > 1
              else torch.empty((M, N), dtype=x.dtype, device=x.device))
-    _fp8_linear_kernel[grid](x2, w, s, y, ws, cnt, M, N, K, KB,
+    _fp8_linear_kernel[grid](x2, w, s, y, ws, cnt, M, N, K, KB, groups,
                              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, LAST=last,
-                             num_warps=cfg.warps, num_stages=cfg.stages)
-    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+                             GROUPED=groups > 1, num_warps=cfg.warps, num_stages=cfg.stages)
+    return y.to(x.dtype).reshape(*lead, N)
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -202,9 +222,12 @@ def dequantize_fp8_reference(w: torch.Tensor, scale: torch.Tensor) -> torch.Tens
     return w.float() * s
 
 
-def fp8_linear_reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Torch path: dequantise to x's dtype, then matmul."""
-    return x @ dequantize_fp8_reference(w, scale).to(x.dtype).T
+def fp8_linear_reference(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Torch path: dequantise to x's dtype, then matmul (``groups``: x [..., G, K], block-diagonal)."""
+    W = dequantize_fp8_reference(w, scale).to(x.dtype)
+    if groups == 1:
+        return x @ W.T
+    return torch.einsum("...gk,gok->...go", x, W.view(groups, -1, W.shape[1])).flatten(-2)
 
 
 def random_fp8(n: int, k: int, device="cpu", generator: torch.Generator | None = None):

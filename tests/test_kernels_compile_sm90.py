@@ -27,17 +27,19 @@ from dsv4lib.kernels.fp8_linear import TUNED, FP8Config, _fp8_linear_kernel
 cases = {(16, 64, 1, 4, 4, False), (16, 64, 4, 4, 4, False), (16, 64, 4, 4, 4, True)}
 cases |= {(c.block_m, c.block_n, c.split_k, c.warps, c.stages, c.split_k > 1 and c.epilogue == "last")
           for c in TUNED.values()}
+cases = [c + (False,) for c in sorted(cases)] + [(16, 128, 4, 4, 3, True, True), (16, 64, 1, 4, 3, False, True)]
 out = {}
-for bm, bn, split_k, warps, stages, last in sorted(cases):
+for bm, bn, split_k, warps, stages, last, grouped in cases:
     for m in ((1, 16) if bm == 16 else (64,)):
         sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32",
                "y_ptr": "*bf16" if split_k == 1 or last else "*fp32", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
-               "M": "constexpr" if m == 1 else "i32", "N": "i32", "K": "i32", "KB": "i32",
-               "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "SPLIT_K": "constexpr", "LAST": "constexpr"}
-        cons = {"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": split_k, "LAST": last}
+               "M": "constexpr" if m == 1 else "i32", "N": "i32", "K": "i32", "KB": "i32", "G": "i32",
+               "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "SPLIT_K": "constexpr", "LAST": "constexpr",
+               "GROUPED": "constexpr"}
+        cons = {"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": split_k, "LAST": last, "GROUPED": grouped}
         if m == 1:
             cons["M"] = 1
-        name = f"fp8_linear M={m} tile={bm}x{bn} split_k={split_k} warps={warps} stages={stages} last={last}"
+        name = f"fp8_linear M={m} tile={bm}x{bn} split_k={split_k} warps={warps} stages={stages} last={last} grouped={grouped}"
         try:
             k = triton.compile(ASTSource(_fp8_linear_kernel, sig, cons), target=GPUTarget("cuda", 90, 32),
                                options=dict(num_warps=warps, num_stages=stages))

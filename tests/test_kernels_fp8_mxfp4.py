@@ -103,3 +103,23 @@ def test_fp8_linear_last_arrival_split_k(M, N, K, split):
     assert _rel(y2, fp8_linear_reference(x2.double(), w2, s2.double())) < 1e-3
     with pytest.raises(ValueError, match="epilogue"):
         kernel(x2, w2, s2, config=FP8Config(16, 32, 2, epilogue="sum"))
+
+
+@pytest.mark.parametrize("tokens,G,R,K,cfg", [(1, 4, 64, 256, None), (3, 2, 96, 384, FP8Config(16, 64, 2)),
+                                              (2, 8, 32, 128, FP8Config(16, 128, 1))])
+def test_fp8_linear_grouped(tokens, G, R, K, cfg):
+    """Grouped projection (V4's wo_a): output rows of group g read only x[..., g, :] -- against the
+    block-diagonal einsum of the dequantised weight, with a tile wider than a group (128 > R=32: the
+    launcher narrows it) and a split-K config; a plain GEMV over all groups' rows gives other values."""
+    from dsv4lib.kernels.fp8_linear import fp8_linear as kernel
+    g = torch.Generator(device=DEV).manual_seed(G * R + tokens)
+    w, s = random_fp8(G * R, K, DEV, g)
+    x = torch.randn(tokens, 1, G, K, device=DEV, generator=g)
+    y = kernel(x, w, s, config=cfg, groups=G)
+    ref = fp8_linear_reference(x.double(), w, s.double(), groups=G)
+    assert y.shape == (tokens, 1, G * R) and y.dtype == x.dtype
+    assert _rel(y, ref) < 1e-3
+    assert _rel(kernel(x[..., :1, :].expand(-1, -1, G, -1).contiguous(), w, s, groups=G),
+                fp8_linear(x[..., 0, :], w, s)) < 1e-3          # every group fed x[..., 0, :] == plain GEMV
+    with pytest.raises(ValueError, match="groups"):
+        kernel(x[..., :G - 1, :], w, s, groups=G)

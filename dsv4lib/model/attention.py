@@ -116,15 +116,15 @@ class Attention(nn.Module):
 
 def grouped_output_a(attn: Attention, o: torch.Tensor) -> torch.Tensor:
     """Grouped output projection (spec §2.3): o [B, S, G, H*c/G] -> [B, S, G*o_lora], group g through
-    its own [o_lora, H*c/G] block of ``wo_a``. For a few tokens on CUDA with an FP8 weight: one FP8 GEMV
-    over all groups' rows (each weight byte read once, no dequantised copy) keeping the diagonal blocks;
-    otherwise the dequantised weight and an einsum."""
+    its own [o_lora, H*c/G] block of ``wo_a``. On CUDA with an FP8 weight: the grouped FP8 kernel (each
+    weight byte read once, only the diagonal blocks computed, no dequantised copy); otherwise the
+    dequantised weight and an einsum."""
     B, S, G = o.shape[:3]
     R = attn.o_lora
     w = attn.wo_a.weight
-    if w.dtype == torch.float8_e4m3fn and o.is_cuda and B * S <= 16:
-        y = attn.wo_a(o.reshape(B * S * G, -1))                            # [B*S*G, G*R]
-        return y.view(B * S, G, G, R).diagonal(dim1=1, dim2=2).permute(0, 2, 1).reshape(B, S, G * R)
+    if w.dtype == torch.float8_e4m3fn and o.is_cuda and not (attn.wo_a.lowp and attn.wo_a.fp8_act):
+        from dsv4lib.kernels.dispatch import fp8_linear
+        return fp8_linear(o.contiguous(), w, attn.wo_a.scale, groups=G)    # [B, S, G*R]
     wa = attn.wo_a.dequantized_weight(o.dtype).view(G, R, -1)
     return torch.einsum("bsgi,goi->bsgo", o, wa).flatten(2)
 
