@@ -61,12 +61,28 @@ for has_norm in (False, True):
         out[name] = "ok" if k.asm.get("cubin") else "no cubin"
     except Exception as e:  # noqa: BLE001
         out[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+from dsv4lib.kernels.moe_step import _router_fused_kernel
+for T, hsh in ((1, False), (1, True), (8, False)):
+    sig = {"x_ptr": "*bf16", "gw_ptr": "*bf16", "lg_ptr": "*fp32", "cnt_ptr": "*i32", "bias_ptr": "*fp32",
+           "hidx_ptr": "*i64", "idx_ptr": "*i64", "w_ptr": "*fp32", "T": "constexpr" if T == 1 else "i32",
+           "E": "i32", "D": "i32", "route_scale": "fp32", "TP": "constexpr", "BE": "constexpr", "BK": "constexpr",
+           "EP": "constexpr", "K": "constexpr", "KP": "constexpr", "HASH": "constexpr", "RENORM": "constexpr"}
+    cons = dict(TP=max(2, T), BE=8, BK=128, EP=256, K=6, KP=8, HASH=hsh, RENORM=True)
+    if T == 1:
+        cons["T"] = 1
+    name = f"router_fused T={T} hash={hsh}"
+    try:
+        k = triton.compile(ASTSource(_router_fused_kernel, sig, cons), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=4))
+        out[name] = "ok" if k.asm.get("cubin") else "no cubin"
+    except Exception as e:  # noqa: BLE001
+        out[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
 print(json.dumps(out))
 '''
 
 
 def test_kernels_compile_for_sm90():
-    """fp8_linear: the fallback configs and every tuned one (TUNED), at M = 1 and M > 1; mHC pre."""
+    """fp8_linear: the fallback configs and every tuned one (TUNED), at M = 1 and M > 1; mHC pre; fused router."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     p = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT,

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dsv4lib.kernels.moe_step import router_reference, router_topk, swiglu_reference, swiglu_rows
+from dsv4lib.kernels.moe_step import router_fused, router_reference, router_topk, swiglu_reference, swiglu_rows
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -24,6 +24,29 @@ def test_router_topk_matches_gate(E, k, renorm):
     s, idx, w = router_topk(logits, None, k, 1.5, renorm, hash_idx=hidx)
     rs, ridx, rw = router_reference(logits, None, k, 1.5, renorm, hash_idx=hidx)
     assert torch.equal(idx, hidx) and (w - rw).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("T, E, D, k, renorm", [(1, 256, 300, 6, True), (3, 40, 128, 3, False), (12, 20, 200, 4, True)])
+def test_router_fused_matches_gate(T, E, D, k, renorm):
+    """Logits GEMV + routing in one launch (bf16 x and weight) against Gate's math on the same bf16
+    values in fp64: E not a multiple of the 8-expert tile, D not of the K tile, T up to 12 (the 64-wide
+    K tile); three calls through the same arrival counter; hash routing."""
+    g = torch.Generator().manual_seed(T * E + D)
+    x = torch.randn(T, D, generator=g).to(DEV, torch.bfloat16)
+    W = (torch.randn(E, D, generator=g) * 0.2).to(DEV, torch.bfloat16)
+    bias = (torch.randn(E, generator=g) * 0.3).to(DEV)
+    logits = (x.double() @ W.double().T)
+    rs, ridx, rw = router_reference(logits, bias.double(), k, 1.5, renorm)
+    for _ in range(3):
+        idx, w = router_fused(x, W, bias, k, 1.5, renorm)
+        assert torch.equal(idx, ridx)
+        assert (w.double() - rw).abs().max() <= 1e-5
+    hidx = torch.randint(0, E, (T, k), generator=g).to(DEV)
+    idx, w = router_fused(x, W, None, k, 1.5, renorm, hash_idx=hidx)
+    _, _, rw = router_reference(logits, None, k, 1.5, renorm, hash_idx=hidx)
+    assert torch.equal(idx, hidx) and (w.double() - rw).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="16-bit"):
+        router_fused(x.float(), W, bias, k, 1.5, renorm)
 
 
 def test_router_ties_go_to_lower_id():

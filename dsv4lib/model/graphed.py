@@ -496,10 +496,10 @@ def _router_logits(gate, x: torch.Tensor) -> torch.Tensor:
 
 def moe_step(ffn, x: torch.Tensor, ids: torch.Tensor, ctx: StepContext | None = None):
     """The MoE of the fused decode step for x [B,1,D] (spec §2.7) -> (routed fp32 [B,1,D], shared
-    [B,1,D] in x's dtype or None): router top-k in one launch (kernels/moe_step.py), the expert
+    [B,1,D] in x's dtype or None): router logits + top-k in one launch (kernels/moe_step.py), the expert
     backend, the shared expert as one stacked w1‖w3 GEMV + one SwiGLU launch + w2 (on ``ctx.side``,
     concurrent with the router and the routed experts, when there is one). The two parts are summed (and rounded to x's dtype, as ``MoE.forward``) inside the mHC post kernel."""
-    from dsv4lib.kernels.moe_step import router_topk, swiglu_rows
+    from dsv4lib.kernels.moe_step import router_fused, router_topk, swiglu_rows
     shape = x.shape
     se = ffn.shared_experts
     sh = None
@@ -509,9 +509,12 @@ def moe_step(ffn, x: torch.Tensor, ids: torch.Tensor, ctx: StepContext | None = 
             sh = se.w2(swiglu_rows(gu, se.limit).to(x.dtype))           # [B, 1, D]
     xf = x.reshape(-1, shape[-1])                                       # [B, D]
     g = ffn.gate
-    logits = _router_logits(g, xf)                                      # [B, E] fp32
     hidx = g.tid2eid[ids.reshape(-1)] if g.hash else None
-    _, idx, w = router_topk(logits, None if g.hash else g.bias, g.k, g.scale, g.renorm, hidx)
+    if xf.dtype == g.weight.dtype and xf.dtype in (torch.bfloat16, torch.float16) and xf.shape[0] <= 16:
+        idx, w = router_fused(xf, g.weight, None if g.hash else g.bias, g.k, g.scale, g.renorm, hidx)
+    else:
+        logits = _router_logits(g, xf)                                  # [B, E] fp32
+        _, idx, w = router_topk(logits, None if g.hash else g.bias, g.k, g.scale, g.renorm, hidx)
     y = ffn.experts(xf, idx, w, ffn.limit).reshape(shape)               # [B, 1, D] fp32
     if se is not None:
         _join(ctx)
