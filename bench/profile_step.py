@@ -85,9 +85,14 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--top", type=int, default=40)
     ap.add_argument("--unfused", action="store_true", help="torch static step instead of the Triton step kernels")
+    ap.add_argument("--single-stream", action="store_true",
+                    help="no concurrent side-stream branches (per-kernel times then add up to the step)")
     ap.add_argument("--out", default="profile.json")
     a = ap.parse_args(argv)
     a.fused = not a.unfused
+    if a.single_stream:
+        from dsv4lib.model import graphed
+        graphed.CONCURRENT = False
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = without_mtp(getattr(ModelConfig, a.preset)())
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

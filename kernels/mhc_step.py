@@ -28,14 +28,15 @@ import triton.language as tl
 from .mhc_sinkhorn import sinkhorn_tile
 from .workspace import split_workspace
 
-NSPLIT = 64          # K slices of the mixing GEMV per token (hc*D = 16384 at V4 shapes -> 256 each)
+NSPLIT = 128         # K slices of the mixing GEMV per token (hc*D = 16384 at V4 shapes -> 128 each: one load)
+SINGLE_MAX_D = 4096  # up to this D the finishing program keeps the row in registers (one load per stream)
 
 
 @triton.jit
 def _hc_pre_kernel(x_ptr, fn_ptr, part_ptr, cnt_ptr, scale_ptr, base_ptr, nw_ptr, y_ptr, post_ptr, comb_ptr,
                    K, D, NM, per, norm_eps, hc_eps, out_eps,
                    NMP: tl.constexpr, SB: tl.constexpr, HC: tl.constexpr, ITERS: tl.constexpr,
-                   BD: tl.constexpr, BK: tl.constexpr, HAS_NORM: tl.constexpr):
+                   BD: tl.constexpr, BK: tl.constexpr, HAS_NORM: tl.constexpr, SINGLE: tl.constexpr):
     # x [T, K] (streams flattened, any float dtype), fn [NM, K] fp32, part [T, NSPLIT, NMP] fp32,
     # cnt [T] int32 arrival counters (zero on entry, reset by the finishing program)
     t = tl.program_id(0).to(tl.int64)
@@ -73,25 +74,40 @@ def _hc_pre_kernel(x_ptr, fn_ptr, part_ptr, cnt_ptr, scale_ptr, base_ptr, nw_ptr
         m = sinkhorn_tile(mc * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * HC + rc), hc_eps, ITERS)
         tl.store(post_ptr + t * HC + i, post)
         tl.store(comb_ptr + t * HC * HC + rc, m)
-        # sublayer input y = sum_k pre_k X_k, rounded to y's dtype; then (HAS_NORM) its RMSNorm in place
-        yss = tl.zeros([BD], tl.float32)
-        for d0 in range(0, D, BD):
-            d = d0 + tl.arange(0, BD)
+        # sublayer input y = sum_k pre_k X_k, rounded to y's dtype; then (HAS_NORM) its RMSNorm
+        if SINGLE:   # D <= BD: the whole row in registers, the hc stream rows loaded independently
+            d = tl.arange(0, BD)
             dm = d < D
-            xs = tl.load(x_ptr + t * K + i[:, None] * D + d[None, :], mask=dm[None, :], other=0.0).to(tl.float32)
-            y = tl.sum(pre[:, None] * xs, axis=0).to(y_ptr.dtype.element_ty)                # [BD]
+            yacc = tl.zeros([BD], tl.float32)
+            for k in tl.static_range(HC):
+                pk = tl.sum(tl.where(i == k, pre, 0.0), axis=0)
+                yacc += pk * tl.load(x_ptr + t * K + k * D + d, mask=dm, other=0.0).to(tl.float32)
+            y = yacc.to(y_ptr.dtype.element_ty)
+            if HAS_NORM:
+                yf = y.to(tl.float32)
+                ry = 1.0 / tl.sqrt(tl.sum(yf * yf, axis=0) / D + out_eps)
+                g = tl.load(nw_ptr + d, mask=dm, other=0.0)
+                y = (g * (yf * ry)).to(y_ptr.dtype.element_ty)
             tl.store(y_ptr + t * D + d, y, mask=dm)
-            yf = y.to(tl.float32)
-            yss += yf * yf
-        if HAS_NORM:
-            tl.debug_barrier()
-            ry = 1.0 / tl.sqrt(tl.sum(yss, axis=0) / D + out_eps)
+        else:
+            yss = tl.zeros([BD], tl.float32)
             for d0 in range(0, D, BD):
                 d = d0 + tl.arange(0, BD)
                 dm = d < D
-                y = tl.load(y_ptr + t * D + d, mask=dm, other=0.0).to(tl.float32)
-                g = tl.load(nw_ptr + d, mask=dm, other=0.0)
-                tl.store(y_ptr + t * D + d, (g * (y * ry)).to(y_ptr.dtype.element_ty), mask=dm)
+                xs = tl.load(x_ptr + t * K + i[:, None] * D + d[None, :], mask=dm[None, :], other=0.0).to(tl.float32)
+                y = tl.sum(pre[:, None] * xs, axis=0).to(y_ptr.dtype.element_ty)            # [BD]
+                tl.store(y_ptr + t * D + d, y, mask=dm)
+                yf = y.to(tl.float32)
+                yss += yf * yf
+            if HAS_NORM:   # second pass over what this program stored
+                tl.debug_barrier()
+                ry = 1.0 / tl.sqrt(tl.sum(yss, axis=0) / D + out_eps)
+                for d0 in range(0, D, BD):
+                    d = d0 + tl.arange(0, BD)
+                    dm = d < D
+                    y = tl.load(y_ptr + t * D + d, mask=dm, other=0.0).to(tl.float32)
+                    g = tl.load(nw_ptr + d, mask=dm, other=0.0)
+                    tl.store(y_ptr + t * D + d, (g * (y * ry)).to(y_ptr.dtype.element_ty), mask=dm)
         tl.atomic_xchg(cnt_ptr + t, 0)                                                     # ready for the next call
 
 
@@ -152,8 +168,8 @@ def hc_pre_fused(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: t
     _hc_pre_kernel[(T, ns)](x, fn.contiguous(), part, cnt, scale.float().contiguous(), base.float().contiguous(),
                             nw, y, post, comb, K, D, NM, per, float(norm_eps), float(hc_eps), float(out_eps),
                             NMP=NMP, SB=triton.next_power_of_2(ns), HC=hc, ITERS=iters,
-                            BD=min(1024, triton.next_power_of_2(D)), BK=128, HAS_NORM=out_norm is not None,
-                            num_warps=4)
+                            BD=triton.next_power_of_2(D) if D <= SINGLE_MAX_D else 1024, BK=128,
+                            HAS_NORM=out_norm is not None, SINGLE=D <= SINGLE_MAX_D, num_warps=8)
     return y.reshape(*lead, D), post.reshape(*lead, hc), comb.reshape(*lead, hc, hc)
 
 

@@ -6,8 +6,10 @@
   given ``tid2eid`` rows; ``w = s[idx]``, renormalised to sum 1 if asked, times the routing scale.
   One program per token, the E scores in registers, k passes of an arg-max.
 * ``router_fused``: the router's logits GEMV (bf16 weight, fp32 sums) and ``router_topk`` in one launch:
-  E/8 programs each compute 8 experts' logits for all T <= 16 tokens; the last one to arrive (per-call
-  counter, kernels/workspace.py) routes the tokens. Replaces a cuBLAS split-K GEMM + its reduce + the
+  E/2 programs each load 2 whole weight rows at once and compute their logits for all T <= 16 tokens;
+  the last one to arrive (per-call counter, kernels/workspace.py) routes every token at once ([T, E]
+  tile, k arg-max passes). (First version, H200: 8 experts per program in a 32-step K loop and the
+  tokens routed one after another -- 29.6 us at batch 1, 50 us at batch 8: a chain of memory latencies.) Replaces a cuBLAS split-K GEMM + its reduce + the
   top-k launch (three nodes on the decode step's critical path per layer).
 * ``swiglu_rows``: ``h = silu(min(g, L)) * clamp(u, -L, L)`` from the stacked shared-expert
   projection ``gu [T, 2I]`` (g = first I columns), fp32 math, stored in ``gu``'s dtype.
@@ -65,33 +67,57 @@ def _router_kernel(logit_ptr, bias_ptr, hidx_ptr, idx_ptr, w_ptr, s_ptr, E, rout
 
 @triton.jit
 def _router_fused_kernel(x_ptr, gw_ptr, lg_ptr, cnt_ptr, bias_ptr, hidx_ptr, idx_ptr, w_ptr, T, E, D, route_scale,
-                         TP: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, EP: tl.constexpr,
+                         TP: tl.constexpr, BE: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr,
                          K: tl.constexpr, KP: tl.constexpr, HASH: tl.constexpr, RENORM: tl.constexpr):
     # x [T, D], router weight gw [E, D] (bf16/fp16: products exact in fp32), logits scratch lg [T, E] fp32,
     # cnt[0] arrival counter (zero on entry, reset by the last program)
     pid = tl.program_id(0)
-    tt = tl.arange(0, TP)
-    ee = pid * BE + tl.arange(0, BE)
-    kk = tl.arange(0, BK)
-    tm = tt < T
-    em = ee < E
-    acc = tl.zeros([TP, BE, BK], tl.float32)
-    for k0 in range(0, D, BK):
-        k = k0 + kk
-        km = k < D
-        xv = tl.load(x_ptr + tt[:, None].to(tl.int64) * D + k[None, :], mask=tm[:, None] & km[None, :], other=0.0)
-        wv = tl.load(gw_ptr + ee[:, None].to(tl.int64) * D + k[None, :], mask=em[:, None] & km[None, :], other=0.0)
-        acc += xv.to(tl.float32)[:, None, :] * wv.to(tl.float32)[None, :, :]
-    lgt = tl.sum(acc, axis=2)                                                          # [TP, BE]
-    tl.store(lg_ptr + tt[:, None] * E + ee[None, :], lgt, mask=tm[:, None] & em[None, :])
+    er = pid * BE + tl.arange(0, BE)
+    d = tl.arange(0, DP)
+    dm = d < D
+    em_r = er < E
+    # the program's BE weight rows, whole, in one load (no dependent loop: one memory latency)
+    wv = tl.load(gw_ptr + er[:, None].to(tl.int64) * D + d[None, :], mask=em_r[:, None] & dm[None, :],
+                 other=0.0).to(tl.float32)                                             # [BE, DP]
+    for t in tl.static_range(TP):
+        if t < T:
+            xv = tl.load(x_ptr + t * D + d, mask=dm, other=0.0).to(tl.float32)         # [DP]
+            tl.store(lg_ptr + t * E + er, tl.sum(wv * xv[None, :], axis=1), mask=em_r)
     tl.debug_barrier()
     arrived = tl.atomic_add(cnt_ptr, 1, sem="acq_rel")
-    if arrived == tl.num_programs(0) - 1:   # every expert's logit is written: route the tokens
+    if arrived == tl.num_programs(0) - 1:   # every logit is written: route all tokens at once
+        tt = tl.arange(0, TP)
         e = tl.arange(0, EP)
-        for t in range(0, T):
-            lg = tl.load(lg_ptr + t * E + e, mask=e < E, other=0.0, cache_modifier=".cg")
-            _route_token(lg, t, bias_ptr, hidx_ptr, idx_ptr, w_ptr, lg_ptr, E, route_scale, EP, K, KP, HASH,
-                         RENORM, False)
+        kk = tl.arange(0, KP)
+        tm = tt < T
+        em = e < E
+        lg = tl.load(lg_ptr + tt[:, None] * E + e[None, :], mask=tm[:, None] & em[None, :], other=0.0,
+                     cache_modifier=".cg")                                             # [TP, EP]
+        z = tl.exp(-tl.abs(lg))
+        sp = tl.maximum(lg, 0.0) + tl.where(z < 1e-4, z - 0.5 * z * z, tl.log(1.0 + z))   # softplus, log1p-accurate
+        sc = tl.sqrt(sp)                                                               # [TP, EP]
+        if HASH:
+            hsel = tl.load(hidx_ptr + tt[:, None] * K + kk[None, :], mask=tm[:, None] & (kk < K)[None, :],
+                           other=0).to(tl.int32)                                       # [TP, KP]
+        else:
+            score = tl.where(em[None, :], sc + tl.load(bias_ptr + e, mask=em, other=0.0)[None, :], float("-inf"))
+        sel = tl.zeros([TP, KP], tl.int32)
+        wsel = tl.zeros([TP, KP], tl.float32)
+        for j in tl.static_range(K):
+            if HASH:
+                i = tl.sum(tl.where(kk[None, :] == j, hsel, 0), axis=1)                # [TP]
+            else:
+                m = tl.max(score, axis=1)                                              # [TP]
+                i = tl.min(tl.where(score == m[:, None], e[None, :], EP), axis=1)      # lowest id among ties
+                score = tl.where(e[None, :] == i[:, None], float("-inf"), score)
+            sv = tl.max(tl.where(e[None, :] == i[:, None], sc, float("-inf")), axis=1)  # s at the chosen expert
+            sel = tl.where(kk[None, :] == j, i[:, None], sel)
+            wsel = tl.where(kk[None, :] == j, sv[:, None], wsel)
+        if RENORM:
+            wsel = wsel / tl.sum(wsel, axis=1)[:, None]
+        om = tm[:, None] & (kk < K)[None, :]
+        tl.store(idx_ptr + tt[:, None] * K + kk[None, :], sel.to(tl.int64), mask=om)
+        tl.store(w_ptr + tt[:, None] * K + kk[None, :], wsel * route_scale, mask=om)
         tl.atomic_xchg(cnt_ptr, 0)
 
 
@@ -145,7 +171,8 @@ def router_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         raise ValueError(f"kernels.router_fused: k={k} must be in [1, {E}]")
     dev = x.device
     TP = max(2, triton.next_power_of_2(T))
-    BE, BK = 8, (128 if TP <= 8 else 64)
+    DP = triton.next_power_of_2(D)
+    BE = 2 if DP <= 4096 else 1
     lg, cnt = split_workspace(dev, T * E, 1)
     idx = torch.empty(T, k, dtype=torch.int64, device=dev)
     w = torch.empty(T, k, dtype=torch.float32, device=dev)
@@ -153,7 +180,7 @@ def router_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     _router_fused_kernel[(triton.cdiv(E, BE),)](
         xc, weight.contiguous(), lg, cnt, bias.float().contiguous() if bias is not None else lg,
         hash_idx.contiguous() if hash_idx is not None else idx, idx, w, T, E, D, float(route_scale),
-        TP=TP, BE=BE, BK=BK, EP=triton.next_power_of_2(E), K=k, KP=triton.next_power_of_2(k),
+        TP=TP, BE=BE, DP=DP, EP=triton.next_power_of_2(E), K=k, KP=triton.next_power_of_2(k),
         HASH=hash_idx is not None, RENORM=renorm, num_warps=4)
     return idx, w
 

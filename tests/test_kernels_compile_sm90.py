@@ -52,12 +52,12 @@ for has_norm in (False, True):
            "base_ptr": "*fp32", "nw_ptr": "*fp32", "y_ptr": "*bf16", "post_ptr": "*fp32", "comb_ptr": "*fp32",
            "K": "i32", "D": "i32", "NM": "i32", "per": "i32", "norm_eps": "fp32", "hc_eps": "fp32",
            "out_eps": "fp32", "NMP": "constexpr", "SB": "constexpr", "HC": "constexpr", "ITERS": "constexpr",
-           "BD": "constexpr", "BK": "constexpr", "HAS_NORM": "constexpr"}
-    cons = dict(NMP=32, SB=64, HC=4, ITERS=20, BD=1024, BK=128, HAS_NORM=has_norm)
+           "BD": "constexpr", "BK": "constexpr", "HAS_NORM": "constexpr", "SINGLE": "constexpr"}
+    cons = dict(NMP=32, SB=128, HC=4, ITERS=20, BD=4096, BK=128, HAS_NORM=has_norm, SINGLE=True)
     name = f"hc_pre norm={has_norm}"
     try:
         k = triton.compile(ASTSource(_hc_pre_kernel, sig, cons), target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=4))
+                           options=dict(num_warps=8))
         out[name] = "ok" if k.asm.get("cubin") else "no cubin"
     except Exception as e:  # noqa: BLE001
         out[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
@@ -65,9 +65,9 @@ from dsv4lib.kernels.moe_step import _router_fused_kernel
 for T, hsh in ((1, False), (1, True), (8, False)):
     sig = {"x_ptr": "*bf16", "gw_ptr": "*bf16", "lg_ptr": "*fp32", "cnt_ptr": "*i32", "bias_ptr": "*fp32",
            "hidx_ptr": "*i64", "idx_ptr": "*i64", "w_ptr": "*fp32", "T": "constexpr" if T == 1 else "i32",
-           "E": "i32", "D": "i32", "route_scale": "fp32", "TP": "constexpr", "BE": "constexpr", "BK": "constexpr",
+           "E": "i32", "D": "i32", "route_scale": "fp32", "TP": "constexpr", "BE": "constexpr", "DP": "constexpr",
            "EP": "constexpr", "K": "constexpr", "KP": "constexpr", "HASH": "constexpr", "RENORM": "constexpr"}
-    cons = dict(TP=max(2, T), BE=8, BK=128, EP=256, K=6, KP=8, HASH=hsh, RENORM=True)
+    cons = dict(TP=max(2, T), BE=2, DP=4096, EP=256, K=6, KP=8, HASH=hsh, RENORM=True)
     if T == 1:
         cons["T"] = 1
     name = f"router_fused T={T} hash={hsh}"

@@ -30,11 +30,15 @@ def test_hc_pre_fused_matches_eager(dtype):
     assert (comb.sum(-2) - 1).abs().max() < 1e-3                         # Sinkhorn ran (columns ~ 1)
 
 
-@pytest.mark.parametrize("dtype,D", [(torch.float32, 200), (torch.bfloat16, 1500)])
-def test_hc_pre_fused_with_norm(dtype, D):
-    """The sublayer's RMSNorm fused into the finishing program (D = 1500: two chunks of the D loop), and
-    the per-token arrival counters reset between calls (three calls, fresh inputs each)."""
+@pytest.mark.parametrize("dtype,D,single_max", [(torch.float32, 200, 4096), (torch.bfloat16, 1500, 4096),
+                                                (torch.bfloat16, 1500, 1024)])
+def test_hc_pre_fused_with_norm(dtype, D, single_max, monkeypatch):
+    """The sublayer's RMSNorm fused into the finishing program -- the row in registers (D <= SINGLE_MAX_D)
+    and the two-pass loop (D = 1500 > 1024: two chunks) -- and the per-token arrival counters reset
+    between calls (three calls, fresh inputs each)."""
+    import dsv4lib.kernels.mhc_step as mhc
     from dsv4lib.model.linear import RMSNorm
+    monkeypatch.setattr(mhc, "SINGLE_MAX_D", single_max)
     norm = RMSNorm(D, eps=1e-5).to(DEV)
     with torch.no_grad():
         norm.weight.copy_(torch.rand(D, generator=torch.Generator().manual_seed(9)) + 0.5)
