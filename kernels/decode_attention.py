@@ -143,8 +143,8 @@ def _attn_partial_kernel(q_ptr, win_ptr, ent_ptr, sel_ptr, pos_ptr, thr_ptr, scr
 
 
 @triton.jit
-def _attn_combine_kernel(m_ptr, l_ptr, acc_ptr, sink_ptr, out_ptr, H, S, out_sb,
-                         C: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr):
+def _attn_combine_kernel(m_ptr, l_ptr, acc_ptr, sink_ptr, cos_ptr, sin_ptr, out_ptr, H, S, out_sb,
+                         C: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, ROPE: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -159,8 +159,19 @@ def _attn_combine_kernel(m_ptr, l_ptr, acc_ptr, sink_ptr, out_ptr, H, S, out_sb,
     den = tl.sum(wgt * lsum, axis=0) + tl.exp(sink - mx)
     c = tl.program_id(1) * CB + tl.arange(0, CB)
     acc = tl.load(acc_ptr + r[:, None] * C + c[None, :], mask=sm[:, None], other=0.0)   # [SB, CB]
+    dt = out_ptr.dtype.element_ty
     o = tl.sum(wgt[:, None] * acc, axis=0) / den
-    tl.store(out_ptr + b * out_sb + h * C + c, o.to(out_ptr.dtype.element_ty))
+    if ROPE > 0:   # interleaved RoPE of the trailing ROPE channels (pairs 2i, 2i+1) on the rounded output
+        cp = c ^ 1                                                            # partner channel
+        accp = tl.load(acc_ptr + r[:, None] * C + cp[None, :], mask=sm[:, None], other=0.0)
+        of = o.to(dt).to(tl.float32)
+        op = (tl.sum(wgt[:, None] * accp, axis=0) / den).to(dt).to(tl.float32)
+        isr = c >= C - ROPE
+        i = tl.where(isr, (c - (C - ROPE)) // 2, 0)
+        cs = tl.load(cos_ptr + i, mask=isr, other=1.0)
+        sn = tl.load(sin_ptr + i, mask=isr, other=0.0)
+        o = tl.where(c % 2 == 0, of * cs - op * sn, op * sn + of * cs)       # (a, b) -> (a cos - b sin, a sin + b cos)
+    tl.store(out_ptr + b * out_sb + h * C + c, o.to(dt))
 
 
 def _plan(B: int, N: int, bn: int, max_programs: int) -> tuple[int, int]:
@@ -173,11 +184,14 @@ def _plan(B: int, N: int, bn: int, max_programs: int) -> tuple[int, int]:
 
 def decode_attention(q: torch.Tensor, win: torch.Tensor, ent: torch.Tensor | None, sel: torch.Tensor | None,
                      pos: torch.Tensor, thr: torch.Tensor | None, sink: torch.Tensor, scale: float,
-                     *, bn: int | None = None, bc: int | None = None, num_warps: int | None = None,
+                     *, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     bn: int | None = None, bc: int | None = None, num_warps: int | None = None,
                      max_programs: int = MAX_PROGRAMS) -> torch.Tensor:
     """q [B, H, c] -> o [B, H, c] in q's dtype (see the module docstring). ``ent`` None: window only;
     ``sel`` [B, K] int64 (CSA) or None (HCA: all entries); ``pos``/``thr`` [] int64 on the device.
-    Keyword arguments are tuning knobs (bench/bench_decode_attn.py)."""
+    ``rope`` = (cos, sin) [R/2] fp32: the output's trailing R channels are then rotated in the combine
+    launch (V4's inverse RoPE of the attention output passes -sin), as ``rmsnorm_rope`` mode 2 on o.
+    The other keyword arguments are tuning knobs (bench/bench_decode_attn.py)."""
     B, H, C = q.shape
     W = win.shape[1]
     bad = []
@@ -192,6 +206,8 @@ def decode_attention(q: torch.Tensor, win: torch.Tensor, ent: torch.Tensor | Non
         bad.append("sel must be int64 [B, K] (unit column stride) with entries")
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16) or q.dtype != win.dtype:
         bad.append(f"q {q.dtype} and keys {win.dtype} must share a dtype (fp32, bf16 or fp16)")
+    if rope is not None and (rope[0].numel() != rope[1].numel() or 2 * rope[0].numel() > C):
+        bad.append(f"rope cos/sin must both be [R/2] with R <= {C}")
     if bad:
         raise ValueError("kernels.decode_attention: " + "; ".join(bad))
     T = ent.shape[1] if ent is not None else 0
@@ -220,8 +236,10 @@ def decode_attention(q: torch.Tensor, win: torch.Tensor, ent: torch.Tensor | Non
         num_warps=num_warps, num_stages=1)   # no software pipelining: the NB-block loops overflow shared memory
     out = torch.empty(B, H, C, dtype=q.dtype, device=q.device)
     CB = min(C, 128)
-    _attn_combine_kernel[(B * H, C // CB)](m, lsum, acc, sink.to(f32).contiguous(), out, H, S, out.stride(0),
-                                           C=C, CB=CB, SB=triton.next_power_of_2(S), num_warps=4)
+    R = 2 * rope[0].numel() if rope is not None else 0
+    cs, sn = (rope[0].float().contiguous(), rope[1].float().contiguous()) if rope is not None else (m, m)
+    _attn_combine_kernel[(B * H, C // CB)](m, lsum, acc, sink.to(f32).contiguous(), cs, sn, out, H, S, out.stride(0),
+                                           C=C, CB=CB, SB=triton.next_power_of_2(S), ROPE=R, num_warps=4)
     return out
 
 

@@ -19,8 +19,9 @@ import triton.language as tl
 
 
 @triton.jit
-def _rmsnorm_rope_kernel(x_ptr, x_stride, w_ptr, cos_ptr, sin_ptr, out_ptr, eps,
-                         D: tl.constexpr, HALF_B: tl.constexpr, MODE: tl.constexpr, ROPE: tl.constexpr):
+def _rmsnorm_rope_kernel(x_ptr, x_stride, w_ptr, cos_ptr, sin_ptr, out_ptr, out_stride, slot_ptr, eps,
+                         D: tl.constexpr, HALF_B: tl.constexpr, MODE: tl.constexpr, ROPE: tl.constexpr,
+                         SCATTER: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     HALF: tl.constexpr = D // 2
     p = tl.arange(0, HALF_B)
@@ -49,17 +50,29 @@ def _rmsnorm_rope_kernel(x_ptr, x_stride, w_ptr, cos_ptr, sin_ptr, out_ptr, eps,
         ro = fe * sn + fo * cs
         fe = re
         fo = ro
-    orow = out_ptr + n * D
+    if SCATTER:   # row n goes to out[n, slot, :] of a [N, S, D] buffer (slot read on the device)
+        orow = out_ptr + n * out_stride + tl.load(slot_ptr) * D
+    else:
+        orow = out_ptr + n * D
     tl.store(orow + 2 * p, fe.to(dt), mask=m)
     tl.store(orow + 2 * p + 1, fo.to(dt), mask=m)
 
 
 def rmsnorm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor | None = None,
-                 sin: torch.Tensor | None = None, mode: int = 0) -> torch.Tensor:
+                 sin: torch.Tensor | None = None, mode: int = 0,
+                 scatter_to: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
     """x [..., D] (rows with unit column stride) -> new tensor like x (see the module docstring);
-    ``weight [D]`` fp32 for mode 0; ``cos``/``sin [R/2]`` fp32 or None (no RoPE)."""
+    ``weight [D]`` fp32 for mode 0; ``cos``/``sin [R/2]`` fp32 or None (no RoPE).
+    ``scatter_to`` = (buf [N, S, D] contiguous in x's dtype, slot int64 [1] on the device): row n is
+    written to ``buf[n, slot]`` instead (e.g. the decode step's key into the window ring); returns None."""
     D = x.shape[-1]
     bad = []
+    if scatter_to is not None:
+        buf, slot = scatter_to
+        if (buf.dim() != 3 or buf.shape[2] != D or buf.dtype != x.dtype or not buf.is_contiguous()
+                or buf.shape[0] * D != x.numel() or slot.numel() != 1 or slot.dtype != torch.int64):
+            bad.append(f"scatter_to buffer {tuple(buf.shape)} {buf.dtype} / slot {tuple(slot.shape)} {slot.dtype} "
+                       f"do not fit x {tuple(x.shape)} {x.dtype}")
     if D % 2 or x.stride(-1) != 1:
         bad.append(f"x {tuple(x.shape)} needs an even last dim with unit stride")
     if mode not in (0, 1, 2) or (mode == 0 and (weight is None or weight.numel() != D)):
@@ -71,16 +84,20 @@ def rmsnorm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: 
     x2 = x.reshape(-1, D)
     if x2.shape[0] > 1 and x2.stride(0) < D:
         x2 = x2.contiguous()
-    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    if scatter_to is not None:
+        out, ostride, slot = scatter_to[0], scatter_to[0].stride(0), scatter_to[1]
+    else:
+        out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+        ostride, slot = D, x2
     rope = 0 if cos is None else 2 * cos.numel()
     w = weight if weight is not None else x2
     cs = cos if cos is not None else x2
     sn = sin if sin is not None else x2
     half_b = triton.next_power_of_2(D // 2)
-    _rmsnorm_rope_kernel[(x2.shape[0],)](x2, x2.stride(0), w, cs, sn, out, float(eps),
-                                         D=D, HALF_B=half_b, MODE=mode, ROPE=rope,
+    _rmsnorm_rope_kernel[(x2.shape[0],)](x2, x2.stride(0), w, cs, sn, out, ostride, slot, float(eps),
+                                         D=D, HALF_B=half_b, MODE=mode, ROPE=rope, SCATTER=scatter_to is not None,
                                          num_warps=1 if half_b <= 256 else 4)
-    return out.view(x.shape)
+    return None if scatter_to is not None else out.view(x.shape)
 
 
 def rmsnorm_rope_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos=None, sin=None,

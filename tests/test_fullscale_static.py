@@ -195,6 +195,17 @@ def test_rmsnorm_rope_kernel_matches_torch(dtype):
         assert (a.float() - b.float()).abs().max() <= tol * max(1.0, b.float().abs().max().item()), mode
     with pytest.raises(ValueError, match="rmsnorm_rope"):
         rmsnorm_rope(x[..., :95], None, 1e-6, mode=1)
+    # scatter: each row of a strided [B, 1, D] slice straight into buf[b, slot] (the decode key -> window)
+    xs = x[:, :, 1, :]                                                  # [2, 1, 96], row stride 3*96
+    buf = torch.randn(2, 5, 96, generator=g).to(dev, dtype)
+    before = buf.clone()
+    slot = torch.tensor([3], device=dev)
+    assert rmsnorm_rope(xs, w, 1e-6, cos, sin, scatter_to=(buf, slot)) is None
+    ref = rmsnorm_rope_reference(xs, w, 1e-6, cos, sin)[:, 0]
+    assert (buf[:, 3].float() - ref.float()).abs().max() <= tol * max(1.0, ref.float().abs().max().item())
+    assert torch.equal(buf[:, [0, 1, 2, 4]], before[:, [0, 1, 2, 4]])     # other slots untouched
+    with pytest.raises(ValueError, match="scatter_to"):
+        rmsnorm_rope(xs, w, 1e-6, cos, sin, scatter_to=(buf[:1], slot))
 
 
 @torch.no_grad()
@@ -241,6 +252,8 @@ def test_decode_attention_kernel_matches_torch(dtype):
     scratch. fp16 runs the tensor-core path (p @ v as hi + lo halves); bf16 on the CPU interpreter
     runs upcast (its bf16 tl.dot is wrong), on a GPU the tensor-core path."""
     from dsv4lib.kernels.decode_attention import decode_attention, decode_attention_reference
+    from dsv4lib.kernels.rmsnorm_rope import rmsnorm_rope_reference
+    from dsv4lib.model.rope import cos_sin
     g = torch.Generator().manual_seed(11)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     cases = [(2, 4, 128, 8, 9, None, 5), (2, 4, 128, 8, 9, None, 30), (1, 20, 64, 8, 16, 12, 40),
@@ -260,5 +273,12 @@ def test_decode_attention_kernel_matches_torch(dtype):
             a = decode_attention(q, win, ent, sel, p, thr if T else None, sink, C ** -0.5, **kw)
             assert a.dtype == dtype
             assert (a.float() - r.float()).abs().max() <= tol * max(1.0, r.float().abs().max().item()), (B, H, T, kw)
+        # the inverse RoPE of the output fused into the combine == rmsnorm_rope mode 2 on the output
+        # (a rotated channel mixes two channels' rounding: twice the tolerance)
+        cos, sin = (t[0] for t in cos_sin(torch.rand(C // 8, generator=g).to(dev), torch.tensor([pos], device=dev)))
+        a = decode_attention(q, win, ent, sel, p, thr if T else None, sink, C ** -0.5, rope=(cos, -sin))
+        rr = rmsnorm_rope_reference(r, None, 0.0, cos, -sin, mode=2)
+        assert (a.float() - rr.float()).abs().max() <= 2 * tol * max(1.0, rr.float().abs().max().item()), (B, H, T, "rope")
+        assert (rr.float() - r.float()).abs().max() > 10 * tol * max(1.0, r.float().abs().max().item())   # it rotated
     with pytest.raises(ValueError, match="decode_attention"):
         decode_attention(q, win.float() if dtype != torch.float32 else win.half(), None, None, p, None, sink, 1.0)

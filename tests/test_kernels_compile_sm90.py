@@ -77,12 +77,31 @@ for T, hsh in ((1, False), (1, True), (8, False)):
         out[name] = "ok" if k.asm.get("cubin") else "no cubin"
     except Exception as e:  # noqa: BLE001
         out[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+from dsv4lib.kernels.rmsnorm_rope import _rmsnorm_rope_kernel
+from dsv4lib.kernels.decode_attention import _attn_combine_kernel
+more = [("rmsnorm_rope scatter", _rmsnorm_rope_kernel,
+         {"x_ptr": "*bf16", "x_stride": "i32", "w_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
+          "out_ptr": "*bf16", "out_stride": "i32", "slot_ptr": "*i64", "eps": "fp32", "D": "constexpr",
+          "HALF_B": "constexpr", "MODE": "constexpr", "ROPE": "constexpr", "SCATTER": "constexpr"},
+         dict(D=512, HALF_B=256, MODE=0, ROPE=64, SCATTER=True), 1),
+        ("attn_combine rope", _attn_combine_kernel,
+         {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "sink_ptr": "*fp32", "cos_ptr": "*fp32",
+          "sin_ptr": "*fp32", "out_ptr": "*bf16", "H": "i32", "S": "i32", "out_sb": "i32", "C": "constexpr",
+          "CB": "constexpr", "SB": "constexpr", "ROPE": "constexpr"},
+         dict(C=512, CB=128, SB=8, ROPE=64), 4)]
+for name, fn, sig, cons, warps in more:
+    try:
+        k = triton.compile(ASTSource(fn, sig, cons), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+        out[name] = "ok" if k.asm.get("cubin") else "no cubin"
+    except Exception as e:  # noqa: BLE001
+        out[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
 print(json.dumps(out))
 '''
 
 
 def test_kernels_compile_for_sm90():
-    """fp8_linear: the fallback configs and every tuned one (TUNED), at M = 1 and M > 1; mHC pre; fused router."""
+    """fp8_linear: the fallback configs and every tuned one (TUNED), at M = 1 and M > 1; mHC pre; fused router;
+    RMSNorm+RoPE scattered into the window; attention combine with the output RoPE."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     p = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT,

@@ -394,13 +394,20 @@ def attention_step(attn, x: torch.Tensor, ctx: StepContext, lc: StaticLayerCache
         qa, kva = _proj([attn.wq_a, attn.wkv], x)                       # [B, 1, q_lora], [B, 1, c]
         qr = _rms(qa, attn.q_norm.weight, attn.q_norm.eps)              # [B, 1, q_lora]
         q = _rms(attn.wq_b(qr).unflatten(-1, (H, c)), None, attn.eps, cos, sin, mode=1)   # [B, 1, H, c]
-        kv = _rms(kva, attn.kv_norm.weight, attn.kv_norm.eps, cos, sin)   # [B, 1, c]
+        if (lc.window.dtype == kva.dtype and lc.window.is_contiguous() and ctx.win_slot.dtype == torch.int64
+                and "rmsnorm_rope" not in FUSED_FAILURES):
+            from dsv4lib.kernels.rmsnorm_rope import rmsnorm_rope   # the key straight into the window ring
+            rmsnorm_rope(kva, attn.kv_norm.weight, attn.kv_norm.eps, cos, sin, scatter_to=(lc.window, ctx.win_slot))
+            kv = None
+        else:
+            kv = _rms(kva, attn.kv_norm.weight, attn.kv_norm.eps, cos, sin)   # [B, 1, c]
     else:
         qr = attn.q_norm(attn.wq_a(x))                                  # [B, 1, q_lora]
         q = attn.wq_b(qr).unflatten(-1, (H, c))                         # [B, 1, H, c]
         q = _rope_(q * torch.rsqrt(hp(q).pow(2).mean(-1, keepdim=True) + attn.eps).to(q.dtype), ctx.rot[f])
         kv = _rope_(attn.kv_norm(attn.wkv(x)), ctx.rot[f])              # [B, 1, c]
-    lc.window.index_copy_(1, ctx.win_slot, kv.to(lc.window.dtype))
+    if kv is not None:
+        lc.window.index_copy_(1, ctx.win_slot, kv.to(lc.window.dtype))
     if attn.ratio:
         _join(ctx)
         ent = lc.comp.entries                                           # [B, T, c]
@@ -426,19 +433,15 @@ def attention_step(attn, x: torch.Tensor, ctx: StepContext, lc: StaticLayerCache
         p = torch.cat([z, sink], -1).softmax(-1)[..., :-1]              # [B, H, 1, N]
         return torch.einsum("bhsn,bnd->bshd", p, hp(keys)).to(x.dtype)  # [B, 1, H, c]
 
-    if _fusable(ctx, x):
+    if _fusable(ctx, x):   # attention core + the inverse RoPE of its output (-sin) in the combine launch
         from dsv4lib.kernels.decode_attention import decode_attention
+        cos, _, nsin = ctx.cs[f]
         o = _guarded("decode_attention",
                      lambda: decode_attention(q[:, 0], lc.window, ent, sel, ctx.pos, thr, attn.attn_sink,
-                                              c ** -0.5).unsqueeze(1),
-                     core_torch)                                        # [B, 1, H, c]
+                                              c ** -0.5, rope=(cos, nsin)).unsqueeze(1),
+                     lambda: _rms(core_torch(), None, 0.0, cos, nsin, mode=2))   # [B, 1, H, c]
     else:
-        o = core_torch()
-    if _fusable(ctx, x):
-        cos, _, nsin = ctx.cs[f]
-        o = _rms(o, None, 0.0, cos, nsin, mode=2)
-    else:
-        o = _rope_(o, ctx.rot_inv[f])
+        o = _rope_(core_torch(), ctx.rot_inv[f])
     u = grouped_output_a(attn, o.reshape(B, 1, attn.groups, -1))       # [B, 1, G*o_lora]
     return attn.wo_b(u)
 
