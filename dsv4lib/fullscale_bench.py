@@ -9,6 +9,8 @@ filled with synthetic entries (``fill_synthetic``), which costs the same per dec
 """
 from __future__ import annotations
 
+import contextlib
+
 import datetime
 import time
 from dataclasses import asdict, dataclass, field
@@ -133,6 +135,25 @@ def component_times(model, cache, dev, reps: int = 10, fused: bool = False) -> d
     return out
 
 
+@contextlib.contextmanager
+def _variant(name: str):
+    """The fused step's A/B switches: ``single_stream`` (no concurrent side-stream branches) and ``pdl``
+    (programmatic dependent launch of the step's Triton kernels, kernels/pdl.py), each against the default."""
+    from .kernels import pdl
+    from .model import graphed
+    saved = graphed.CONCURRENT, pdl.ENABLED
+    if name == "single_stream":
+        graphed.CONCURRENT = False
+    elif name == "pdl":
+        pdl.ENABLED = not pdl.ENABLED
+    else:
+        raise ValueError(f"unknown bench variant {name!r}")
+    try:
+        yield
+    finally:
+        graphed.CONCURRENT, pdl.ENABLED = saved
+
+
 def _decode_case(model, B: int, ctx: int, opts: BenchOptions, dev, res: dict) -> None:
     cfg = model.config
     g = torch.Generator(device=dev).manual_seed(opts.seed + B * 7 + ctx)
@@ -178,19 +199,18 @@ def _decode_case(model, B: int, ctx: int, opts: BenchOptions, dev, res: dict) ->
         first = dec.step(tok).clone()
         if "static_vs_eager_max_abs" in case:
             case["graphed_vs_eager_max_abs"] = float((first - ref).abs().max())
-        dec1 = None
-        if opts.fused:   # A/B in the same run: the same step captured on one stream (no concurrent branches)
-            from .model import graphed
-            for t_, v in zip(cache.small_state(), pos0):
-                t_.copy_(v)
-            graphed.CONCURRENT = False
-            try:
-                dec1 = GraphedDecoder(model, cache, fused=True)
-            finally:
-                graphed.CONCURRENT = True
-            # same state (the step at pos0 rewrote only what the first one wrote): must agree up to the
-            # atomics' summation order
-            case["single_stream_vs_concurrent_max_abs"] = float((dec1.step(tok) - first).abs().max())
+        variants = {}
+        if opts.fused:   # A/B in the same run, from the same cache state: one stream; with PDL
+            for name in ("single_stream", "pdl"):
+                for t_, v in zip(cache.small_state(), pos0):
+                    t_.copy_(v)
+                try:
+                    with _variant(name):
+                        variants[name] = GraphedDecoder(model, cache, fused=True)
+                        # the step at pos0 rewrote only what the first one wrote: agree up to summation order
+                        case[f"{name}_vs_default_max_abs"] = float((variants[name].step(tok) - first).abs().max())
+                except Exception as e:  # noqa: BLE001 - a failing variant must not lose the case
+                    case[f"{name}_error"] = repr(e)[:300]
         for t_, v in zip(cache.small_state(), pos0):
             t_.copy_(v)
         ms = time_cuda(lambda: dec.step(dec.logits.argmax(-1, keepdim=True)), steps, warmup=2)
@@ -198,12 +218,11 @@ def _decode_case(model, B: int, ctx: int, opts: BenchOptions, dev, res: dict) ->
         case["graphed_tok_s"] = B / (ms * 1e-3)
         case["final_position"] = cache.position()
         del dec
-        if dec1 is not None:
+        for name, d in variants.items():
             for t_, v in zip(cache.small_state(), pos0):
                 t_.copy_(v)
-            case["graphed_single_stream_ms"] = time_cuda(lambda: dec1.step(dec1.logits.argmax(-1, keepdim=True)),
-                                                         steps, warmup=2)
-            del dec1
+            case[f"graphed_{name}_ms"] = time_cuda(lambda: d.step(d.logits.argmax(-1, keepdim=True)), steps, warmup=2)
+        del variants
     case["bytes_per_token"] = decode_bytes_per_token(model, B, ctx)["per_token"]
     res["decode"].append(case)
     if B == 1 and ctx == min(c for _, c in opts.decode) and opts.components and dev.type == "cuda":
@@ -319,15 +338,16 @@ def format_table(res: dict) -> str:
              f"resident {res['resident_GB']['total']:.2f} GB  peak {res.get('peak_allocated_GB', 0):.2f} GB  "
              f"copy {res.get('copy_GBps', 0):.0f} GB/s  bytes/token(b1,1K) "
              f"{res['bytes_per_token_b1_1k']['per_token'] / GB:.3f} GB  roofline {res.get('roofline_b1_tok_s', 0):.0f} tok/s",
-             "| batch | context | fill | eager tok/s | static ms | graphed ms | 1-stream ms | graphed tok/s | GB/token |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| batch | context | fill | eager tok/s | static ms | graphed ms | 1-stream ms | PDL toggled ms | graphed tok/s | GB/token |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for d in res["decode"]:
         if "error" in d:
-            lines.append(f"| {d['batch']} | {d['context']} | ERROR {d['error'][:60]} ||||||")
+            lines.append(f"| {d['batch']} | {d['context']} | ERROR {d['error'][:60]} |||||||")
             continue
         lines.append(f"| {d['batch']} | {d['context']} | {d['context_fill']} | {d.get('eager_tok_s', float('nan')):.1f} | "
                      f"{d.get('static_uncaptured_ms', float('nan')):.2f} | {d.get('graphed_ms', float('nan')):.2f} | "
-                     f"{d.get('graphed_single_stream_ms', float('nan')):.2f} | {d.get('graphed_tok_s', float('nan')):.1f} | {d['bytes_per_token'] / GB:.3f} |")
+                     f"{d.get('graphed_single_stream_ms', float('nan')):.2f} | {d.get('graphed_pdl_ms', float('nan')):.2f} | "
+                     f"{d.get('graphed_tok_s', float('nan')):.1f} | {d['bytes_per_token'] / GB:.3f} |")
     p = res["prefill"]
     lines.append(f"prefill b1 x {p['tokens']}: {p['tok_s']:.0f} tok/s")
     m = res["mmlu"]

@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_args, pdl_wait
+
 
 @triton.jit
 def _softmax_chunk(kv_e, kv_o, g_e, g_o, m_e, m_o, s_e, s_o, a_e, a_o):
@@ -53,8 +55,9 @@ def _compressor_step_kernel(
     ape_ptr, nw_ptr, cos_ptr, sin_ptr,       # [R, COFF*HD], [HD], [ROPE/2], [ROPE/2] fp32
     ent_ptr, ent_stride_b,                   # [B, T, HD] (row stride HD)
     eps,
-    R: tl.constexpr, HD: tl.constexpr, COFF: tl.constexpr, ROPE: tl.constexpr, RB: tl.constexpr,
+    R: tl.constexpr, HD: tl.constexpr, COFF: tl.constexpr, ROPE: tl.constexpr, RB: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     b = tl.program_id(0).to(tl.int64)
     HALF: tl.constexpr = HD // 2
     CW: tl.constexpr = COFF * HD                         # buffer row width
@@ -175,4 +178,5 @@ def compressor_step_fused(kv: torch.Tensor, gate: torch.Tensor, pos: torch.Tenso
         ape.to(f32).contiguous(), norm_w.to(f32).contiguous(), cos.to(f32).contiguous(), sin.to(f32).contiguous(),
         entries, entries.stride(0), float(eps),
         R=R, HD=HD, COFF=coff, ROPE=rope, RB=min(R, rb or 16),
-        num_warps=num_warps or (16 if HD >= 512 else 8))   # measured best on the H200 (bench_decode_attn)
+        num_warps=num_warps or (16 if HD >= 512 else 8),   # measured best on the H200 (bench_decode_attn)
+        **launch_args(kv.device))

@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_args, pdl_wait
+
 # Tuning defaults, measured on the H200 (bench/bench_decode_attn.py --sweep; docs/FULLSCALE_NOTES.md):
 # (keys per block = MMA N of q.k and K of p @ v, head-dim chunk, warps) for the tensor-core path and
 # for the fp32 ("ieee", FMA) path. Tensor-core path: 32-key blocks while B * blocks fits one wave of
@@ -88,7 +90,8 @@ def _attn_partial_kernel(q_ptr, win_ptr, ent_ptr, sel_ptr, pos_ptr, thr_ptr, scr
                          m_ptr, l_ptr, acc_ptr, scale,
                          H, W, N, T, win_sb, ent_sb, q_sb, sel_sb, NB, S,
                          C: tl.constexpr, HP: tl.constexpr, BNc: tl.constexpr, BCc: tl.constexpr,
-                         HAS_SEL: tl.constexpr, LOWP: tl.constexpr, ONE: tl.constexpr):
+                         HAS_SEL: tl.constexpr, LOWP: tl.constexpr, ONE: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     b = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     pos = tl.load(pos_ptr)
@@ -144,7 +147,8 @@ def _attn_partial_kernel(q_ptr, win_ptr, ent_ptr, sel_ptr, pos_ptr, thr_ptr, scr
 
 @triton.jit
 def _attn_combine_kernel(m_ptr, l_ptr, acc_ptr, sink_ptr, cos_ptr, sin_ptr, out_ptr, H, S, out_sb,
-                         C: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, ROPE: tl.constexpr):
+                         C: tl.constexpr, CB: tl.constexpr, SB: tl.constexpr, ROPE: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     h = bh % H
@@ -233,13 +237,13 @@ def decode_attention(q: torch.Tensor, win: torch.Tensor, ent: torch.Tensor | Non
         q, win, e, sel if sel is not None else pos, pos, thr_, scr, m, lsum, acc, float(scale),
         H, W, N, T, win.stride(0), e.stride(0), q.stride(0), sel.stride(0) if sel is not None else 0, NB, S,
         C=C, HP=HP, BNc=bn, BCc=bc, HAS_SEL=sel is not None, LOWP=lowp, ONE=NB == 1,
-        num_warps=num_warps, num_stages=1)   # no software pipelining: the NB-block loops overflow shared memory
+        num_warps=num_warps, num_stages=1, **launch_args(q.device))   # no software pipelining: the NB-block loops overflow shared memory
     out = torch.empty(B, H, C, dtype=q.dtype, device=q.device)
     CB = min(C, 128)
     R = 2 * rope[0].numel() if rope is not None else 0
     cs, sn = (rope[0].float().contiguous(), rope[1].float().contiguous()) if rope is not None else (m, m)
     _attn_combine_kernel[(B * H, C // CB)](m, lsum, acc, sink.to(f32).contiguous(), cs, sn, out, H, S, out.stride(0),
-                                           C=C, CB=CB, SB=triton.next_power_of_2(S), ROPE=R, num_warps=4)
+                                           C=C, CB=CB, SB=triton.next_power_of_2(S), ROPE=R, num_warps=4, **launch_args(q.device))
     return out
 
 

@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_args, pdl_wait
+
 from .workspace import split_workspace
 
 BLOCK = 128
@@ -102,8 +104,9 @@ def _fp8_linear_kernel(
     # sizes; G > 1 (GROUPED): x is [M, G, K] and output rows [g*N/G, (g+1)*N/G) read x[:, g] only
     M, N, K, KB, G,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, LAST: tl.constexpr,
-    GROUPED: tl.constexpr,
+    GROUPED: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -210,7 +213,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *,
              else torch.empty((M, N), dtype=x.dtype, device=x.device))
     _fp8_linear_kernel[grid](x2, w, s, y, ws, cnt, M, N, K, KB, groups,
                              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, LAST=last,
-                             GROUPED=groups > 1, num_warps=cfg.warps, num_stages=cfg.stages)
+                             GROUPED=groups > 1, num_warps=cfg.warps, num_stages=cfg.stages, **launch_args(x.device))
     return y.to(x.dtype).reshape(*lead, N)
 
 

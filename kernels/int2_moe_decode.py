@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_args, pdl_wait
+
 from .int2_dequant import as_int32, check_int2, dequantize_int2_reference, fit_w
 
 
@@ -267,8 +269,9 @@ def _prep_kernel(
     ws_ptr, NZ,
     # words per row, the number of x programs (T * cdiv(KW, BLOCK_W))
     KW, NX,
-    BLOCK_W: tl.constexpr, BLOCK_Z: tl.constexpr, DOT: tl.constexpr, HALF: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_Z: tl.constexpr, DOT: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     pid = tl.program_id(0)
     zo = pid * BLOCK_Z + tl.arange(0, BLOCK_Z)
     tl.store(ws_ptr + zo, tl.zeros([BLOCK_Z], tl.float32), mask=zo < NZ)
@@ -356,8 +359,9 @@ def _gate_up_kernel(
     # value so that ptxas fuses the mask and the OR into one LOP3 instead of two immediates)
     I, D, KW, limit, MAGIC,
     BLOCK_N: tl.constexpr, W: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
-    SPLIT_K: tl.constexpr, STAGES: tl.constexpr, DOT: tl.constexpr, HALF: tl.constexpr,
+    SPLIT_K: tl.constexpr, STAGES: tl.constexpr, DOT: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     s = tl.program_id(0)
     pid_n = tl.program_id(1)
     e, pair, valid, active = _expert_pairs(idx_ptr, s, S, BLOCK_S, BLOCK_P)
@@ -443,8 +447,9 @@ def _down_kernel(
     # sizes (KW = I/16 packed words per row), MAGIC as in _gate_up_kernel
     I, D, KW, MAGIC,
     BLOCK_N: tl.constexpr, W: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_S: tl.constexpr,
-    SPLIT_K: tl.constexpr, STAGES: tl.constexpr, DOT: tl.constexpr, HALF: tl.constexpr,
+    SPLIT_K: tl.constexpr, STAGES: tl.constexpr, DOT: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr,
 ):
+    pdl_wait(PDL)
     s = tl.program_id(0)
     e, pair, valid, active = _expert_pairs(idx_ptr, s, S, BLOCK_S, BLOCK_P)
     if not active:
@@ -593,18 +598,18 @@ def int2_moe_decode(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
     nx = T * triton.cdiv(D // 16, 64)
     nz = ws.numel()
     _prep_kernel[(max(nx, triton.cdiv(nz, 1024)),)](x.contiguous(), xin, xs, ws, nz, D // 16, nx,
-                                                    BLOCK_W=64, BLOCK_Z=1024, DOT=use_dot, HALF=half)
+                                                    BLOCK_W=64, BLOCK_Z=1024, DOT=use_dot, HALF=half, **launch_args(x.device))
     _gate_up_kernel[(S, n_tiles, gu_split)](
         xin, xs, idx_f, rw, S, k,
         wv(w1_packed), w1_scale, w1_zero_packed, wv(w3_packed), w3_scale, w3_zero_packed,
         gu_buf, cnt, h, hs, I, D, D // 16, float(limit), _MAGIC16 if half else _MAGIC,
         BLOCK_N=gu.block_n, W=gu_w, BLOCK_P=block_p, BLOCK_S=block_s, SPLIT_K=gu_split,
-        STAGES=gu.stages, DOT=use_dot, HALF=half, num_warps=gu.warps, num_stages=gu.stages)
+        STAGES=gu.stages, DOT=use_dot, HALF=half, num_warps=gu.warps, num_stages=gu.stages, **launch_args(x.device))
     _down_kernel[(S, triton.cdiv(D, dn.block_n), dn_split)](
         h, hs, idx_f, S, k, wv(w2_packed), w2_scale, w2_zero_packed, y, I, D, I // 16,
         _MAGIC16 if half else _MAGIC,
         BLOCK_N=dn.block_n, W=dn_w, BLOCK_P=block_p, BLOCK_S=block_s, SPLIT_K=dn_split,
-        STAGES=dn.stages, DOT=use_dot, HALF=half, num_warps=dn.warps, num_stages=dn.stages)
+        STAGES=dn.stages, DOT=use_dot, HALF=half, num_warps=dn.warps, num_stages=dn.stages, **launch_args(x.device))
     return y
 
 

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_args, pdl_wait
+
 from .mhc_sinkhorn import sinkhorn_tile
 from .workspace import split_workspace
 
@@ -36,7 +38,8 @@ SINGLE_MAX_D = 4096  # up to this D the finishing program keeps the row in regis
 def _hc_pre_kernel(x_ptr, fn_ptr, part_ptr, cnt_ptr, scale_ptr, base_ptr, nw_ptr, y_ptr, post_ptr, comb_ptr,
                    K, D, NM, per, norm_eps, hc_eps, out_eps,
                    NMP: tl.constexpr, SB: tl.constexpr, HC: tl.constexpr, ITERS: tl.constexpr,
-                   BD: tl.constexpr, BK: tl.constexpr, HAS_NORM: tl.constexpr, SINGLE: tl.constexpr):
+                   BD: tl.constexpr, BK: tl.constexpr, HAS_NORM: tl.constexpr, SINGLE: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     # x [T, K] (streams flattened, any float dtype), fn [NM, K] fp32, part [T, NSPLIT, NMP] fp32,
     # cnt [T] int32 arrival counters (zero on entry, reset by the finishing program)
     t = tl.program_id(0).to(tl.int64)
@@ -113,7 +116,8 @@ def _hc_pre_kernel(x_ptr, fn_ptr, part_ptr, cnt_ptr, scale_ptr, base_ptr, nw_ptr
 
 @triton.jit
 def _hc_post_kernel(f_ptr, f2_ptr, res_ptr, post_ptr, comb_ptr, out_ptr, D,
-                    HC: tl.constexpr, BD: tl.constexpr, HAS_F2: tl.constexpr):
+                    HC: tl.constexpr, BD: tl.constexpr, HAS_F2: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     d = tl.program_id(1) * BD + tl.arange(0, BD)
     dm = d < D
@@ -169,7 +173,7 @@ def hc_pre_fused(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: t
                             nw, y, post, comb, K, D, NM, per, float(norm_eps), float(hc_eps), float(out_eps),
                             NMP=NMP, SB=triton.next_power_of_2(ns), HC=hc, ITERS=iters,
                             BD=triton.next_power_of_2(D) if D <= SINGLE_MAX_D else 1024, BK=128,
-                            HAS_NORM=out_norm is not None, SINGLE=D <= SINGLE_MAX_D, num_warps=8)
+                            HAS_NORM=out_norm is not None, SINGLE=D <= SINGLE_MAX_D, num_warps=8, **launch_args(X.device))
     return y.reshape(*lead, D), post.reshape(*lead, hc), comb.reshape(*lead, hc, hc)
 
 
@@ -188,7 +192,7 @@ def hc_post_fused(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: 
     fc = f.contiguous()
     _hc_post_kernel[(T, triton.cdiv(D, BD))](fc, f2.contiguous() if f2 is not None else fc, res.contiguous(),
                                               post.float().contiguous(), comb.float().contiguous(), out, D,
-                                              HC=hc, BD=BD, HAS_F2=f2 is not None, num_warps=4)
+                                              HC=hc, BD=BD, HAS_F2=f2 is not None, num_warps=4, **launch_args(res.device))
     return out
 
 

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_args, pdl_wait
+
 from .workspace import split_workspace
 
 
@@ -58,7 +60,8 @@ def _route_token(lg, t, bias_ptr, hidx_ptr, idx_ptr, w_ptr, s_ptr, E, route_scal
 @triton.jit
 def _router_kernel(logit_ptr, bias_ptr, hidx_ptr, idx_ptr, w_ptr, s_ptr, E, route_scale,
                    EP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, HASH: tl.constexpr,
-                   RENORM: tl.constexpr):
+                   RENORM: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, EP)
     lg = tl.load(logit_ptr + t * E + e, mask=e < E, other=0.0)
@@ -68,7 +71,8 @@ def _router_kernel(logit_ptr, bias_ptr, hidx_ptr, idx_ptr, w_ptr, s_ptr, E, rout
 @triton.jit
 def _router_fused_kernel(x_ptr, gw_ptr, lg_ptr, cnt_ptr, bias_ptr, hidx_ptr, idx_ptr, w_ptr, T, E, D, route_scale,
                          TP: tl.constexpr, BE: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr,
-                         K: tl.constexpr, KP: tl.constexpr, HASH: tl.constexpr, RENORM: tl.constexpr):
+                         K: tl.constexpr, KP: tl.constexpr, HASH: tl.constexpr, RENORM: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     # x [T, D], router weight gw [E, D] (bf16/fp16: products exact in fp32), logits scratch lg [T, E] fp32,
     # cnt[0] arrival counter (zero on entry, reset by the last program)
     pid = tl.program_id(0)
@@ -143,7 +147,7 @@ def router_topk(logits: torch.Tensor, bias: torch.Tensor | None, k: int, route_s
     _router_kernel[(T,)](lg, bias.float().contiguous() if bias is not None else lg,
                          hash_idx.contiguous() if hash_idx is not None else lg, idx, w, s, E, float(route_scale),
                          EP=triton.next_power_of_2(E), K=k, KP=triton.next_power_of_2(k),
-                         HASH=hash_idx is not None, RENORM=renorm, num_warps=4)
+                         HASH=hash_idx is not None, RENORM=renorm, num_warps=4, **launch_args(logits.device))
     return s, idx, w
 
 
@@ -181,12 +185,13 @@ def router_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
         xc, weight.contiguous(), lg, cnt, bias.float().contiguous() if bias is not None else lg,
         hash_idx.contiguous() if hash_idx is not None else idx, idx, w, T, E, D, float(route_scale),
         TP=TP, BE=BE, DP=DP, EP=triton.next_power_of_2(E), K=k, KP=triton.next_power_of_2(k),
-        HASH=hash_idx is not None, RENORM=renorm, num_warps=4)
+        HASH=hash_idx is not None, RENORM=renorm, num_warps=4, **launch_args(x.device))
     return idx, w
 
 
 @triton.jit
-def _swiglu_kernel(gu_ptr, h_ptr, I, limit, BI: tl.constexpr):
+def _swiglu_kernel(gu_ptr, h_ptr, I, limit, BI: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BI + tl.arange(0, BI)
     m = c < I
@@ -206,7 +211,7 @@ def swiglu_rows(gu: torch.Tensor, limit: float) -> torch.Tensor:
     g2 = gu.reshape(-1, 2 * I).contiguous()
     h = torch.empty(g2.shape[0], I, dtype=gu.dtype, device=gu.device)
     BI = min(1024, triton.next_power_of_2(I))
-    _swiglu_kernel[(g2.shape[0], triton.cdiv(I, BI))](g2, h, I, float(limit), BI=BI, num_warps=4)
+    _swiglu_kernel[(g2.shape[0], triton.cdiv(I, BI))](g2, h, I, float(limit), BI=BI, num_warps=4, **launch_args(gu.device))
     return h.reshape(*gu.shape[:-1], I)
 
 

@@ -17,11 +17,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .pdl import launch_args, pdl_wait
+
 
 @triton.jit
 def _rmsnorm_rope_kernel(x_ptr, x_stride, w_ptr, cos_ptr, sin_ptr, out_ptr, out_stride, slot_ptr, eps,
                          D: tl.constexpr, HALF_B: tl.constexpr, MODE: tl.constexpr, ROPE: tl.constexpr,
-                         SCATTER: tl.constexpr):
+                         SCATTER: tl.constexpr, PDL: tl.constexpr):
+    pdl_wait(PDL)
     n = tl.program_id(0).to(tl.int64)
     HALF: tl.constexpr = D // 2
     p = tl.arange(0, HALF_B)
@@ -96,7 +99,7 @@ def rmsnorm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: 
     half_b = triton.next_power_of_2(D // 2)
     _rmsnorm_rope_kernel[(x2.shape[0],)](x2, x2.stride(0), w, cs, sn, out, ostride, slot, float(eps),
                                          D=D, HALF_B=half_b, MODE=mode, ROPE=rope, SCATTER=scatter_to is not None,
-                                         num_warps=1 if half_b <= 256 else 4)
+                                         num_warps=1 if half_b <= 256 else 4, **launch_args(x.device))
     return None if scatter_to is not None else out.view(x.shape)
 
 

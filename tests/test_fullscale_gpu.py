@@ -10,9 +10,12 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 REF = Path(__file__).resolve().parents[1] / "data" / "tiny-v4"
 
 
-@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("fused,pdl", [(False, False), (True, False), (True, True)])
 @torch.no_grad()
-def test_graphed_greedy_equals_eager(tmp_path, fused):
+def test_graphed_greedy_equals_eager(tmp_path, fused, pdl, monkeypatch):
+    """``pdl``: the fused step's Triton kernels with programmatic dependent launch (kernels/pdl.py)."""
+    import dsv4lib.kernels.pdl as pdl_mod
+    monkeypatch.setattr(pdl_mod, "ENABLED", pdl)
     from dsv4lib.checkpoint import load_model
     from dsv4lib.model.graphed import GraphedDecoder
     from dsv4lib.model.static_cache import static_from_cache

@@ -29,6 +29,14 @@ cases |= {(c.block_m, c.block_n, c.split_k, c.warps, c.stages, c.split_k > 1 and
           for c in TUNED.values()}
 cases = [c + (False,) for c in sorted(cases)] + [(16, 128, 4, 4, 3, True, True), (16, 64, 1, 4, 3, False, True)]
 out = {}
+
+
+def compile_sm90(fn, sig, cons, **options):
+    """With PDL on: the griddepcontrol instructions must assemble for sm_90 too."""
+    sig = dict(sig, PDL="constexpr")
+    cons = dict(cons, PDL=True)
+    return triton.compile(ASTSource(fn, sig, cons), target=GPUTarget("cuda", 90, 32), options=options)
+
 for bm, bn, split_k, warps, stages, last, grouped in cases:
     for m in ((1, 16) if bm == 16 else (64,)):
         sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32",
@@ -41,8 +49,7 @@ for bm, bn, split_k, warps, stages, last, grouped in cases:
             cons["M"] = 1
         name = f"fp8_linear M={m} tile={bm}x{bn} split_k={split_k} warps={warps} stages={stages} last={last} grouped={grouped}"
         try:
-            k = triton.compile(ASTSource(_fp8_linear_kernel, sig, cons), target=GPUTarget("cuda", 90, 32),
-                               options=dict(num_warps=warps, num_stages=stages))
+            k = compile_sm90(_fp8_linear_kernel, sig, cons, num_warps=warps, num_stages=stages)
             out[name] = "ok" if k.asm.get("cubin") else "no cubin"
         except Exception as e:  # noqa: BLE001 - reported per case
             out[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
@@ -56,8 +63,7 @@ for has_norm in (False, True):
     cons = dict(NMP=32, SB=128, HC=4, ITERS=20, BD=4096, BK=128, HAS_NORM=has_norm, SINGLE=True)
     name = f"hc_pre norm={has_norm}"
     try:
-        k = triton.compile(ASTSource(_hc_pre_kernel, sig, cons), target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=8))
+        k = compile_sm90(_hc_pre_kernel, sig, cons, num_warps=8)
         out[name] = "ok" if k.asm.get("cubin") else "no cubin"
     except Exception as e:  # noqa: BLE001
         out[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
@@ -72,8 +78,7 @@ for T, hsh in ((1, False), (1, True), (8, False)):
         cons["T"] = 1
     name = f"router_fused T={T} hash={hsh}"
     try:
-        k = triton.compile(ASTSource(_router_fused_kernel, sig, cons), target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=4))
+        k = compile_sm90(_router_fused_kernel, sig, cons, num_warps=4)
         out[name] = "ok" if k.asm.get("cubin") else "no cubin"
     except Exception as e:  # noqa: BLE001
         out[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
@@ -91,7 +96,7 @@ more = [("rmsnorm_rope scatter", _rmsnorm_rope_kernel,
          dict(C=512, CB=128, SB=8, ROPE=64), 4)]
 for name, fn, sig, cons, warps in more:
     try:
-        k = triton.compile(ASTSource(fn, sig, cons), target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps))
+        k = compile_sm90(fn, sig, cons, num_warps=warps)
         out[name] = "ok" if k.asm.get("cubin") else "no cubin"
     except Exception as e:  # noqa: BLE001
         out[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"

@@ -1,0 +1,41 @@
+"""Programmatic dependent launch (PDL, sm_90+) for the decode step's Triton kernels.
+
+A kernel launched with ``launch_pdl=True`` may be scheduled while the kernel before it on the stream is
+still running (CUDA graphs capture this as a programmatic edge): its launch latency and prologue overlap
+the predecessor's tail instead of following it. Every PDL kernel here starts with :func:`pdl_wait`
+before its first global memory access -- ``griddepcontrol.wait`` returns once the predecessor has
+completed and its writes are visible -- and then releases its own dependents
+(``griddepcontrol.launch_dependents``), so the next kernel's programs can be made resident early.
+Semantics are those of plain stream order; only the gaps shrink.
+
+``ENABLED`` switches it (the bench times both); off the GPU or below sm_90 the kernels compile without it
+(``PDL=False``: the CPU interpreter never sees the inline PTX).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ENABLED = False
+
+_CAPABLE: dict = {}
+
+
+def launch_args(device: torch.device) -> dict:
+    """Keyword arguments for a PDL-aware kernel launch on ``device``: ``PDL`` (constexpr) and, when on,
+    Triton's ``launch_pdl`` launch option."""
+    device = torch.device(device)
+    if not ENABLED or device.type != "cuda":
+        return {"PDL": False}
+    if device not in _CAPABLE:
+        _CAPABLE[device] = torch.cuda.get_device_capability(device)[0] >= 9
+    return {"PDL": True, "launch_pdl": True} if _CAPABLE[device] else {"PDL": False}
+
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """First statement of a PDL-aware kernel: wait for the predecessor, then let the successor launch."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
