@@ -44,6 +44,36 @@ def test_static_decode_matches_eager_cache(preset):
     assert (ref[:, P:] - got).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@torch.no_grad()
+def test_warm_up_leaves_the_cache_as_the_real_step_finds_it(fused):
+    """GraphedDecoder warms up with ``warm_up`` (one uncaptured step, state restored) before capturing:
+    the next real step at the same position must give exactly the logits of a step on the untouched
+    cache -- at a position past the window (ring full) that completes both compressors' windows
+    (embedded: W = 32, ratios 4 and 16, position 47). Two warm-up steps would not (checked below: the
+    test can see the difference)."""
+    from dsv4lib.model.graphed import warm_up
+    cfg = ModelConfig.embedded()
+    m = _model(cfg)
+    B, P = 2, 47
+    assert P >= cfg.sliding_window and P % 4 == 3 and P % 16 == 15
+    ids = torch.randint(0, cfg.vocab_size, (B, P + 1), generator=torch.Generator().manual_seed(3))
+    c = m.new_cache(B, 64)
+    m(ids[:, :P], c)
+    clean = static_from_cache(m, c, 64)
+    ref = static_decode_step(m, clean, ids[:, P:], fused)
+    warmed = static_from_cache(m, c, 64)
+    warm_up(m, warmed, torch.zeros_like(ids[:, P:]), fused)
+    assert warmed.position() == P
+    assert torch.equal(static_decode_step(m, warmed, ids[:, P:], fused), ref)
+    twice = static_from_cache(m, c, 64)
+    warm_up(m, twice, torch.zeros_like(ids[:, P:]), fused)
+    twice.pos.add_(1)                                   # a second warm-up step at P + 1 ...
+    warm_up(m, twice, torch.zeros_like(ids[:, P:]), fused)
+    twice.pos.sub_(1)                                   # ... and back to P
+    assert not torch.equal(static_decode_step(m, twice, ids[:, P:], fused), ref)
+
+
 @torch.no_grad()
 def test_eager_csa_decode_from_position_zero_matches_forward():
     """Token-by-token eager decode == one full forward on a CSA model (the indexer's compressor must be

@@ -566,16 +566,31 @@ def static_decode_step(model, cache: StaticCache, ids: torch.Tensor, fused: bool
     return model.logits_from_hidden(X)[:, 0]
 
 
+def warm_up(model, cache: StaticCache, ids: torch.Tensor, fused: bool) -> None:
+    """One uncaptured step at the cache's position (kernel compilation, allocator warm-up before a
+    capture), then the position and the small state restored.
+
+    Exactly one step: everything it writes (window slot ``pos % W``, compressor buffer slot ``pos % r``,
+    entry ``pos // r`` on completion) is rewritten by the next real step at the same position before
+    that step reads it. A second warm-up step (at ``pos + 1``) would leave a wrong key in window slot
+    ``(pos + 1) % W`` -- still visible at ``pos`` once ``pos >= W - 1`` -- and, when ``pos`` completes a
+    compressor window, a wrong row in the buffer the completion reads: the first real step would then
+    attend to one wrong key (it did until 2026-11-29, with two warm-up steps)."""
+    saved = [t.clone() for t in cache.small_state()]
+    static_decode_step(model, cache, ids, fused)
+    for t, v in zip(cache.small_state(), saved):
+        t.copy_(v)
+
+
 class GraphedDecoder:
     """The whole decode step captured in one CUDA graph over a :class:`StaticCache`.
 
     ``step(ids [B,1]) -> logits [B, V]`` (a view of the graph's static output: copy it if kept
-    across steps). Warm-up runs (kernel compilation) happen before capture at the cache's current
-    position; the position and the CSA ``prev_*`` state are restored afterwards, and every other
-    slot they touched is rewritten by the real step before it is read.
+    across steps). One warm-up step (:func:`warm_up`) runs before the capture at the cache's current
+    position, leaving the cache as the real step will find it.
     """
 
-    def __init__(self, model, cache: StaticCache, warmup: int = 2, fused: bool = True) -> None:
+    def __init__(self, model, cache: StaticCache, fused: bool = True) -> None:
         check_static_ready(model)
         if fused:
             stack_projections(model)
@@ -586,11 +601,8 @@ class GraphedDecoder:
         s = torch.cuda.Stream(dev)
         s.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(s):
-            for _ in range(warmup):
-                static_decode_step(model, cache, self.ids, fused)
+            warm_up(model, cache, self.ids, fused)
         torch.cuda.current_stream(dev).wait_stream(s)
-        for t, v in zip(cache.small_state(), saved):
-            t.copy_(v)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.logits = static_decode_step(model, cache, self.ids, fused)
