@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .pdl import launch_args, pdl_wait
+from .pdl import launch_args, pdl_wait, prefetch_l2
 
 from .mhc_sinkhorn import sinkhorn_tile
 from .workspace import split_workspace
@@ -39,14 +39,17 @@ def _hc_pre_kernel(x_ptr, fn_ptr, part_ptr, cnt_ptr, scale_ptr, base_ptr, nw_ptr
                    K, D, NM, per, norm_eps, hc_eps, out_eps,
                    NMP: tl.constexpr, SB: tl.constexpr, HC: tl.constexpr, ITERS: tl.constexpr,
                    BD: tl.constexpr, BK: tl.constexpr, HAS_NORM: tl.constexpr, SINGLE: tl.constexpr, PDL: tl.constexpr):
-    pdl_wait(PDL)
     # x [T, K] (streams flattened, any float dtype), fn [NM, K] fp32, part [T, NSPLIT, NMP] fp32,
     # cnt [T] int32 arrival counters (zero on entry, reset by the finishing program)
     t = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     ns = tl.num_programs(1)
-    # ---- partial: this program's K slice of the mixing GEMV and of the sum of squares
     r = tl.arange(0, NMP)
+    if PDL:   # fn (read-only) to L2 before the wait: one address per 128-byte line of the first K step
+        kl = sp * per + tl.arange(0, BK // 32) * 32
+        prefetch_l2(fn_ptr + tl.where(r < NM, r, 0)[:, None] * K + tl.where(kl < K, kl, 0)[None, :])
+    pdl_wait(PDL)
+    # ---- partial: this program's K slice of the mixing GEMV and of the sum of squares
     acc = tl.zeros([NMP], tl.float32)
     ssq = tl.zeros([BK], tl.float32)
     for k0 in range(sp * per, tl.minimum(sp * per + per, K), BK):

@@ -72,7 +72,6 @@ def _router_kernel(logit_ptr, bias_ptr, hidx_ptr, idx_ptr, w_ptr, s_ptr, E, rout
 def _router_fused_kernel(x_ptr, gw_ptr, lg_ptr, cnt_ptr, bias_ptr, hidx_ptr, idx_ptr, w_ptr, T, E, D, route_scale,
                          TP: tl.constexpr, BE: tl.constexpr, DP: tl.constexpr, EP: tl.constexpr,
                          K: tl.constexpr, KP: tl.constexpr, HASH: tl.constexpr, RENORM: tl.constexpr, PDL: tl.constexpr):
-    pdl_wait(PDL)
     # x [T, D], router weight gw [E, D] (bf16/fp16: products exact in fp32), logits scratch lg [T, E] fp32,
     # cnt[0] arrival counter (zero on entry, reset by the last program)
     pid = tl.program_id(0)
@@ -83,6 +82,7 @@ def _router_fused_kernel(x_ptr, gw_ptr, lg_ptr, cnt_ptr, bias_ptr, hidx_ptr, idx
     # the program's BE weight rows, whole, in one load (no dependent loop: one memory latency)
     wv = tl.load(gw_ptr + er[:, None].to(tl.int64) * D + d[None, :], mask=em_r[:, None] & dm[None, :],
                  other=0.0).to(tl.float32)                                             # [BE, DP]
+    pdl_wait(PDL)   # after the weight load (read-only, no predecessor writes it): it overlaps the wait
     for t in tl.static_range(TP):
         if t < T:
             xv = tl.load(x_ptr + t * D + d, mask=dm, other=0.0).to(tl.float32)         # [DP]
