@@ -36,11 +36,16 @@ SINGLE_MAX_D = 4096  # up to this D the finishing program keeps the row in regis
 
 @triton.jit
 def _hc_pre_kernel(x_ptr, fn_ptr, part_ptr, cnt_ptr, scale_ptr, base_ptr, nw_ptr, y_ptr, post_ptr, comb_ptr,
+                   f_ptr, f2_ptr, res_ptr, pin_ptr, cin_ptr,
                    K, D, NM, per, norm_eps, hc_eps, out_eps,
                    NMP: tl.constexpr, SB: tl.constexpr, HC: tl.constexpr, ITERS: tl.constexpr,
-                   BD: tl.constexpr, BK: tl.constexpr, HAS_NORM: tl.constexpr, SINGLE: tl.constexpr, PDL: tl.constexpr):
+                   BD: tl.constexpr, BK: tl.constexpr, HAS_NORM: tl.constexpr, SINGLE: tl.constexpr,
+                   POST: tl.constexpr, HAS_F2: tl.constexpr, PDL: tl.constexpr):
     # x [T, K] (streams flattened, any float dtype), fn [NM, K] fp32, part [T, NSPLIT, NMP] fp32,
-    # cnt [T] int32 arrival counters (zero on entry, reset by the finishing program)
+    # cnt [T] int32 arrival counters (zero on entry, reset by the finishing program).
+    # POST: the previous sublayer's mHC post first -- x = post_in_k f + sum_j comb_in[j, k] res_j is
+    # computed slice by slice from f [T, D] (+ f2), res [T, K], pin [T, HC], cin [T, HC, HC] and
+    # stored to x_ptr (the new streams), then mixed as usual.
     t = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     ns = tl.num_programs(1)
@@ -55,7 +60,22 @@ def _hc_pre_kernel(x_ptr, fn_ptr, part_ptr, cnt_ptr, scale_ptr, base_ptr, nw_ptr
     for k0 in range(sp * per, tl.minimum(sp * per + per, K), BK):
         k = k0 + tl.arange(0, BK)
         km = k < tl.minimum(sp * per + per, K)
-        v = tl.load(x_ptr + t * K + k, mask=km, other=0.0).to(tl.float32)                  # [BK]
+        if POST:
+            sk = k // D                                                                    # stream of each channel
+            dd = k % D
+            fv = tl.load(f_ptr + t * D + dd, mask=km, other=0.0).to(tl.float32)
+            if HAS_F2:   # sublayer output f + f2, rounded to the streams' dtype (as MoE's .to(x.dtype))
+                fv = (fv + tl.load(f2_ptr + t * D + dd, mask=km, other=0.0).to(tl.float32))
+                fv = fv.to(x_ptr.dtype.element_ty).to(tl.float32)
+            xn = tl.load(pin_ptr + t * HC + sk, mask=km, other=0.0) * fv
+            for j in tl.static_range(HC):
+                cj = tl.load(cin_ptr + t * HC * HC + j * HC + sk, mask=km, other=0.0)       # comb_in[j, stream]
+                xn += cj * tl.load(res_ptr + t * K + j * D + dd, mask=km, other=0.0).to(tl.float32)
+            xr = xn.to(x_ptr.dtype.element_ty)
+            tl.store(x_ptr + t * K + k, xr, mask=km)
+            v = xr.to(tl.float32)                                                          # [BK]
+        else:
+            v = tl.load(x_ptr + t * K + k, mask=km, other=0.0).to(tl.float32)              # [BK]
         w = tl.load(fn_ptr + r[:, None] * K + k[None, :], mask=(r < NM)[:, None] & km[None, :], other=0.0)
         acc += tl.sum(w * v[None, :], axis=1)                                              # [NMP]
         ssq += v * v
@@ -87,7 +107,7 @@ def _hc_pre_kernel(x_ptr, fn_ptr, part_ptr, cnt_ptr, scale_ptr, base_ptr, nw_ptr
             yacc = tl.zeros([BD], tl.float32)
             for k in tl.static_range(HC):
                 pk = tl.sum(tl.where(i == k, pre, 0.0), axis=0)
-                yacc += pk * tl.load(x_ptr + t * K + k * D + d, mask=dm, other=0.0).to(tl.float32)
+                yacc += pk * tl.load(x_ptr + t * K + k * D + d, mask=dm, other=0.0, cache_modifier=".cg").to(tl.float32)
             y = yacc.to(y_ptr.dtype.element_ty)
             if HAS_NORM:
                 yf = y.to(tl.float32)
@@ -100,7 +120,8 @@ def _hc_pre_kernel(x_ptr, fn_ptr, part_ptr, cnt_ptr, scale_ptr, base_ptr, nw_ptr
             for d0 in range(0, D, BD):
                 d = d0 + tl.arange(0, BD)
                 dm = d < D
-                xs = tl.load(x_ptr + t * K + i[:, None] * D + d[None, :], mask=dm[None, :], other=0.0).to(tl.float32)
+                xs = tl.load(x_ptr + t * K + i[:, None] * D + d[None, :], mask=dm[None, :], other=0.0,
+                             cache_modifier=".cg").to(tl.float32)
                 y = tl.sum(pre[:, None] * xs, axis=0).to(y_ptr.dtype.element_ty)            # [BD]
                 tl.store(y_ptr + t * D + d, y, mask=dm)
                 yf = y.to(tl.float32)
@@ -154,6 +175,26 @@ def hc_pre_fused(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: t
                  out_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """X [..., hc, D] -> (y [..., D] in X's dtype, post [..., hc] fp32, comb [..., hc, hc] fp32).
     ``out_norm`` [D] (an RMSNorm weight, eps ``out_eps``): y comes back normalised, ``norm(y)``."""
+    return _pre(X, None, fn, scale, base, iters, hc_eps, norm_eps, out_norm, out_eps)[1:]
+
+
+def hc_post_pre_fused(f: torch.Tensor, res: torch.Tensor, post_in: torch.Tensor, comb_in: torch.Tensor,
+                      f2: torch.Tensor | None, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int,
+                      hc_eps: float, norm_eps: float, out_norm: torch.Tensor | None = None, out_eps: float = 1e-6):
+    """``hc_post_fused(f, res, post_in, comb_in, f2)`` followed by ``hc_pre_fused`` of its result, in one
+    launch -> (new streams [..., hc, D], y, post, comb): the mixing programs compute their slice of the
+    new streams themselves (one launch and one round trip of the streams fewer per block site)."""
+    T, hc, D = _check(res, "hc_post_pre_fused")
+    bad = f.shape[-1] != D or f.numel() != T * D or post_in.numel() != T * hc or comb_in.numel() != T * hc * hc
+    if bad or (f2 is not None and f2.numel() != T * D):
+        raise ValueError(f"kernels.mhc_step.hc_post_pre_fused: shapes f {tuple(f.shape)}, res {tuple(res.shape)}, "
+                         f"post {tuple(post_in.shape)}, comb {tuple(comb_in.shape)} do not agree")
+    post_args = (f.contiguous(), (f2 if f2 is not None else f).contiguous(), res.contiguous(),
+                 post_in.float().contiguous(), comb_in.float().contiguous())
+    return _pre(res, post_args, fn, scale, base, iters, hc_eps, norm_eps, out_norm, out_eps, f2 is not None)
+
+
+def _pre(X, post_args, fn, scale, base, iters, hc_eps, norm_eps, out_norm, out_eps, has_f2=False):
     T, hc, D = _check(X, "hc_pre_fused")
     NM, K = (2 + hc) * hc, hc * D
     if tuple(fn.shape) != (NM, K) or fn.dtype != torch.float32:
@@ -161,7 +202,11 @@ def hc_pre_fused(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: t
     if out_norm is not None and out_norm.numel() != D:
         raise ValueError(f"kernels.mhc_step.hc_pre_fused: out_norm must have {D} entries, got {tuple(out_norm.shape)}")
     lead = X.shape[:-2]
-    x = X.reshape(T, K).contiguous()
+    if post_args is None:
+        x = X.reshape(T, K).contiguous()
+        post_args = (x,) * 5                                           # unused
+    else:
+        x = torch.empty(T, K, dtype=X.dtype, device=X.device)          # the new streams, written by the kernel
     ns = max(1, min(NSPLIT, triton.cdiv(K, 128)))
     per = triton.cdiv(triton.cdiv(K, ns), 128) * 128
     ns = triton.cdiv(K, per)
@@ -173,11 +218,12 @@ def hc_pre_fused(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: t
     comb = torch.empty(T, hc, hc, dtype=torch.float32, device=X.device)
     nw = out_norm.float().contiguous() if out_norm is not None else post
     _hc_pre_kernel[(T, ns)](x, fn.contiguous(), part, cnt, scale.float().contiguous(), base.float().contiguous(),
-                            nw, y, post, comb, K, D, NM, per, float(norm_eps), float(hc_eps), float(out_eps),
-                            NMP=NMP, SB=triton.next_power_of_2(ns), HC=hc, ITERS=iters,
+                            nw, y, post, comb, *post_args, K, D, NM, per, float(norm_eps), float(hc_eps),
+                            float(out_eps), NMP=NMP, SB=triton.next_power_of_2(ns), HC=hc, ITERS=iters,
                             BD=triton.next_power_of_2(D) if D <= SINGLE_MAX_D else 1024, BK=128,
-                            HAS_NORM=out_norm is not None, SINGLE=D <= SINGLE_MAX_D, num_warps=8, **launch_args(X.device))
-    return y.reshape(*lead, D), post.reshape(*lead, hc), comb.reshape(*lead, hc, hc)
+                            HAS_NORM=out_norm is not None, SINGLE=D <= SINGLE_MAX_D,
+                            POST=post_args[0] is not x, HAS_F2=has_f2, num_warps=8, **launch_args(X.device))
+    return (x.view(X.shape), y.reshape(*lead, D), post.reshape(*lead, hc), comb.reshape(*lead, hc, hc))
 
 
 def hc_post_fused(f: torch.Tensor, res: torch.Tensor, post: torch.Tensor, comb: torch.Tensor,

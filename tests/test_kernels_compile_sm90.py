@@ -54,14 +54,17 @@ for bm, bn, split_k, warps, stages, last, grouped in cases:
         except Exception as e:  # noqa: BLE001 - reported per case
             out[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
 from dsv4lib.kernels.mhc_step import _hc_pre_kernel
-for has_norm in (False, True):
+for has_norm, post in ((False, False), (True, False), (True, True)):
     sig = {"x_ptr": "*bf16", "fn_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32", "scale_ptr": "*fp32",
            "base_ptr": "*fp32", "nw_ptr": "*fp32", "y_ptr": "*bf16", "post_ptr": "*fp32", "comb_ptr": "*fp32",
+           "f_ptr": "*fp32", "f2_ptr": "*bf16", "res_ptr": "*bf16", "pin_ptr": "*fp32", "cin_ptr": "*fp32",
            "K": "i32", "D": "i32", "NM": "i32", "per": "i32", "norm_eps": "fp32", "hc_eps": "fp32",
            "out_eps": "fp32", "NMP": "constexpr", "SB": "constexpr", "HC": "constexpr", "ITERS": "constexpr",
-           "BD": "constexpr", "BK": "constexpr", "HAS_NORM": "constexpr", "SINGLE": "constexpr"}
-    cons = dict(NMP=32, SB=128, HC=4, ITERS=20, BD=4096, BK=128, HAS_NORM=has_norm, SINGLE=True)
-    name = f"hc_pre norm={has_norm}"
+           "BD": "constexpr", "BK": "constexpr", "HAS_NORM": "constexpr", "SINGLE": "constexpr",
+           "POST": "constexpr", "HAS_F2": "constexpr"}
+    cons = dict(NMP=32, SB=128, HC=4, ITERS=20, BD=4096, BK=128, HAS_NORM=has_norm, SINGLE=True, POST=post,
+                HAS_F2=post)
+    name = f"hc_pre norm={has_norm} post={post}"
     try:
         k = compile_sm90(_hc_pre_kernel, sig, cons, num_warps=8)
         out[name] = "ok" if k.asm.get("cubin") else "no cubin"

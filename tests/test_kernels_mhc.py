@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from dsv4lib.kernels.mhc_step import (hc_post_fused, hc_post_reference, hc_pre_fused, hc_pre_reference)
+from dsv4lib.kernels.mhc_step import (hc_post_fused, hc_post_pre_fused, hc_post_reference, hc_pre_fused,
+                                      hc_pre_reference)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -66,6 +67,43 @@ def test_hc_post_fused_matches_eager(dtype):
         assert got.dtype == dtype and got.shape == ref.shape
         assert (got.float() - ref.float()).abs().max() <= tol * ref.float().abs().max()
     assert (hc_post_fused(f, X, post, comb, f2) - hc_post_fused(f, X, post, comb)).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("dtype,D,with_f2", [(torch.float32, 200, False), (torch.bfloat16, 200, True),
+                                             (torch.bfloat16, 1500, True)])
+def test_hc_post_pre_fused_matches_post_then_pre(dtype, D, with_f2):
+    """The previous sublayer's mHC post computed inside the next mHC pre's mixing programs == hc_post
+    then hc_pre (+ the sublayer's RMSNorm): the new streams, y, post, comb; D = 1500: slices that cross
+    two streams and the two-chunk finish (SINGLE_MAX_D lowered below)."""
+    import dsv4lib.kernels.mhc_step as mhc
+    from dsv4lib.model.linear import RMSNorm
+    X, fn, scale, base = _inputs(dtype, B=2, D=D, seed=21)
+    _, post_in, comb_in = hc_pre_reference(X, fn, scale, base, 20, 1e-6, 1e-6)
+    g = torch.Generator().manual_seed(22)
+    f = torch.randn(2, 1, D, generator=g).to(DEV, dtype)
+    f2 = torch.randn(2, 1, D, generator=g).to(DEV) if with_f2 else None
+    fn2 = fn.flip(0).contiguous()                                      # the next site's own weights
+    norm = RMSNorm(D, eps=1e-5).to(DEV)
+    old = mhc.SINGLE_MAX_D
+    mhc.SINGLE_MAX_D = 1024
+    try:
+        Xn, y, post, comb = hc_post_pre_fused(f, X, post_in, comb_in, f2, fn2, scale, base, 20, 1e-6, 1e-6,
+                                              norm.weight, norm.eps)
+        kX = hc_post_fused(f, X, post_in, comb_in, f2)                 # the two launches it replaces
+        ky, kpost, kcomb = hc_pre_fused(kX, fn2, scale, base, 20, 1e-6, 1e-6, norm.weight, norm.eps)
+    finally:
+        mhc.SINGLE_MAX_D = old
+    for a, b in ((Xn, kX), (y, ky), (post, kpost), (comb, kcomb)):   # same arithmetic (a GPU may contract FMAs differently)
+        assert torch.equal(a, b) if DEV == "cpu" else (a.float() - b.float()).abs().max() <= 8e-3 * b.float().abs().max()
+    rX = hc_post_reference(f, X, post_in, comb_in, f2)
+    ry, rpost, rcomb = hc_pre_reference(rX, fn2, scale, base, 20, 1e-6, 1e-6)
+    ry = norm(ry)
+    # bf16: the streams differ from the torch math by 1-2 ulps of rounding order, and post / comb follow
+    tol, ptol = (1e-5, 1e-4) if dtype == torch.float32 else (2e-2, 1e-2)
+    assert Xn.shape == X.shape and Xn.dtype == dtype
+    assert (Xn.float() - rX.float()).abs().max() <= tol * rX.float().abs().max()
+    assert (post - rpost).abs().max() <= ptol and (comb - rcomb).abs().max() <= ptol
+    assert (y.float() - ry.float()).abs().max() <= 2 * tol * ry.float().abs().max()
 
 
 def test_mhc_step_bad_input():

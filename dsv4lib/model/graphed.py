@@ -528,16 +528,38 @@ def _moe_fusable(ffn) -> bool:
     return not ffn._hooks and ffn.limit > 0
 
 
-def block_step(layer, X: torch.Tensor, ctx: StepContext, ids: torch.Tensor, lc: StaticLayerCache) -> torch.Tensor:
-    """One mHC block (spec §2.2) for X [B,1,hc,D]."""
+def _post_pre(layer, X: torch.Tensor, site: str, fz: bool, norm, pending):
+    """The previous sublayer's pending mHC post (``(f, f2, post, comb)`` or None), then this site's mHC
+    pre and ``norm`` -> (X, normed sublayer input, post, comb). Fused: one launch for both
+    (kernels/mhc_step.py ``hc_post_pre_fused``); otherwise ``hc_post_step`` then ``hc_pre_step``."""
+    def separate():
+        Xn = X if pending is None else hc_post_step(pending[0], X, pending[2], pending[3], fz, pending[1])
+        return (Xn, *hc_pre_step(layer, Xn, site, fz, norm))
+    c = layer.cfg
+    hc = c.hc_mult
+    if pending is None or not fz or X.dtype == torch.float64 or hc & (hc - 1):
+        return separate()
+    from dsv4lib.kernels.mhc_step import hc_post_pre_fused
+    f, f2, pp, pc = pending
+    fn, scale, base = (getattr(layer, f"{site}_{k}") for k in ("fn", "scale", "base"))
+    return _guarded("hc_post_pre", lambda: hc_post_pre_fused(f, X, pp, pc, f2, fn, scale, base, c.hc_sinkhorn_iters,
+                                                             c.hc_eps, c.rms_norm_eps, norm.weight, norm.eps),
+                    separate)
+
+
+def block_step(layer, X: torch.Tensor, ctx: StepContext, ids: torch.Tensor, lc: StaticLayerCache,
+               pending=None) -> tuple[torch.Tensor, tuple]:
+    """One mHC block (spec §2.2) for X [B,1,hc,D]. ``pending``: the previous block's FFN output
+    ``(f, f2, post, comb)`` not yet added into X -- its mHC post runs inside this block's first mHC pre
+    (one launch fewer when fused). Returns (X, this block's pending FFN output) the same way."""
     fz = ctx.fused
-    x, post, comb = hc_pre_step(layer, X, "hc_attn", fz, layer.attn_norm)   # x: attn_norm(sublayer input)
-    X = hc_post_step(attention_step(layer.attn, x, ctx, lc), X, post, comb, fz)
-    xn, post, comb = hc_pre_step(layer, X, "hc_ffn", fz, layer.ffn_norm)
+    X, x, post, comb = _post_pre(layer, X, "hc_attn", fz, layer.attn_norm, pending)   # x: attn_norm(input)
+    a = attention_step(layer.attn, x, ctx, lc)
+    X, xn, post, comb = _post_pre(layer, X, "hc_ffn", fz, layer.ffn_norm, (a, None, post, comb))
     if _fusable(ctx, xn) and _moe_fusable(layer.ffn):
         y, sh = moe_step(layer.ffn, xn, ids, ctx)
-        return hc_post_step(y, X, post, comb, fz, sh)
-    return hc_post_step(layer.ffn(xn, ids), X, post, comb, fz)
+        return X, (y, sh, post, comb)
+    return X, (layer.ffn(xn, ids), None, post, comb)
 
 
 def check_static_ready(model) -> None:
@@ -560,8 +582,11 @@ def static_decode_step(model, cache: StaticCache, ids: torch.Tensor, fused: bool
         raise ValueError(f"static decode: ids {tuple(ids.shape)}, cache made for batch {cache.batch_size}, 1 token")
     X = model.embed(ids).unsqueeze(2).expand(-1, -1, model.config.hc_mult, -1).contiguous()   # [B, 1, hc, D]
     ctx = step_context(model, cache, fused)
+    pending = None
     for i, layer in enumerate(model.layers):
-        X = block_step(layer, X, ctx, ids, cache.layers[i])
+        X, pending = block_step(layer, X, ctx, ids, cache.layers[i], pending)
+    f, f2, post, comb = pending
+    X = hc_post_step(f, X, post, comb, fused, f2)
     cache.pos.add_(1)
     return model.logits_from_hidden(X)[:, 0]
 
