@@ -392,15 +392,16 @@ def attention_step(attn, x: torch.Tensor, ctx: StepContext, lc: StaticLayerCache
     if _fusable(ctx, x):
         cos, sin, _ = ctx.cs[f]
         qa, kva = _proj([attn.wq_a, attn.wkv], x)                       # [B, 1, q_lora], [B, 1, c]
-        qr = _rms(qa, attn.q_norm.weight, attn.q_norm.eps)              # [B, 1, q_lora]
-        q = _rms(attn.wq_b(qr).unflatten(-1, (H, c)), None, attn.eps, cos, sin, mode=1)   # [B, 1, H, c]
+        kv = None
         if (lc.window.dtype == kva.dtype and lc.window.is_contiguous() and ctx.win_slot.dtype == torch.int64
                 and "rmsnorm_rope" not in FUSED_FAILURES):
-            from dsv4lib.kernels.rmsnorm_rope import rmsnorm_rope   # the key straight into the window ring
-            rmsnorm_rope(kva, attn.kv_norm.weight, attn.kv_norm.eps, cos, sin, scatter_to=(lc.window, ctx.win_slot))
-            kv = None
+            from dsv4lib.kernels.rmsnorm_rope import rmsnorm_rope   # the key straight into the window ring,
+            with _branch(ctx):                                      # off the query's critical path
+                rmsnorm_rope(kva, attn.kv_norm.weight, attn.kv_norm.eps, cos, sin, scatter_to=(lc.window, ctx.win_slot))
         else:
             kv = _rms(kva, attn.kv_norm.weight, attn.kv_norm.eps, cos, sin)   # [B, 1, c]
+        qr = _rms(qa, attn.q_norm.weight, attn.q_norm.eps)              # [B, 1, q_lora]
+        q = _rms(attn.wq_b(qr).unflatten(-1, (H, c)), None, attn.eps, cos, sin, mode=1)   # [B, 1, H, c]
     else:
         qr = attn.q_norm(attn.wq_a(x))                                  # [B, 1, q_lora]
         q = attn.wq_b(qr).unflatten(-1, (H, c))                         # [B, 1, H, c]
@@ -408,8 +409,8 @@ def attention_step(attn, x: torch.Tensor, ctx: StepContext, lc: StaticLayerCache
         kv = _rope_(attn.kv_norm(attn.wkv(x)), ctx.rot[f])              # [B, 1, c]
     if kv is not None:
         lc.window.index_copy_(1, ctx.win_slot, kv.to(lc.window.dtype))
+    _join(ctx)                                                          # window key and compressors written
     if attn.ratio:
-        _join(ctx)
         ent = lc.comp.entries                                           # [B, T, c]
         if not all_sel:
             sel, _ = indexer_select(attn.indexer, x, qr, ctx, lc.index, None if pre is None else pre[2:])   # [B, k]
