@@ -6,9 +6,11 @@ the predecessor's tail instead of following it. Every PDL kernel here starts wit
 before its first global memory access -- ``griddepcontrol.wait`` returns once the predecessor has
 completed and its writes are visible -- and then releases its own dependents
 (``griddepcontrol.launch_dependents``), so the next kernel's programs can be made resident early.
-Semantics are those of plain stream order; only the gaps shrink. A kernel whose weights are not
-written by its predecessors (the FP8 GEMV) first issues L2 prefetches of its weight slice, so the
-weight stream starts while the predecessor is still finishing (``PREFETCH``; read-only data, a hint).
+Semantics are those of plain stream order; only the gaps shrink. Kernels whose weights no predecessor
+writes start on them before the wait: the router loads its weight rows, the mHC pre prefetches its
+mixing weights to L2. The same for the FP8 GEMV's weight slice (``PREFETCH``) measured slower on the
+H200 (b1 step 6.04 -> 6.42 ms, b8 14.22 -> 14.64 ms: early-resident programs prefetching whole slices
+compete with the running kernel for bandwidth), so it is off.
 
 ``ENABLED`` switches it (the bench times both); off the GPU or below sm_90 the kernels compile without it
 (``PDL=False``: the CPU interpreter never sees the inline PTX).
@@ -20,7 +22,7 @@ import triton
 import triton.language as tl
 
 ENABLED = True       # H200, 2026-11-29 (bench "PDL toggled" column): b1 6.72 -> 6.50 ms, b8 15.01 -> 14.04 ms
-PREFETCH = True      # PDL kernels whose weights do not depend on the predecessor prefetch them to L2 first
+PREFETCH = False     # FP8 weight L2 prefetch before the wait: measured slower (b1 6.04 ms without, 6.42 with)
 
 _CAPABLE: dict = {}
 
