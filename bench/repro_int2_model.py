@@ -1,8 +1,10 @@
-"""Repeat the kernel-backed embedded-model comparison (tests/test_kernels_model_gpu.py, INT2 RTN experts)
-several times in one process to see whether its rare failure (rel ~0.1 with the same argmax, seen twice)
-is nondeterministic, and where it starts: forward hooks record every layer's expert inputs / routing /
-outputs on the CPU and the GPU model; on a mismatch the first diverging layer is reported, and its expert
-kernel is re-run on the GPU with the CPU's inputs (kernel vs upstream). Prefill kernel v2, then v1.
+"""Repeat the kernel-backed embedded-model comparison (tests/test_kernels_model_gpu.py, INT2 RTN experts,
+free-running routers) several times in one process and say where a mismatch starts: forward hooks record
+every layer's expert inputs / routing / outputs on the CPU and the GPU model; on a mismatch the first
+diverging layer is reported, and its expert kernel is re-run on the GPU with the CPU's inputs (kernel vs
+upstream). On the H200 (2026-11-29) it found the test's rare rel-0.1 failure to be a router near-tie flip
+(layer 4: input rel 3.7e-4, different routing, kernel on the CPU inputs rel 3.6e-4); the test now pins
+the routing.
 
     python3 bench/repro_int2_model.py            # GPU; ~1 min
 """
@@ -14,9 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import dsv4lib.kernels.dispatch as dispatch  # noqa: E402
 from dsv4lib.checkpoint import load_model  # noqa: E402
-from dsv4lib.kernels.int2_moe_prefill import int2_moe_prefill, int2_moe_prefill_v1  # noqa: E402
 from dsv4lib.paths import EMBEDDED_REF  # noqa: E402
 from dsv4lib.quant.pipeline import quantize_rtn  # noqa: E402
 
@@ -48,9 +48,8 @@ def main() -> int:
     ids = torch.randint(0, cpu.config.vocab_size, (2, 80), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = cpu(ids)
-        for name, fn in (("v2", int2_moe_prefill), ("v1", int2_moe_prefill_v1), ("v2 again", int2_moe_prefill)):
-            dispatch.int2_moe_prefill = fn
-            for i in range(4):
+        for name in ("prefill",):
+            for i in range(8):
                 rg.clear()
                 out = gpu(ids.to(dev)).cpu()
                 r = rel(out, ref)

@@ -16,7 +16,7 @@ from dsv4lib.kernels.int2_dequant import dequantize_int2, dequantize_int2_refere
 from dsv4lib.kernels.int2_moe_decode import (DecodeConfig, StageConfig, decode_configs,  # noqa: E402
                                              int2_moe_decode, int2_moe_reference)
 from dsv4lib.kernels.int2_moe_prefill import (GemmConfig, PrefillConfig, align_pairs, int2_moe_prefill,  # noqa: E402
-                                              int2_moe_prefill_v1, pick_prefill_config)
+                                              pick_prefill_config)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 LIMIT = 7.0
@@ -146,8 +146,6 @@ def test_prefill_matches_reference(T, cfg):
     y = int2_moe_prefill(x, idx, wt, *w, LIMIT, config=cfg)
     ref = int2_moe_reference(x, idx, wt, *w, LIMIT)
     assert _rel(y, ref) < 2e-3
-    if T == 50:    # the v1 baseline kernels (kept for the benchmark) agree too
-        assert _rel(int2_moe_prefill_v1(x, idx, wt, *w, LIMIT, block_m=16, block_n=32), ref) < 2e-3
 
 
 def test_prefill_config_choice_and_bad_block():

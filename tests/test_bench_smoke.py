@@ -1,0 +1,45 @@
+"""The benchmark scripts run end to end on CPU at tiny shapes (so they do not rot between GPU sessions):
+``python -m dsv4lib bench --preset tiny`` (eager / static decode, prefill, MMLU estimate; the CUDA-graph
+sections need a GPU) with the static step checked against the eager step, and ``bench/sweep_fp8.py
+--smoke`` (each candidate config is checked against the torch reference before it is timed)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fullscale_bench_tiny(tmp_path, monkeypatch):
+    from dsv4lib.cli import main
+    out = tmp_path / "bench.json"
+    rc = main(["bench", "--preset", "tiny", "--decode", "1x64,2x64", "--steps", "2", "--eager-steps", "1",
+               "--prefill-len", "64", "--mmlu-batch", "2", "--mmlu-len", "32", "--out", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert [(d["batch"], d["context"]) for d in res["decode"]] == [(1, 64), (2, 64)]
+    for d in res["decode"]:
+        assert "error" not in d, d
+        assert d["eager_tok_s"] > 0 and d["bytes_per_token"] > 0
+        # the static step continues the eager prefill like the eager step (fp32 tiny model on CPU)
+        assert d["static_vs_eager_max_abs"] <= 1e-3 * max(1.0, d["static_vs_eager_ref_max"])
+        assert d["static_vs_eager_argmax_agree"] == 1.0
+    assert res["prefill"]["tok_s"] > 0 and res["mmlu"]["est_minutes"] > 0
+    assert {"prefill_2k_tok_s", "mmlu_minutes", "resident_gb"} <= set(res["targets"])   # decode ones need the GPU
+
+
+def test_sweep_fp8_smoke(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    sys.modules.pop("bench.sweep_fp8", None)
+    from bench import sweep_fp8
+    out = tmp_path / "sweep.json"
+    assert sweep_fp8.main(["--smoke", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert len(res["rows"]) == 4
+    for r in res["rows"]:
+        assert r["best"]["us"] <= r["default"]["us"] and len(r["sweep"]) >= 2
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
