@@ -57,12 +57,11 @@ def test_fused_decode_kernels_full_shapes_bf16(ratio, hd, coff):
     (to bf16 rounding of the stored entries / outputs). Entries are compared where visible (index <
     (pos+1)//r): the kernel writes an entry only when its window completes, the torch step every step."""
     from dsv4lib.config import ModelConfig
-    from dsv4lib.kernels.compressor_step import compressor_step_fused
     from dsv4lib.kernels.rmsnorm_rope import rmsnorm_rope, rmsnorm_rope_reference
     from dsv4lib.model.compressor import Compressor
-    from dsv4lib.model.graphed import compressor_step_torch
     from dsv4lib.model.rope import cos_sin
     from dsv4lib.model.static_cache import _comp_state
+    from compressor_check import step_and_compare
 
     cfg = ModelConfig.v4_flash()
     torch.manual_seed(0)
@@ -73,23 +72,7 @@ def test_fused_decode_kernels_full_shapes_bf16(ratio, hd, coff):
         lin.weight.data = lin.weight.data.bfloat16()
     B = 2
     ref, got = (_comp_state(B, ratio, hd, 2 * ratio + 2, torch.bfloat16, "cuda") for _ in range(2))
-    for pos in (ratio - 2, ratio - 1, ratio, ratio + 1):
-        x = torch.randn(B, 1, cfg.hidden_size, device="cuda").bfloat16()
-        p = torch.tensor(pos, device="cuda")
-        cos, sin = (t[0] for t in cos_sin(comp.freqs, torch.tensor([pos // ratio * ratio], device="cuda")))
-        compressor_step_torch(comp, x, p, ref, cos, sin)
-        kv, gate = comp.wkv(x)[:, 0], comp.wgate(x)[:, 0]
-        compressor_step_fused(kv, gate, p, got.buf_kv, got.buf_gate, got.prev_kv, got.prev_gate,
-                              comp.ape, comp.norm.weight, cos, sin, got.entries, comp.norm.eps)
-        vis = (pos + 1) // ratio
-        for name in ("buf_kv", "buf_gate", "prev_kv", "prev_gate", "entries"):
-            a, b = getattr(ref, name).float(), getattr(got, name).float()
-            if name == "entries":
-                assert not b[:, vis:].any(), pos                          # no partial entry written
-                a, b = a[:, :vis], b[:, :vis]
-            if a.numel():
-                assert torch.equal(a.isinf(), b.isinf()), (pos, name)
-                assert (a - b).nan_to_num(posinf=0, neginf=0).abs().max() <= 0.05, (pos, name)
+    step_and_compare(comp, ref, got, (ratio - 2, ratio - 1, ratio, ratio + 1), B, torch.bfloat16, "cuda", 0.05)
     x = torch.randn(1, 1, 64, 512, device="cuda").bfloat16() * 3
     cos, sin = (t[0] for t in cos_sin(comp.freqs, torch.tensor([16000], device="cuda")))
     for mode in (0, 1, 2):

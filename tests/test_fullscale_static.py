@@ -156,9 +156,9 @@ def test_compressor_step_kernel_matches_torch(ratio, hd):
     window completes, so the not-yet-visible rows of the kernel's state must still be untouched."""
     from dsv4lib.kernels.compressor_step import compressor_step_fused
     from dsv4lib.model.compressor import Compressor
-    from dsv4lib.model.graphed import compressor_step_torch
     from dsv4lib.model.rope import cos_sin
     from dsv4lib.model.static_cache import _comp_state
+    from compressor_check import step_and_compare
 
     cfg = ModelConfig.tiny().with_(qk_rope_head_dim=16)
     torch.manual_seed(6)
@@ -168,26 +168,13 @@ def test_compressor_step_kernel_matches_torch(ratio, hd):
         p.copy_(torch.randn(p.shape) * (0.3 if p is not comp.norm.weight else 1.0))
     B = 3
     ref, got = (_comp_state(B, ratio, hd, 3 * ratio, torch.float32, dev) for _ in range(2))
-    for pos in range(5 * ratio // 2):
-        x = torch.randn(B, 1, cfg.hidden_size).to(dev)
-        p = torch.tensor(pos, device=dev)
-        cos, sin = (t[0] for t in cos_sin(comp.freqs, torch.tensor([pos // ratio * ratio], device=dev)))
-        compressor_step_torch(comp, x, p, ref, cos, sin)
-        kv, gate = comp.wkv(x)[:, 0], comp.wgate(x)[:, 0]
-        compressor_step_fused(kv, gate, p, got.buf_kv, got.buf_gate, got.prev_kv, got.prev_gate,
-                              comp.ape, comp.norm.weight, cos, sin, got.entries, comp.norm.eps)
-        vis = (pos + 1) // ratio
-        for name in ("buf_kv", "buf_gate", "prev_kv", "prev_gate", "entries"):
-            a, b = getattr(ref, name), getattr(got, name)
-            if name == "entries":
-                assert not got.entries[:, vis:].any(), pos                 # no partial entry written
-                a, b = a[:, :vis], b[:, :vis]
-            assert torch.equal(a.isinf(), b.isinf()), (pos, name)
-            assert not a.numel() or (a - b).nan_to_num(posinf=0, neginf=0).abs().max() <= 1e-5, (pos, name)
+    vis = step_and_compare(comp, ref, got, range(5 * ratio // 2), B, torch.float32, dev, 1e-5)
     assert vis == 2 and got.entries[:, :vis].abs().amax(-1).min() > 0        # two complete windows checked
+    kv, gate = comp.wkv(torch.randn(B, cfg.hidden_size, device=dev)), comp.wgate(torch.randn(B, cfg.hidden_size, device=dev))
+    cos, sin = (t[0] for t in cos_sin(comp.freqs, torch.tensor([0], device=dev)))
     with pytest.raises(ValueError, match="compressor_step_fused"):
-        compressor_step_fused(kv[:, :3], gate, p, got.buf_kv, got.buf_gate, got.prev_kv, got.prev_gate,
-                              comp.ape, comp.norm.weight, cos, sin, got.entries, comp.norm.eps)
+        compressor_step_fused(kv[:, :3], gate, torch.tensor(0, device=dev), got.buf_kv, got.buf_gate, got.prev_kv,
+                              got.prev_gate, comp.ape, comp.norm.weight, cos, sin, got.entries, comp.norm.eps)
 
 
 @torch.no_grad()
