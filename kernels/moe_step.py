@@ -125,20 +125,24 @@ def _router_fused_kernel(x_ptr, gw_ptr, lg_ptr, cnt_ptr, bias_ptr, hidx_ptr, idx
         tl.atomic_xchg(cnt_ptr, 0)
 
 
+def _check_route_args(name: str, T: int, E: int, k: int, bias, hash_idx) -> None:
+    if (bias is None) == (hash_idx is None):
+        raise ValueError(f"kernels.{name}: give exactly one of bias (score routing) or hash_idx (hash routing)")
+    if hash_idx is not None and tuple(hash_idx.shape) != (T, k):
+        raise ValueError(f"kernels.{name}: hash_idx must be [T, k] = {(T, k)}, got {tuple(hash_idx.shape)}")
+    if bias is not None and tuple(bias.shape) != (E,):
+        raise ValueError(f"kernels.{name}: bias must be [{E}], got {tuple(bias.shape)}")
+    if not 1 <= k <= E:
+        raise ValueError(f"kernels.{name}: k={k} must be in [1, {E}]")
+
+
 def router_topk(logits: torch.Tensor, bias: torch.Tensor | None, k: int, route_scale: float, renorm: bool,
                 hash_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [T, E] fp32 -> (scores [T, E] fp32, idx [T, k] int64, weight [T, k] fp32)."""
     if logits.dim() != 2 or logits.dtype != torch.float32:
         raise ValueError(f"kernels.router_topk: logits must be fp32 [T, E], got {logits.dtype} {tuple(logits.shape)}")
     T, E = logits.shape
-    if (bias is None) == (hash_idx is None):
-        raise ValueError("kernels.router_topk: give exactly one of bias (score routing) or hash_idx (hash routing)")
-    if hash_idx is not None and tuple(hash_idx.shape) != (T, k):
-        raise ValueError(f"kernels.router_topk: hash_idx must be [T, k] = {(T, k)}, got {tuple(hash_idx.shape)}")
-    if bias is not None and tuple(bias.shape) != (E,):
-        raise ValueError(f"kernels.router_topk: bias must be [{E}], got {tuple(bias.shape)}")
-    if not 1 <= k <= E:
-        raise ValueError(f"kernels.router_topk: k={k} must be in [1, {E}]")
+    _check_route_args("router_topk", T, E, k, bias, hash_idx)
     dev = logits.device
     s = torch.empty(T, E, dtype=torch.float32, device=dev)
     idx = torch.empty(T, k, dtype=torch.int64, device=dev)
@@ -165,14 +169,7 @@ def router_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     E = weight.shape[0]
     if not 1 <= T <= 16:
         raise ValueError(f"kernels.router_fused: T={T} tokens, at most 16 (decode)")
-    if (bias is None) == (hash_idx is None):
-        raise ValueError("kernels.router_fused: give exactly one of bias (score routing) or hash_idx (hash routing)")
-    if hash_idx is not None and tuple(hash_idx.shape) != (T, k):
-        raise ValueError(f"kernels.router_fused: hash_idx must be [T, k] = {(T, k)}, got {tuple(hash_idx.shape)}")
-    if bias is not None and tuple(bias.shape) != (E,):
-        raise ValueError(f"kernels.router_fused: bias must be [{E}], got {tuple(bias.shape)}")
-    if not 1 <= k <= E:
-        raise ValueError(f"kernels.router_fused: k={k} must be in [1, {E}]")
+    _check_route_args("router_fused", T, E, k, bias, hash_idx)
     dev = x.device
     TP = max(2, triton.next_power_of_2(T))
     DP = triton.next_power_of_2(D)

@@ -37,6 +37,14 @@ def compile_sm90(fn, sig, cons, **options):
     cons = dict(cons, PDL=True)
     return triton.compile(ASTSource(fn, sig, cons), target=GPUTarget("cuda", 90, 32), options=options)
 
+
+def check(name, fn, sig, cons, **options):
+    """out[name] = "ok", or the compile error's last line."""
+    try:
+        out[name] = "ok" if compile_sm90(fn, sig, cons, **options).asm.get("cubin") else "no cubin"
+    except Exception as e:  # noqa: BLE001 - reported per case
+        out[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+
 for bm, bn, split_k, warps, stages, last, grouped in cases:
     for m in ((1, 16) if bm == 16 else (64,)):
         sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32",
@@ -48,11 +56,7 @@ for bm, bn, split_k, warps, stages, last, grouped in cases:
         if m == 1:
             cons["M"] = 1
         name = f"fp8_linear M={m} tile={bm}x{bn} split_k={split_k} warps={warps} stages={stages} last={last} grouped={grouped}"
-        try:
-            k = compile_sm90(_fp8_linear_kernel, sig, cons, num_warps=warps, num_stages=stages)
-            out[name] = "ok" if k.asm.get("cubin") else "no cubin"
-        except Exception as e:  # noqa: BLE001 - reported per case
-            out[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+        check(name, _fp8_linear_kernel, sig, cons, num_warps=warps, num_stages=stages)
 from dsv4lib.kernels.mhc_step import _hc_pre_kernel
 for has_norm, post in ((False, False), (True, False), (True, True)):
     sig = {"x_ptr": "*bf16", "fn_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32", "scale_ptr": "*fp32",
@@ -65,11 +69,7 @@ for has_norm, post in ((False, False), (True, False), (True, True)):
     cons = dict(NMP=32, SB=128, HC=4, ITERS=20, BD=4096, BK=128, HAS_NORM=has_norm, SINGLE=True, POST=post,
                 HAS_F2=post)
     name = f"hc_pre norm={has_norm} post={post}"
-    try:
-        k = compile_sm90(_hc_pre_kernel, sig, cons, num_warps=8)
-        out[name] = "ok" if k.asm.get("cubin") else "no cubin"
-    except Exception as e:  # noqa: BLE001
-        out[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+    check(name, _hc_pre_kernel, sig, cons, num_warps=8)
 from dsv4lib.kernels.moe_step import _router_fused_kernel
 for T, hsh in ((1, False), (1, True), (8, False)):
     sig = {"x_ptr": "*bf16", "gw_ptr": "*bf16", "lg_ptr": "*fp32", "cnt_ptr": "*i32", "bias_ptr": "*fp32",
@@ -80,11 +80,7 @@ for T, hsh in ((1, False), (1, True), (8, False)):
     if T == 1:
         cons["T"] = 1
     name = f"router_fused T={T} hash={hsh}"
-    try:
-        k = compile_sm90(_router_fused_kernel, sig, cons, num_warps=4)
-        out[name] = "ok" if k.asm.get("cubin") else "no cubin"
-    except Exception as e:  # noqa: BLE001
-        out[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+    check(name, _router_fused_kernel, sig, cons, num_warps=4)
 from dsv4lib.kernels.rmsnorm_rope import _rmsnorm_rope_kernel
 from dsv4lib.kernels.decode_attention import _attn_combine_kernel
 more = [("rmsnorm_rope scatter", _rmsnorm_rope_kernel,
@@ -98,11 +94,7 @@ more = [("rmsnorm_rope scatter", _rmsnorm_rope_kernel,
           "CB": "constexpr", "SB": "constexpr", "ROPE": "constexpr"},
          dict(C=512, CB=128, SB=8, ROPE=64), 4)]
 for name, fn, sig, cons, warps in more:
-    try:
-        k = compile_sm90(fn, sig, cons, num_warps=warps)
-        out[name] = "ok" if k.asm.get("cubin") else "no cubin"
-    except Exception as e:  # noqa: BLE001
-        out[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+    check(name, fn, sig, cons, num_warps=warps)
 print(json.dumps(out))
 '''
 
