@@ -25,13 +25,15 @@ ENABLED = True       # H200, 2026-11-29 (bench "PDL toggled" column): b1 6.72 ->
 PREFETCH = False     # FP8 weight L2 prefetch before the wait: measured slower (b1 6.04 ms without, 6.42 with)
 
 _CAPABLE: dict = {}
+# Triton >= 3.3 has griddepcontrol (tl.extra.cuda.gdc_*) and the launch_pdl option; older ones run without PDL
+_TRITON_HAS_GDC = hasattr(getattr(getattr(tl, "extra", None), "cuda", None), "gdc_wait")
 
 
 def launch_args(device: torch.device) -> dict:
     """Keyword arguments for a PDL-aware kernel launch on ``device``: ``PDL`` (constexpr) and, when on,
     Triton's ``launch_pdl`` launch option."""
     device = torch.device(device)
-    if not ENABLED or device.type != "cuda":
+    if not ENABLED or device.type != "cuda" or not _TRITON_HAS_GDC:
         return {"PDL": False}
     if device not in _CAPABLE:
         _CAPABLE[device] = torch.cuda.get_device_capability(device)[0] >= 9
