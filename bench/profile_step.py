@@ -12,6 +12,7 @@ For every case: GPU time per step summed over kernels, kernel count, and the top
 time. Prints a short table last; writes everything to ``--out`` (JSON).
 
     python3 bench/profile_step.py --out $OUT/profile.json            # H200, ~2 min (--unfused: torch step)
+    python3 bench/profile_step.py --single-stream --out p.json       # per-kernel times that add up to the step
     python3 bench/profile_step.py --preset tiny --ctx 64 --prefill 64 --out /tmp/p.json   # CPU smoke
 """
 from __future__ import annotations
@@ -87,12 +88,17 @@ def main(argv=None) -> int:
     ap.add_argument("--unfused", action="store_true", help="torch static step instead of the Triton step kernels")
     ap.add_argument("--single-stream", action="store_true",
                     help="no concurrent side-stream branches (per-kernel times then add up to the step)")
+    ap.add_argument("--pdl", action="store_true",
+                    help="keep programmatic dependent launch on (default off here: with it a kernel's time includes "
+                         "its early-launched programs' wait, and the table no longer attributes the step)")
     ap.add_argument("--out", default="profile.json")
     a = ap.parse_args(argv)
     a.fused = not a.unfused
     if a.single_stream:
         from dsv4lib.model import graphed
         graphed.CONCURRENT = False
+    from dsv4lib.kernels import pdl
+    pdl.ENABLED = a.pdl
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = without_mtp(getattr(ModelConfig, a.preset)())
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
