@@ -1,7 +1,8 @@
 """The benchmark scripts run end to end on CPU at tiny shapes (so they do not rot between GPU sessions):
 ``python -m dsv4lib bench --preset tiny`` (eager / static decode, prefill, MMLU estimate; the CUDA-graph
-sections need a GPU) with the static step checked against the eager step, and ``bench/sweep_fp8.py
---smoke`` (each candidate config is checked against the torch reference before it is timed)."""
+sections need a GPU) with the static step checked against the eager step, ``bench/sweep_fp8.py --smoke``
+(each candidate config is checked against the torch reference before it is timed) and
+``bench/profile_step.py --preset tiny`` (the profiler tables; on CPU they list aten ops)."""
 import json
 import sys
 from pathlib import Path
@@ -39,6 +40,21 @@ def test_sweep_fp8_smoke(tmp_path, monkeypatch):
     assert len(res["rows"]) == 4
     for r in res["rows"]:
         assert r["best"]["us"] <= r["default"]["us"] and len(r["sweep"]) >= 2
+
+
+def test_profile_step_tiny(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT))
+    sys.modules.pop("bench.profile_step", None)
+    from bench import profile_step
+    from dsv4lib.kernels import pdl
+    monkeypatch.setattr(pdl, "ENABLED", pdl.ENABLED)          # the script switches it; restore after the test
+    out = tmp_path / "p.json"
+    profile_step.main(["--preset", "tiny", "--ctx", "64", "--prefill", "64", "--mmlu", "2x32", "--steps", "1",
+                       "--batches", "1", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert set(res["cases"]) >= {"static_b1", "prefill_64", "mmlu_2x32"}
+    for c in res["cases"].values():
+        assert c["top"] and all(r["us_per_step"] >= 0 and r["calls_per_step"] > 0 for r in c["top"])
 
 
 if __name__ == "__main__":
