@@ -95,6 +95,19 @@ more = [("rmsnorm_rope scatter", _rmsnorm_rope_kernel,
          dict(C=512, CB=128, SB=8, ROPE=64), 4)]
 for name, fn, sig, cons, warps in more:
     check(name, fn, sig, cons, num_warps=warps)
+from dsv4lib.kernels.mhc_prefill import _hc_pre_prefill_kernel
+for has_norm in (False, True):
+    sig = {"x_ptr": "*bf16", "fn_ptr": "*fp32", "scale_ptr": "*fp32", "base_ptr": "*fp32", "nw_ptr": "*fp32",
+           "y_ptr": "*bf16", "post_ptr": "*fp32", "comb_ptr": "*fp32", "T": "i32", "K": "i32", "D": "i32", "NM": "i32",
+           "norm_eps": "fp32", "hc_eps": "fp32", "out_eps": "fp32", "BM": "constexpr", "NP": "constexpr",
+           "BK": "constexpr", "HC": "constexpr", "ITERS": "constexpr", "BD": "constexpr", "HAS_NORM": "constexpr"}
+    cons = dict(BM=16, NP=32, BK=64, HC=4, ITERS=20, BD=256, HAS_NORM=has_norm)
+    try:   # no PDL parameter: a prefill kernel
+        k = triton.compile(ASTSource(_hc_pre_prefill_kernel, sig, cons), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=8))
+        out[f"hc_pre_prefill norm={has_norm}"] = "ok" if k.asm.get("cubin") else "no cubin"
+    except Exception as e:  # noqa: BLE001
+        out[f"hc_pre_prefill norm={has_norm}"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
 print(json.dumps(out))
 '''
 

@@ -114,3 +114,42 @@ def test_mhc_step_bad_input():
         hc_pre_fused(X, fn[:, :-1], scale, base, 20, 1e-6, 1e-6)
     with pytest.raises(ValueError, match="power of two"):
         hc_post_fused(X[..., :3, :].sum(-2), X[..., :3, :], torch.zeros(3, 1, 3), torch.zeros(3, 1, 3, 3))
+
+
+@pytest.mark.parametrize("dtype,D,block_m", [(torch.float32, 200, 32), (torch.bfloat16, 96, 16)])
+def test_hc_pre_prefill_matches_eager(dtype, D, block_m):
+    """kernels/mhc_prefill.py (BM tokens per program, fp32 ieee dot for the mixing): 3 x 7 tokens (a
+    partial last block), with and without the fused RMSNorm, against the eager hc_pre (+ RMSNorm)."""
+    from dsv4lib.kernels.mhc_prefill import hc_pre_prefill
+    from dsv4lib.model.linear import RMSNorm
+    X, fn, scale, base = _inputs(dtype, B=3, D=D, seed=4)
+    X = (X.expand(3, 7, *X.shape[2:]) + torch.randn(3, 7, *X.shape[2:], generator=torch.Generator().manual_seed(5))
+         .to(DEV, dtype)).contiguous()
+    y, post, comb = hc_pre_prefill(X, fn, scale, base, 20, 1e-6, 1e-6, block_m=block_m)
+    ry, rpost, rcomb = hc_pre_reference(X, fn, scale, base, 20, 1e-6, 1e-6)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert y.shape == ry.shape and y.dtype == dtype and post.shape == rpost.shape and comb.shape == rcomb.shape
+    assert (y.float() - ry.float()).abs().max() <= tol * ry.float().abs().max()
+    assert (post - rpost).abs().max() <= 1e-5 and (comb - rcomb).abs().max() <= 1e-5
+    norm = RMSNorm(D, eps=1e-5).to(DEV)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(D, generator=torch.Generator().manual_seed(6)) + 0.5)
+    yn, _, _ = hc_pre_prefill(X, fn, scale, base, 20, 1e-6, 1e-6, norm.weight, norm.eps, block_m=block_m)
+    rn = norm(ry)
+    assert (yn.float() - rn.float()).abs().max() <= 2 * tol * rn.float().abs().max()
+
+
+@torch.no_grad()
+def test_model_forward_with_fused_mhc_prefill(monkeypatch):
+    """The eager model with the opt-in mHC prefill kernel (dsv4lib.model.transformer.FUSED_MHC_PREFILL; forced
+    on here, the CPU interpreter runs it) gives the torch path's logits."""
+    import dsv4lib.model.transformer as tr
+    from dsv4lib.config import ModelConfig
+    from dsv4lib.model import DeepseekV4
+    torch.manual_seed(0)
+    m = DeepseekV4(ModelConfig.tiny()).eval()
+    ids = torch.randint(0, m.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    ref = m(ids)
+    monkeypatch.setattr(tr, "_use_fused_mhc", lambda X: True)
+    got = m(ids)
+    assert (got - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())

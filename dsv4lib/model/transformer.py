@@ -17,6 +17,16 @@ from .linear import Linear, RMSNorm
 from .mhc import hc_head, hc_post, hc_pre
 from .moe import MoE, MoEHook
 
+FUSED_MHC_PREFILL = False
+"""Eager forward on CUDA: each mHC pre + the sublayer's input RMSNorm as one Triton launch
+(kernels/mhc_prefill.py) instead of ~100 torch kernels. Opt-in until timed on the GPU: the full-scale
+bench measures the prefill both ways. Module hooks on ``attn_norm``/``ffn_norm`` do not fire on this path."""
+
+
+def _use_fused_mhc(X: torch.Tensor) -> bool:
+    return FUSED_MHC_PREFILL and X.is_cuda
+
+
 class Block(nn.Module):
     """One transformer layer with two mHC sites (attention, MoE)."""
 
@@ -40,13 +50,24 @@ class Block(nn.Module):
         return hc_pre(X, getattr(self, f"{site}_fn"), getattr(self, f"{site}_scale"), getattr(self, f"{site}_base"),
                       c.hc_mult, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps)
 
+    def _pre_norm(self, X: torch.Tensor, site: str, norm: RMSNorm):
+        """``_pre`` then ``norm`` of the sublayer input -> (normed input, post, comb)."""
+        c = self.cfg
+        if _use_fused_mhc(X) and X.dtype != torch.float64 and not c.hc_mult & (c.hc_mult - 1):
+            from dsv4lib.kernels.mhc_prefill import hc_pre_prefill
+            return hc_pre_prefill(X, getattr(self, f"{site}_fn"), getattr(self, f"{site}_scale"),
+                                  getattr(self, f"{site}_base"), c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps,
+                                  norm.weight, norm.eps)
+        x, post, comb = self._pre(X, site)
+        return norm(x), post, comb
+
     def forward(self, X: torch.Tensor, start_pos: int, input_ids: torch.Tensor | None,
                 lc: LayerCache | None = None) -> torch.Tensor:
         """X [B,S,hc,D] -> [B,S,hc,D]."""
-        x, post, comb = self._pre(X, "hc_attn")
-        X = hc_post(self.attn(self.attn_norm(x), start_pos, lc), X, post, comb)
-        x, post, comb = self._pre(X, "hc_ffn")
-        return hc_post(self.ffn(self.ffn_norm(x), input_ids), X, post, comb)
+        x, post, comb = self._pre_norm(X, "hc_attn", self.attn_norm)
+        X = hc_post(self.attn(x, start_pos, lc), X, post, comb)
+        x, post, comb = self._pre_norm(X, "hc_ffn", self.ffn_norm)
+        return hc_post(self.ffn(x, input_ids), X, post, comb)
 
 class MTPBlock(Block):
     """Multi-token-prediction layer (spec §2.9): shares the main embedding and head."""
