@@ -19,7 +19,7 @@ from .moe import MoE, MoEHook
 
 FUSED_MHC_PREFILL = False
 """Eager forward on CUDA: each mHC pre + the sublayer's input RMSNorm as one Triton launch
-(kernels/mhc_prefill.py) instead of ~100 torch kernels. Opt-in until timed on the GPU: the full-scale
+(kernels/mhc_prefill.py) instead of ~100 torch kernels, each mHC post as one (kernels/mhc_step.py). Opt-in until timed on the GPU: the full-scale
 bench measures the prefill both ways. Module hooks on ``attn_norm``/``ffn_norm`` do not fire on this path."""
 
 
@@ -61,13 +61,20 @@ class Block(nn.Module):
         x, post, comb = self._pre(X, site)
         return norm(x), post, comb
 
+    def _post(self, f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        if _use_fused_mhc(X) and X.dtype != torch.float64 and not c.hc_mult & (c.hc_mult - 1):
+            from dsv4lib.kernels.mhc_step import hc_post_fused    # elementwise over [tokens, hc, D]: any size
+            return hc_post_fused(f, X, post, comb)
+        return hc_post(f, X, post, comb)
+
     def forward(self, X: torch.Tensor, start_pos: int, input_ids: torch.Tensor | None,
                 lc: LayerCache | None = None) -> torch.Tensor:
         """X [B,S,hc,D] -> [B,S,hc,D]."""
         x, post, comb = self._pre_norm(X, "hc_attn", self.attn_norm)
-        X = hc_post(self.attn(x, start_pos, lc), X, post, comb)
+        X = self._post(self.attn(x, start_pos, lc), X, post, comb)
         x, post, comb = self._pre_norm(X, "hc_ffn", self.ffn_norm)
-        return hc_post(self.ffn(x, input_ids), X, post, comb)
+        return self._post(self.ffn(x, input_ids), X, post, comb)
 
 class MTPBlock(Block):
     """Multi-token-prediction layer (spec §2.9): shares the main embedding and head."""
