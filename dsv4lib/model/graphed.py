@@ -574,9 +574,11 @@ def static_decode_step(model, cache: StaticCache, ids: torch.Tensor, fused: bool
 
     ``fused`` runs the step's small pieces as Triton launches: compressor steps, RMSNorm(+RoPE), the
     attention core (kernels/compressor_step.py, rmsnorm_rope.py, decode_attention.py), mHC pre/post
-    (mhc_step.py), router top-k and the shared expert's SwiGLU (moe_step.py). :class:`GraphedDecoder`
-    and the benchmark use it by default (H200, b1 @1K: 8.8 ms per step vs 28.2 ms for the torch
-    step, docs/FULLSCALE_NOTES.md); False is the torch reference path (the CPU tests' default).
+    (mhc_step.py), router logits + top-k and the shared expert's SwiGLU (moe_step.py), with the
+    independent branches on a side stream (``CONCURRENT``). :class:`GraphedDecoder` and the benchmark use
+    it by default (H200, b1 @1K: 6.0 ms per step vs 28.2 ms for the torch step, docs/FULLSCALE_NOTES.md);
+    False is the torch reference path (the CPU tests' default). Each block's FFN output is applied to the
+    streams inside the next block's first mHC pre (``block_step``'s ``pending``).
     """
     B = ids.shape[0]
     if B != cache.batch_size or ids.shape[1] != 1:
