@@ -177,6 +177,10 @@ def _decode_case(model, B: int, ctx: int, opts: BenchOptions, dev, res: dict) ->
         case["context_fill"] = "synthetic entries"
     tok = torch.randint(0, cfg.vocab_size, (B, 1), device=dev, generator=g)
     pos0 = [t.clone() for t in cache.small_state()]
+
+    def restore():   # back to the position (and small state) every timed variant starts from
+        for t_, v in zip(cache.small_state(), pos0):
+            t_.copy_(v)
     if ecache is not None and opts.eager_steps:   # eager model + growing Cache, from the same state
         ref = model(tok, ecache)[:, -1]
         t = _wall(lambda: model(tok, ecache), dev, opts.eager_steps)
@@ -187,13 +191,11 @@ def _decode_case(model, B: int, ctx: int, opts: BenchOptions, dev, res: dict) ->
         case["static_vs_eager_max_abs"] = float((st - ref).abs().max())
         case["static_vs_eager_ref_max"] = float(ref.abs().max())
         case["static_vs_eager_argmax_agree"] = float((st.argmax(-1) == ref.argmax(-1)).float().mean())
-    for t_, v in zip(cache.small_state(), pos0):
-        t_.copy_(v)
+    restore()
     if dev.type == "cuda":
         def uncaptured():
             static_decode_step(model, cache, tok, opts.fused)
-            for t_, v in zip(cache.small_state(), pos0):
-                t_.copy_(v)
+            restore()
         t = _wall(uncaptured, dev, max(1, opts.eager_steps))
         case["static_uncaptured_ms"] = t * 1e3
         t0 = time.perf_counter()
@@ -205,8 +207,7 @@ def _decode_case(model, B: int, ctx: int, opts: BenchOptions, dev, res: dict) ->
         variants = {}
         if opts.fused:   # A/B in the same run, from the same cache state: one stream; PDL / prefetch toggled
             for name in ("single_stream", "pdl", "prefetch"):
-                for t_, v in zip(cache.small_state(), pos0):
-                    t_.copy_(v)
+                restore()
                 try:
                     with _variant(name):
                         variants[name] = GraphedDecoder(model, cache, fused=True)
@@ -214,16 +215,14 @@ def _decode_case(model, B: int, ctx: int, opts: BenchOptions, dev, res: dict) ->
                         case[f"{name}_vs_default_max_abs"] = float((variants[name].step(tok) - first).abs().max())
                 except Exception as e:  # noqa: BLE001 - a failing variant must not lose the case
                     case[f"{name}_error"] = repr(e)[:300]
-        for t_, v in zip(cache.small_state(), pos0):
-            t_.copy_(v)
+        restore()
         ms = time_cuda(lambda: dec.step(dec.logits.argmax(-1, keepdim=True)), steps, warmup=2)
         case["graphed_ms"] = ms
         case["graphed_tok_s"] = B / (ms * 1e-3)
         case["final_position"] = cache.position()
         del dec
         for name, d in variants.items():
-            for t_, v in zip(cache.small_state(), pos0):
-                t_.copy_(v)
+            restore()
             case[f"graphed_{name}_ms"] = time_cuda(lambda: d.step(d.logits.argmax(-1, keepdim=True)), steps, warmup=2)
         del variants
     case["bytes_per_token"] = decode_bytes_per_token(model, B, ctx)["per_token"]

@@ -21,6 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .mhc_step import check_pre
+
 
 @triton.jit
 def _hc_pre_prefill_kernel(x_ptr, fn_ptr, scale_ptr, base_ptr, nw_ptr, y_ptr, post_ptr, comb_ptr,
@@ -97,20 +99,9 @@ def hc_pre_prefill(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base:
                    out_eps: float = 1e-6, block_m: int = 16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """X [..., hc, D] (any number of tokens) -> (y [..., D] in X's dtype, post [..., hc], comb [..., hc, hc]
     fp32); ``out_norm`` [D]: y comes back RMS-normalised with that weight (eps ``out_eps``)."""
-    if X.dim() < 2 or X.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"kernels.hc_pre_prefill: streams must be fp32/bf16/fp16 [..., hc, D], got {X.dtype} "
-                         f"{tuple(X.shape)}")
-    hc, D = X.shape[-2], X.shape[-1]
-    if hc < 1 or hc & (hc - 1):
-        raise ValueError(f"kernels.hc_pre_prefill: hc={hc} must be a power of two")
-    NM, K = (2 + hc) * hc, hc * D
-    if tuple(fn.shape) != (NM, K) or fn.dtype != torch.float32:
-        raise ValueError(f"kernels.hc_pre_prefill: fn must be fp32 [{NM}, {K}], got {fn.dtype} {tuple(fn.shape)}")
-    if out_norm is not None and out_norm.numel() != D:
-        raise ValueError(f"kernels.hc_pre_prefill: out_norm must have {D} entries, got {tuple(out_norm.shape)}")
+    T, hc, D, NM, K = check_pre(X, fn, out_norm, "hc_pre_prefill")
     lead = X.shape[:-2]
-    x = X.reshape(-1, K).contiguous()
-    T = x.shape[0]
+    x = X.reshape(T, K).contiguous()
     y = torch.empty(T, D, dtype=X.dtype, device=X.device)
     post = torch.empty(T, hc, dtype=torch.float32, device=X.device)
     comb = torch.empty(T, hc, hc, dtype=torch.float32, device=X.device)

@@ -170,6 +170,17 @@ def _check(X: torch.Tensor, name: str) -> tuple[int, int, int]:
     return X.numel() // (hc * D), hc, D
 
 
+def check_pre(X: torch.Tensor, fn: torch.Tensor, out_norm: torch.Tensor | None, name: str):
+    """Arguments of an mHC pre launcher -> (tokens T, hc, D, mixing rows NM, K = hc*D)."""
+    T, hc, D = _check(X, name)
+    NM, K = (2 + hc) * hc, hc * D
+    if tuple(fn.shape) != (NM, K) or fn.dtype != torch.float32:
+        raise ValueError(f"kernels.mhc_step.{name}: fn must be fp32 [{NM}, {K}], got {fn.dtype} {tuple(fn.shape)}")
+    if out_norm is not None and out_norm.numel() != D:
+        raise ValueError(f"kernels.mhc_step.{name}: out_norm must have {D} entries, got {tuple(out_norm.shape)}")
+    return T, hc, D, NM, K
+
+
 def hc_pre_fused(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int,
                  hc_eps: float, norm_eps: float, out_norm: torch.Tensor | None = None,
                  out_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -195,14 +206,10 @@ def hc_post_pre_fused(f: torch.Tensor, res: torch.Tensor, post_in: torch.Tensor,
 
 
 def _pre(X, post_args, fn, scale, base, iters, hc_eps, norm_eps, out_norm, out_eps, has_f2=False):
-    T, hc, D = _check(X, "hc_pre_fused")
-    NM, K = (2 + hc) * hc, hc * D
-    if tuple(fn.shape) != (NM, K) or fn.dtype != torch.float32:
-        raise ValueError(f"kernels.mhc_step.hc_pre_fused: fn must be fp32 [{NM}, {K}], got {fn.dtype} {tuple(fn.shape)}")
-    if out_norm is not None and out_norm.numel() != D:
-        raise ValueError(f"kernels.mhc_step.hc_pre_fused: out_norm must have {D} entries, got {tuple(out_norm.shape)}")
+    T, hc, D, NM, K = check_pre(X, fn, out_norm, "hc_pre_fused")
     lead = X.shape[:-2]
-    if post_args is None:
+    fuse_post = post_args is not None
+    if not fuse_post:
         x = X.reshape(T, K).contiguous()
         post_args = (x,) * 5                                           # unused
     else:
@@ -222,7 +229,7 @@ def _pre(X, post_args, fn, scale, base, iters, hc_eps, norm_eps, out_norm, out_e
                             float(out_eps), NMP=NMP, SB=triton.next_power_of_2(ns), HC=hc, ITERS=iters,
                             BD=triton.next_power_of_2(D) if D <= SINGLE_MAX_D else 1024, BK=128,
                             HAS_NORM=out_norm is not None, SINGLE=D <= SINGLE_MAX_D,
-                            POST=post_args[0] is not x, HAS_F2=has_f2, num_warps=8, **launch_args(X.device))
+                            POST=fuse_post, HAS_F2=has_f2, num_warps=8, **launch_args(X.device))
     return (x.view(X.shape), y.reshape(*lead, D), post.reshape(*lead, hc), comb.reshape(*lead, hc, hc))
 
 

@@ -168,13 +168,6 @@ def _fusable(ctx: StepContext, x: torch.Tensor) -> bool:
     return ctx.fused and x.dtype != torch.float64
 
 
-def _norm(ctx: StepContext, norm, x: torch.Tensor) -> torch.Tensor:
-    """``norm(x)`` (an RMSNorm module); one launch when fused (kernels/rmsnorm_rope.py)."""
-    if _fusable(ctx, x):
-        return _rms(x, norm.weight, norm.eps)
-    return norm(x)
-
-
 def _rope_(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """In-place interleaved RoPE of the trailing ``2*len(rot)`` dims of a fresh tensor ``x`` by the
     complex factors ``rot`` (same math as ``rope.apply_rope``: (a + ib)(cos + i sin)); returns x."""

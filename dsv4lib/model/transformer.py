@@ -24,7 +24,9 @@ bench measures the prefill both ways. Module hooks on ``attn_norm``/``ffn_norm``
 
 
 def _use_fused_mhc(X: torch.Tensor) -> bool:
-    return FUSED_MHC_PREFILL and X.is_cuda
+    """The kernels' domain: CUDA, no fp64, hc (X's second-to-last dim) a power of two."""
+    hc = X.shape[-2]
+    return FUSED_MHC_PREFILL and X.is_cuda and X.dtype != torch.float64 and not hc & (hc - 1)
 
 
 class Block(nn.Module):
@@ -53,7 +55,7 @@ class Block(nn.Module):
     def _pre_norm(self, X: torch.Tensor, site: str, norm: RMSNorm):
         """``_pre`` then ``norm`` of the sublayer input -> (normed input, post, comb)."""
         c = self.cfg
-        if _use_fused_mhc(X) and X.dtype != torch.float64 and not c.hc_mult & (c.hc_mult - 1):
+        if _use_fused_mhc(X):
             from dsv4lib.kernels.mhc_prefill import hc_pre_prefill
             return hc_pre_prefill(X, getattr(self, f"{site}_fn"), getattr(self, f"{site}_scale"),
                                   getattr(self, f"{site}_base"), c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps,
@@ -62,8 +64,7 @@ class Block(nn.Module):
         return norm(x), post, comb
 
     def _post(self, f: torch.Tensor, X: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-        c = self.cfg
-        if _use_fused_mhc(X) and X.dtype != torch.float64 and not c.hc_mult & (c.hc_mult - 1):
+        if _use_fused_mhc(X):
             from dsv4lib.kernels.mhc_step import hc_post_fused    # elementwise over [tokens, hc, D]: any size
             return hc_post_fused(f, X, post, comb)
         return hc_post(f, X, post, comb)
