@@ -91,6 +91,8 @@ def main(argv=None) -> int:
     ap.add_argument("--pdl", action="store_true",
                     help="keep programmatic dependent launch on (default off here: with it a kernel's time includes "
                          "its early-launched programs' wait, and the table no longer attributes the step)")
+    ap.add_argument("--fused-mhc-prefill", action="store_true",
+                    help="prefill with the opt-in mHC prefill kernels (model.transformer.FUSED_MHC_PREFILL)")
     ap.add_argument("--out", default="profile.json")
     a = ap.parse_args(argv)
     a.fused = not a.unfused
@@ -99,6 +101,9 @@ def main(argv=None) -> int:
         graphed.CONCURRENT = False
     from dsv4lib.kernels import pdl
     pdl.ENABLED = a.pdl
+    if a.fused_mhc_prefill:
+        from dsv4lib.model import transformer
+        transformer.FUSED_MHC_PREFILL = True
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = without_mtp(getattr(ModelConfig, a.preset)())
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -114,7 +119,7 @@ def main(argv=None) -> int:
         out.write_text(json.dumps(res, indent=1))
 
     g = torch.Generator(device=dev).manual_seed(0)
-    for B in [int(b) for b in a.batches.split(",")]:
+    for B in [int(b) for b in a.batches.split(",") if b]:   # --batches "": prefill cases only
         cache = new_static_cache(model, B, a.ctx + 64)
         fill_synthetic(cache, a.ctx, g)
         tok = torch.randint(0, cfg.vocab_size, (B, 1), device=dev, generator=g)

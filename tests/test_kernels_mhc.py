@@ -141,8 +141,8 @@ def test_hc_pre_prefill_matches_eager(dtype, D, block_m):
 
 @torch.no_grad()
 def test_model_forward_with_fused_mhc_prefill(monkeypatch):
-    """The eager model with the opt-in mHC prefill kernel (dsv4lib.model.transformer.FUSED_MHC_PREFILL; forced
-    on here, the CPU interpreter runs it) gives the torch path's logits."""
+    """The eager model with the mHC prefill kernel (dsv4lib.model.transformer.FUSED_MHC_PREFILL, on by default
+    for CUDA tensors; forced on here for CPU ones, the interpreter runs it) gives the torch path's logits."""
     import dsv4lib.model.transformer as tr
     from dsv4lib.config import ModelConfig
     from dsv4lib.model import DeepseekV4
