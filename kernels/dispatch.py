@@ -2,8 +2,10 @@
 
 The backends call these on CUDA tensors (elsewhere they keep their torch paths):
 
-* ``int2_moe`` -> fp32 ``[T, D]``: ``int2_moe_decode`` for ``T <= DECODE_MAX_TOKENS`` (weights read
-  once per step, split-K), ``int2_moe_prefill`` (grouped GEMM over expert-sorted tokens) above.
+* ``int2_moe`` -> fp32 ``[T, D]``: for ``T <= DECODE_MAX_TOKENS`` the integer-dot-product decode kernel
+  ``int2_moe_idp`` when ``DECODE_IDP`` and the activations are bf16/fp16 (16-bit activation groups), else
+  ``int2_moe_decode`` (fp32 models keep its exact fp32 loop); ``int2_moe_prefill`` (grouped GEMM over
+  expert-sorted tokens) above.
 * ``fp8_linear`` -> ``x @ dequant(w, scale)^T`` in x's dtype (Triton kernel for every M; see
   kernels/BENCHMARKS.md for the measured comparison with the torch dequant-then-matmul path).
 * ``mxfp4_moe`` -> fp32 ``[T, D]``: dequantise the routed MXFP4 experts (Triton) + torch matmuls.
@@ -14,10 +16,13 @@ import torch
 
 from .fp8_linear import fp8_linear as _fp8_linear
 from .int2_moe_decode import int2_moe_decode
+from .int2_moe_idp import int2_moe_idp
 from .int2_moe_prefill import int2_moe_prefill
 from .mxfp4 import mxfp4_moe as _mxfp4_moe
 
 DECODE_MAX_TOKENS = 16
+DECODE_IDP = False
+"""Decode on ``int2_moe_idp`` (dp2a, 16-bit activation groups) instead of the fp16 loop (bf16/fp16 inputs)."""
 
 
 def int2_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
@@ -29,6 +34,8 @@ def int2_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
     args = (x, idx, weight, w1_packed, w1_scale, w1_zero_packed, w3_packed, w3_scale, w3_zero_packed,
             w2_packed, w2_scale, w2_zero_packed, limit)
     if x.shape[0] <= DECODE_MAX_TOKENS:
+        if DECODE_IDP and x.dtype in (torch.bfloat16, torch.float16):
+            return int2_moe_idp(*args)
         return int2_moe_decode(*args)
     return int2_moe_prefill(*args)
 
