@@ -10,6 +10,7 @@ from dsv4lib.kernels.int2_dequant import random_int2
 from dsv4lib.kernels.int2_moe_decode import int2_moe_reference
 from dsv4lib.kernels.int2_moe_idp import (IdpConfig, IdpStage, idp_configs, int2_moe_idp,
                                           int2_moe_idp_reference, quantize_groups_reference)
+from dsv4lib.kernels.ptx import dp2a_us, dp4a_us
 
 triton = pytest.importorskip("triton")
 tl = pytest.importorskip("triton.language")
@@ -26,7 +27,6 @@ def _bytes(v, signed):
 
 @triton.jit
 def _dp_kernel(a_ptr, b_ptr, c_ptr, o4_ptr, olo_ptr, ohi_ptr, N: tl.constexpr):
-    from dsv4lib.kernels.ptx import dp2a_us, dp4a_us
     i = tl.arange(0, N)
     a = tl.load(a_ptr + i)
     b = tl.load(b_ptr + i)
@@ -192,3 +192,31 @@ def test_idp_kernels_compile_for_sm90():
     assert len(res) == 14
     bad = {k: v for k, v in res.items() if v != "ok"}
     assert not bad, bad
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@torch.no_grad()
+def test_idp_in_the_bf16_model(tmp_path, monkeypatch):
+    """The embedded model in bf16 with RTN INT2 experts, decoding the same 24 tokens with the idp kernel
+    (dispatch.DECODE_IDP) and with the fp16 loop: logits agree to the bf16 model's own noise level."""
+    from pathlib import Path
+    import dsv4lib.kernels.dispatch as dispatch
+    from dsv4lib.checkpoint import load_model
+    from dsv4lib.quant.pipeline import quantize_rtn
+    ref = Path(__file__).resolve().parents[1] / "data" / "tiny-v4"
+    model = load_model(ref, quantize_rtn(ref, tmp_path / "int2"), device="cuda", dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.config.vocab_size, (2, 20), generator=g).cuda()
+    toks = torch.randint(0, model.config.vocab_size, (2, 24), generator=g).cuda()
+    runs = {}
+    for idp in (True, False):
+        monkeypatch.setattr(dispatch, "DECODE_IDP", idp)
+        cache = model.new_cache(2, 48)
+        model(prompt, cache)
+        runs[idp] = torch.stack([model(toks[:, i:i + 1], cache)[:, -1].float() for i in range(24)])
+    scale = runs[False].abs().max().item()
+    diff = (runs[True] - runs[False]).abs().max().item()
+    assert diff <= 0.05 * scale, (diff, scale)
+    agree = (runs[True].argmax(-1) == runs[False].argmax(-1)).float().mean().item()
+    assert agree >= 0.9, agree
