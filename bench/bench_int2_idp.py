@@ -1,5 +1,5 @@
 """INT2 MoE decode on the H200: the integer-dot-product kernel (kernels/int2_moe_idp.py; 16- and 8-bit
-activations) against the fp16 CUDA-core loop of ``int2_moe_decode`` (the current default), over 43 distinct
+activations; one launch per layer, or prep + gate/up + down) against the fp16 CUDA-core loop of ``int2_moe_decode`` (the current default), over 43 distinct
 layers' weights (24 experts each, 6 routed per token; CUDA-graph replay, L2 cannot hold them), with a tile
 sweep at T=1 and the copy bandwidth of the same run. Prints a table, writes JSON.
 
@@ -61,8 +61,8 @@ def main(argv=None) -> int:
         Path(a.out).write_text(json.dumps(res, indent=1))
         return r
 
-    def idp(abits, cfg):
-        return lambda *args: int2_moe_idp(*args, abits=abits, config=cfg)
+    def idp(abits, cfg, one=True):
+        return lambda *args: int2_moe_idp(*args, abits=abits, config=cfg, one_launch=one)
 
     cfgs = idp_configs() if not a.no_sweep else idp_configs()[:1]
     case(1, False, "fp16 loop (int2_moe_decode)", int2_moe_decode)
@@ -75,11 +75,12 @@ def main(argv=None) -> int:
             res.setdefault("failed", []).append(dict(cfg=repr(c), error=repr(e)[:300]))
     best, bc = min(sweep, key=lambda rc: rc[0]["us_per_layer"])
     res["best_idp16_T1"] = repr(bc)
+    case(1, False, "idp16 best, three launches", idp(16, bc, False))
     case(1, False, "idp8 best-T1 config", idp(8, bc))
-    case(1, False, "idp8 default config", idp(8, cfgs[0]))
     for T, shared in ((8, False), (16, False), (16, True)):
         case(T, shared, "fp16 loop (int2_moe_decode)", int2_moe_decode)
         case(T, shared, "idp16 best-T1 config", idp(16, bc))
+        case(T, shared, "idp16 best, three launches", idp(16, bc, False))
         case(T, shared, "idp8 best-T1 config", idp(8, bc))
     case(1, False, "idp16 best again (spread)", idp(16, bc))
     print(f"\ncopy {res['copy_GBps']:.0f} GB/s; best idp16 T=1: {best['us_per_layer']:.1f} us/layer = "
