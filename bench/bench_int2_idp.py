@@ -1,5 +1,5 @@
 """INT2 MoE decode on the H200: the integer-dot-product kernel (kernels/int2_moe_idp.py; 16- and 8-bit
-activations; one launch per layer, or prep + gate/up + down) against the fp16 CUDA-core loop of ``int2_moe_decode`` (the current default), over 43 distinct
+activations) against the fp16 CUDA-core loop of ``int2_moe_decode`` (the current default), over 43 distinct
 layers' weights (24 experts each, 6 routed per token; CUDA-graph replay, L2 cannot hold them), with a tile
 sweep at T=1 and the copy bandwidth of the same run. Prints a table, writes JSON.
 
@@ -21,7 +21,7 @@ from bench_kernels import Int2Layers, routing, timed  # noqa: E402
 
 from dsv4lib.fullscale import copy_bandwidth  # noqa: E402
 from dsv4lib.kernels.int2_moe_decode import int2_moe_decode, int2_moe_reference  # noqa: E402
-from dsv4lib.kernels.int2_moe_idp import idp_configs, int2_moe_idp  # noqa: E402
+from dsv4lib.kernels.int2_moe_idp import idp_configs, idp_configs_many, int2_moe_idp  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=43)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--no-sweep", action="store_true")
+    ap.add_argument("--sweep-t", type=int, default=8, help="also sweep the configs at this token count (0: no)")
     ap.add_argument("--out", default="int2_idp.json")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -61,8 +62,8 @@ def main(argv=None) -> int:
         Path(a.out).write_text(json.dumps(res, indent=1))
         return r
 
-    def idp(abits, cfg, one=True):
-        return lambda *args: int2_moe_idp(*args, abits=abits, config=cfg, one_launch=one)
+    def idp(abits, cfg):
+        return lambda *args: int2_moe_idp(*args, abits=abits, config=cfg)
 
     cfgs = idp_configs() if not a.no_sweep else idp_configs()[:1]
     case(1, False, "fp16 loop (int2_moe_decode)", int2_moe_decode)
@@ -75,13 +76,21 @@ def main(argv=None) -> int:
             res.setdefault("failed", []).append(dict(cfg=repr(c), error=repr(e)[:300]))
     best, bc = min(sweep, key=lambda rc: rc[0]["us_per_layer"])
     res["best_idp16_T1"] = repr(bc)
-    case(1, False, "idp16 best, three launches", idp(16, bc, False))
     case(1, False, "idp8 best-T1 config", idp(8, bc))
     for T, shared in ((8, False), (16, False), (16, True)):
         case(T, shared, "fp16 loop (int2_moe_decode)", int2_moe_decode)
         case(T, shared, "idp16 best-T1 config", idp(16, bc))
-        case(T, shared, "idp16 best, three launches", idp(16, bc, False))
         case(T, shared, "idp8 best-T1 config", idp(8, bc))
+    if a.sweep_t:
+        swt = []
+        for i, c in enumerate(cfgs + idp_configs_many()):
+            try:
+                swt.append((case(a.sweep_t, False, f"idp16 cfg {i}", idp(16, c)), c))
+            except Exception as e:  # noqa: BLE001
+                print(f"  idp16 cfg {i} failed at T={a.sweep_t}: {type(e).__name__}: {str(e)[:200]}")
+        bt, btc = min(swt, key=lambda rc: rc[0]["us_per_layer"])
+        res[f"best_idp16_T{a.sweep_t}"] = repr(btc)
+        print(f"best idp16 T={a.sweep_t}: {bt['us_per_layer']:.1f} us/layer ({btc})")
     case(1, False, "idp16 best again (spread)", idp(16, bc))
     print(f"\ncopy {res['copy_GBps']:.0f} GB/s; best idp16 T=1: {best['us_per_layer']:.1f} us/layer = "
           f"{best['pct_copy']:.1f} % of copy ({bc})")

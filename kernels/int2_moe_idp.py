@@ -33,7 +33,6 @@ import triton.language as tl
 from .int2_dequant import as_int32
 from .int2_moe_decode import _check_routing, check_moe_weights
 from .pdl import launch_args, pdl_wait
-from .workspace import split_workspace
 from .ptx import dp2a_us, dp4a_us
 
 @dataclass(frozen=True)
@@ -67,8 +66,18 @@ def idp_configs() -> list[IdpConfig]:
     return [IdpConfig(g, d) for g, d in pairs]
 
 
+def idp_configs_many() -> list[IdpConfig]:
+    """Extra candidates for several tokens (more programs per call: no split, smaller down tiles)."""
+    pairs = [(IdpStage(64, 32, 4, 1), IdpStage(64, 32, 4, 1)),
+             (IdpStage(64, 16, 4, 1), IdpStage(32, 16, 2, 1)),
+             (IdpStage(64, 32, 4, 1), IdpStage(16, 32, 2, 1)),
+             (IdpStage(128, 32, 8, 1), IdpStage(64, 32, 4, 1)),
+             (IdpStage(64, 64, 8, 1), IdpStage(32, 64, 4, 1)),
+             (IdpStage(64, 32, 2, 1), IdpStage(32, 32, 2, 1))]
+    return [IdpConfig(g, d) for g, d in pairs]
+
+
 ABITS_DEFAULT = 16
-ONE_LAUNCH = True   # the whole layer as one launch (_layer_kernel) instead of prep + gate/up + down
 
 
 # ----------------------------------------------------------------------------- device helpers
@@ -320,176 +329,6 @@ def _down_kernel(ha_ptr, hsx_ptr, hqs_ptr, TOPK, idx_ptr, w2_ptr, s2_ptr, z2_ptr
     tl.atomic_add(y_ptr + t * D + rows, tl.sum(acc, axis=1), sem="relaxed")
 
 
-@triton.jit
-def _spin_until(ptr, target):
-    """Acquire-poll the int32 counter at ``ptr`` until it reaches ``target``, then a CTA barrier. The
-    producers are programs with lower ids (dispatched first), so the wait always ends."""
-    c = tl.atomic_add(ptr, 0, sem="acquire")
-    while c < target:
-        c = tl.atomic_add(ptr, 0, sem="acquire")
-    tl.debug_barrier()
-
-
-@triton.jit
-def _role_prep(x_ptr, xa_ptr, xsx_ptr, xqs_ptr, y_ptr, idx_ptr, rw_ptr, TOPK, S,
-                  w1_ptr, s1_ptr, z1_ptr, w3_ptr, s3_ptr, z3_ptr, w2_ptr, s2_ptr, z2_ptr,
-                  part_ptr, cnt_ptr, sync_ptr, ha_ptr, hsx_ptr, hqs_ptr, I, D, KW, KWD, limit, NP, NG, pid,
-                  GW: tl.constexpr, QMAX: tl.constexpr, NA: tl.constexpr, A16: tl.constexpr, BS: tl.constexpr,
-                  BNG: tl.constexpr, WG: tl.constexpr, SPG: tl.constexpr,
-                  BND: tl.constexpr, WD: tl.constexpr, SPD: tl.constexpr):
-    """quantise a GW-word slice of one token's x, zero that slice of y, count in sync[0]."""
-    NT = I // BNG
-    NDT = D // BND
-    nb = KW // GW
-    t = (pid // nb).to(tl.int64)
-    w0 = (pid % nb) * GW
-    ch = w0 * 16 + tl.arange(0, GW * 16)
-    v = tl.load(x_ptr + t * D + ch).to(tl.float32)
-    tl.store(y_ptr + t * D + ch, tl.zeros([GW * 16], tl.float32))
-    _quantize_store(v, QMAX, xa_ptr + t * NA * KW, xsx_ptr + t * (KW // 4), xqs_ptr + t * (KW // 4),
-                    NA, KW, w0, w0 // 4, GW, A16)
-    tl.debug_barrier()
-    tl.atomic_add(sync_ptr, 1, sem="release")
-
-
-@triton.jit
-def _role_gate_up(x_ptr, xa_ptr, xsx_ptr, xqs_ptr, y_ptr, idx_ptr, rw_ptr, TOPK, S,
-                  w1_ptr, s1_ptr, z1_ptr, w3_ptr, s3_ptr, z3_ptr, w2_ptr, s2_ptr, z2_ptr,
-                  part_ptr, cnt_ptr, sync_ptr, ha_ptr, hsx_ptr, hqs_ptr, I, D, KW, KWD, limit, NP, NG, pid,
-                  GW: tl.constexpr, QMAX: tl.constexpr, NA: tl.constexpr, A16: tl.constexpr, BS: tl.constexpr,
-                  BNG: tl.constexpr, WG: tl.constexpr, SPG: tl.constexpr,
-                  BND: tl.constexpr, WD: tl.constexpr, SPD: tl.constexpr):
-    """one gate/up tile (see _layer_kernel)."""
-    NT = I // BNG
-    NDT = D // BND
-    q = pid - NP
-    ks = q % SPG
-    pid_n = (q // SPG) % NT
-    s = q // (SPG * NT)
-    e = tl.load(idx_ptr + s).to(tl.int64)
-    t = (s // TOPK).to(tl.int64)
-    s64 = s.to(tl.int64)
-    rows = pid_n * BNG + tl.arange(0, BNG)
-    zrow = tl.zeros([BNG, 1], tl.int32)
-    w1_ptr += e * I * KW
-    w3_ptr += e * I * KW
-    s1_ptr += e * I * (KW // 4)
-    s3_ptr += e * I * (KW // 4)
-    z1_ptr += e * I * (KW // 8)
-    z3_ptr += e * I * (KW // 8)
-    per = KW // SPG
-    k_lo = ks * per
-    wa, sa, za = _load_rows(w1_ptr, s1_ptr, z1_ptr, rows, k_lo, KW, WG)      # weights: before the wait
-    wb, sb, zb = _load_rows(w3_ptr, s3_ptr, z3_ptr, rows, k_lo, KW, WG)
-    _spin_until(sync_ptr, NP)
-    acc1 = tl.zeros([BNG, WG // 4], tl.float32)
-    acc3 = tl.zeros([BNG, WG // 4], tl.float32)
-    acc1, acc3 = _gemv_pipelined(acc1, acc3, wa, sa, za, wb, sb, zb, w1_ptr, s1_ptr, z1_ptr, w3_ptr, s3_ptr,
-                                 z3_ptr, xa_ptr + t * NA * KW, xqs_ptr + t * (KW // 4), xsx_ptr + t * (KW // 4),
-                                 rows, zrow, k_lo, k_lo + per, KW, BNG, WG, True, A16)
-    g = tl.sum(acc1, axis=1)
-    u = tl.sum(acc3, axis=1)
-    rw = tl.load(rw_ptr + s)
-    hout = ha_ptr + s64 * NA * KWD
-    if SPG == 1:
-        _swiglu_quant(g, u, rw, limit, QMAX, hout, hsx_ptr + s64 * (I // 64), hqs_ptr + s64 * (I // 64),
-                      NA, KWD, pid_n, BNG, A16)
-        tl.debug_barrier()
-        tl.atomic_add(sync_ptr + 1 + s, 1, sem="release")
-    else:
-        pofs = (ks * S + s).to(tl.int64) * (2 * I) + rows
-        tl.store(part_ptr + pofs, g)
-        tl.store(part_ptr + pofs + I, u)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + s * NT + pid_n, 1, sem="acq_rel")
-        if arrived == SPG - 1:
-            gs = tl.zeros([BNG], tl.float32)
-            us = tl.zeros([BNG], tl.float32)
-            for j in tl.static_range(SPG):
-                jofs = (j * S + s).to(tl.int64) * (2 * I) + rows
-                gs += tl.load(part_ptr + jofs, cache_modifier=".cg")
-                us += tl.load(part_ptr + jofs + I, cache_modifier=".cg")
-            _swiglu_quant(gs, us, rw, limit, QMAX, hout, hsx_ptr + s64 * (I // 64), hqs_ptr + s64 * (I // 64),
-                          NA, KWD, pid_n, BNG, A16)
-            tl.store(cnt_ptr + s * NT + pid_n, 0)
-            tl.debug_barrier()
-            tl.atomic_add(sync_ptr + 1 + s, 1, sem="release")
-
-
-@triton.jit
-def _role_down(x_ptr, xa_ptr, xsx_ptr, xqs_ptr, y_ptr, idx_ptr, rw_ptr, TOPK, S,
-                  w1_ptr, s1_ptr, z1_ptr, w3_ptr, s3_ptr, z3_ptr, w2_ptr, s2_ptr, z2_ptr,
-                  part_ptr, cnt_ptr, sync_ptr, ha_ptr, hsx_ptr, hqs_ptr, I, D, KW, KWD, limit, NP, NG, pid,
-                  GW: tl.constexpr, QMAX: tl.constexpr, NA: tl.constexpr, A16: tl.constexpr, BS: tl.constexpr,
-                  BNG: tl.constexpr, WG: tl.constexpr, SPG: tl.constexpr,
-                  BND: tl.constexpr, WD: tl.constexpr, SPD: tl.constexpr):
-    """one down tile (see _layer_kernel)."""
-    NT = I // BNG
-    NDT = D // BND
-    q = pid - NP - NG
-    ks = q % SPD
-    tile = (q // SPD) % NDT
-    s = q // (SPD * NDT)
-    e = tl.load(idx_ptr + s).to(tl.int64)
-    t = (s // TOPK).to(tl.int64)
-    s64 = s.to(tl.int64)
-    rows = tile * BND + tl.arange(0, BND)
-    zrow = tl.zeros([BND, 1], tl.int32)
-    w2_ptr += e * D * KWD
-    s2_ptr += e * D * (KWD // 4)
-    z2_ptr += e * D * (KWD // 8)
-    per = KWD // SPD
-    k_lo = ks * per
-    wa, sa, za = _load_rows(w2_ptr, s2_ptr, z2_ptr, rows, k_lo, KWD, WD)   # weights: before the wait
-    _spin_until(sync_ptr + 1 + s, NT)
-    acc = tl.zeros([BND, WD // 4], tl.float32)
-    acc, _ = _gemv_pipelined(acc, acc, wa, sa, za, wa, sa, za, w2_ptr, s2_ptr, z2_ptr, w2_ptr, s2_ptr, z2_ptr,
-                             ha_ptr + s64 * NA * KWD, hqs_ptr + s64 * (KWD // 4), hsx_ptr + s64 * (KWD // 4),
-                             rows, zrow, k_lo, k_lo + per, KWD, BND, WD, False, A16)
-    tl.atomic_add(y_ptr + t * D + rows, tl.sum(acc, axis=1), sem="relaxed")
-    tl.debug_barrier()
-    done = tl.atomic_add(sync_ptr + 1 + S, 1, sem="acq_rel")
-    if done == S * NDT * SPD - 1:
-        so = tl.arange(0, BS)
-        tl.store(sync_ptr + so, tl.zeros([BS], tl.int32), mask=so < S + 2)
-
-
-@triton.jit
-def _layer_kernel(x_ptr, xa_ptr, xsx_ptr, xqs_ptr, y_ptr, idx_ptr, rw_ptr, TOPK, S,
-                  w1_ptr, s1_ptr, z1_ptr, w3_ptr, s3_ptr, z3_ptr, w2_ptr, s2_ptr, z2_ptr,
-                  part_ptr, cnt_ptr, sync_ptr, ha_ptr, hsx_ptr, hqs_ptr, I, D, KW, KWD, limit, NP, NG,
-                  GW: tl.constexpr, QMAX: tl.constexpr, NA: tl.constexpr, A16: tl.constexpr, BS: tl.constexpr,
-                  BNG: tl.constexpr, WG: tl.constexpr, SPG: tl.constexpr,
-                  BND: tl.constexpr, WD: tl.constexpr, SPD: tl.constexpr, PDL: tl.constexpr):
-    """The whole routed-expert layer in ONE launch (1-D grid, three roles by program id):
-
-    * ``[0, NP)``: quantise a GW-word slice of one token's x into planes, zero that slice of y, then
-      count themselves done in ``sync[0]``;
-    * ``[NP, NP+NG)``: gate/up tiles (pair, row tile, K split): load the first K step of W1/W3, wait for
-      ``sync[0] == NP``, run the K loop; split partials are stored and the last program of a tile sums
-      them in a fixed order (deterministic), applies SwiGLU, stores h as planes and counts the tile in
-      ``sync[1 + pair]``;
-    * the rest: down tiles (pair, row tile, K split): load the first K step of W2, wait for the pair's
-      ``I / BNG`` gate/up tiles, run, fp32 atomics into y; the last down program resets ``sync``.
-
-    Counters (``cnt``, ``sync``) come zeroed from ``kernels/workspace.py`` and are left zeroed. The waits
-    are safe because producers have lower program ids and blocks are dispatched in id order."""
-    pdl_wait(PDL)
-    pid = tl.program_id(0)
-    if pid < NP:
-        _role_prep(x_ptr, xa_ptr, xsx_ptr, xqs_ptr, y_ptr, idx_ptr, rw_ptr, TOPK, S, w1_ptr, s1_ptr, z1_ptr, w3_ptr, s3_ptr,
-                   z3_ptr, w2_ptr, s2_ptr, z2_ptr, part_ptr, cnt_ptr, sync_ptr, ha_ptr, hsx_ptr, hqs_ptr, I, D, KW, KWD,
-                   limit, NP, NG, pid, GW, QMAX, NA, A16, BS, BNG, WG, SPG, BND, WD, SPD)
-    elif pid < NP + NG:
-        _role_gate_up(x_ptr, xa_ptr, xsx_ptr, xqs_ptr, y_ptr, idx_ptr, rw_ptr, TOPK, S, w1_ptr, s1_ptr, z1_ptr, w3_ptr, s3_ptr,
-                   z3_ptr, w2_ptr, s2_ptr, z2_ptr, part_ptr, cnt_ptr, sync_ptr, ha_ptr, hsx_ptr, hqs_ptr, I, D, KW, KWD,
-                   limit, NP, NG, pid, GW, QMAX, NA, A16, BS, BNG, WG, SPG, BND, WD, SPD)
-    else:
-        _role_down(x_ptr, xa_ptr, xsx_ptr, xqs_ptr, y_ptr, idx_ptr, rw_ptr, TOPK, S, w1_ptr, s1_ptr, z1_ptr, w3_ptr, s3_ptr,
-                   z3_ptr, w2_ptr, s2_ptr, z2_ptr, part_ptr, cnt_ptr, sync_ptr, ha_ptr, hsx_ptr, hqs_ptr, I, D, KW, KWD,
-                   limit, NP, NG, pid, GW, QMAX, NA, A16, BS, BNG, WG, SPG, BND, WD, SPD)
-
-
 # ----------------------------------------------------------------------------- launcher
 def _fit(stage: IdpStage, kw: int, rows: int, name: str) -> tuple[int, int]:
     """(words per step, K splits) for a row of ``kw`` words; checks the row tile."""
@@ -510,8 +349,7 @@ def int2_moe_idp(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
                  w1_packed: torch.Tensor, w1_scale: torch.Tensor, w1_zero_packed: torch.Tensor,
                  w3_packed: torch.Tensor, w3_scale: torch.Tensor, w3_zero_packed: torch.Tensor,
                  w2_packed: torch.Tensor, w2_scale: torch.Tensor, w2_zero_packed: torch.Tensor,
-                 limit: float, *, abits: int | None = None, config: IdpConfig | None = None,
-                 one_launch: bool | None = None) -> torch.Tensor:
+                 limit: float, *, abits: int | None = None, config: IdpConfig | None = None) -> torch.Tensor:
     """Routed-expert MoE for a few tokens on integer dot products -> fp32 ``[T, D]`` (module docstring).
 
     ``abits``: 16 (default, ``ABITS_DEFAULT``) or 8 bits per activation. Reference with the same
@@ -538,29 +376,6 @@ def int2_moe_idp(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
     n_tiles = I // cfg.gate_up.block_n
     gw = 16 if (D // 16) % 16 == 0 else 8
     la = launch_args(dev)
-    if ONE_LAUNCH if one_launch is None else one_launch:
-        gu, dn = cfg.gate_up, cfg.down
-        xa = torch.empty((T, na, D // 16), dtype=torch.int32, device=dev)
-        xsx = torch.empty((T, D // 64), dtype=torch.float32, device=dev)
-        xqs = torch.empty((T, D // 64), dtype=torch.int32, device=dev)
-        ha = torch.empty((S, na, I // 16), dtype=torch.int32, device=dev)
-        hsx = torch.empty((S, I // 64), dtype=torch.float32, device=dev)
-        hqs = torch.empty((S, I // 64), dtype=torch.int32, device=dev)
-        y = torch.empty((T, D), dtype=torch.float32, device=dev)
-        part, counters = split_workspace(dev, gu_split * S * 2 * I if gu_split > 1 else 1, S * n_tiles + S + 2)
-        sync = counters[S * n_tiles:]
-        n_prep = T * (D // 16 // gw)
-        n_gu = S * n_tiles * gu_split
-        n_dn = S * (D // dn.block_n) * dn_split
-        _layer_kernel[(n_prep + n_gu + n_dn,)](
-            x.contiguous(), xa, xsx, xqs, y, idx.reshape(-1).contiguous(), weight.reshape(-1).to(torch.float32).contiguous(),
-            k, S, as_int32(w1_packed), w1_scale, w1_zero_packed, as_int32(w3_packed), w3_scale, w3_zero_packed,
-            as_int32(w2_packed), w2_scale, w2_zero_packed, part, counters, sync, ha, hsx, hqs, I, D, D // 16, I // 16,
-            float(limit),
-            n_prep, n_gu, GW=gw, QMAX=qmax, NA=na, A16=a16, BS=triton.next_power_of_2(S + 2),
-            BNG=gu.block_n, WG=gu_w, SPG=gu_split, BND=dn.block_n, WD=dn_w, SPD=dn_split,
-            num_warps=max(gu.warps, dn.warps), **la)
-        return y
     ws = torch.empty(T * D + S * 2 * I + S * n_tiles, dtype=torch.float32, device=dev)
     y = ws[:T * D].view(T, D)
     gu_buf = ws[T * D:T * D + S * 2 * I]

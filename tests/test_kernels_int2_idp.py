@@ -97,18 +97,14 @@ def test_idp_matches_quantised_reference(abits, T, k):
 @pytest.mark.parametrize("cfg", [IdpConfig(IdpStage(64, 8, 4, 2), IdpStage(32, 8, 2, 2)),
                                  IdpConfig(IdpStage(128, 16, 4, 1, False), IdpStage(64, 4, 4, 1)),
                                  IdpConfig(IdpStage(64, 4, 2, 4, True), IdpStage(128, 8, 4, 1, True))])
-@pytest.mark.parametrize("one_launch", [True, False])
-def test_idp_configs_split_prefetch(cfg, one_launch):
-    """Split-K with the last-arrival SwiGLU epilogue, prefetch on/off, several steps per program; the
-    one-launch layer kernel leaves its workspace counters zeroed (the next call relies on it)."""
-    from dsv4lib.kernels.workspace import split_workspace
+def test_idp_configs_split_prefetch(cfg):
+    """Split-K with the last-arrival SwiGLU epilogue, prefetch on/off, several steps per program; a second
+    call gives the same result (the workspace is re-zeroed by the prep launch)."""
     args = _moe(2, 3, 5, 256, 256, seed=3)
-    y = int2_moe_idp(*args, 5.0, abits=16, config=cfg, one_launch=one_launch)
+    y = int2_moe_idp(*args, 5.0, abits=16, config=cfg)
     ref = int2_moe_idp_reference(*[a.cpu() for a in args], 5.0, abits=16)
     assert ((y.cpu() - ref).norm() / ref.norm()).item() < 1e-5
-    _, counters = split_workspace(args[0].device, 1, 1)
-    assert int(counters.abs().sum()) == 0
-    y2 = int2_moe_idp(*args, 5.0, abits=16, config=cfg, one_launch=one_launch)
+    y2 = int2_moe_idp(*args, 5.0, abits=16, config=cfg)
     assert torch.allclose(y, y2, rtol=1e-6, atol=1e-6 * y.abs().max().item())   # GPU: atomics' order
 
 
@@ -141,7 +137,7 @@ import json
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from dsv4lib.kernels.int2_moe_idp import _down_kernel, _gate_up_kernel, _layer_kernel, _prep_kernel, idp_configs
+from dsv4lib.kernels.int2_moe_idp import _down_kernel, _gate_up_kernel, _prep_kernel, idp_configs
 out = {}
 
 
@@ -162,13 +158,6 @@ gu = {"xa_ptr": "*i32", "sx_ptr": "*fp32", "qs_ptr": "*i32", "idx_ptr": "*i64", 
 dn = {"ha_ptr": "*i32", "hsx_ptr": "*fp32", "hqs_ptr": "*i32", "TOPK": "i32", "idx_ptr": "*i64", "w2_ptr": "*i32",
       "s2_ptr": "*fp16", "z2_ptr": "*i8", "y_ptr": "*fp32", "D": "i32", "KW": "i32", "BLOCK_N": "constexpr",
       "W": "constexpr", "SPLIT_K": "constexpr", "NA": "constexpr", "A16": "constexpr", "PREFETCH": "constexpr"}
-ly = {"x_ptr": "*bf16", "xa_ptr": "*i32", "xsx_ptr": "*fp32", "xqs_ptr": "*i32", "y_ptr": "*fp32", "idx_ptr": "*i64",
-      "rw_ptr": "*fp32", "TOPK": "i32", "S": "i32", "w1_ptr": "*i32", "s1_ptr": "*fp16", "z1_ptr": "*i8",
-      "w3_ptr": "*i32", "s3_ptr": "*fp16", "z3_ptr": "*i8", "w2_ptr": "*i32", "s2_ptr": "*fp16", "z2_ptr": "*i8",
-      "part_ptr": "*fp32", "cnt_ptr": "*i32", "sync_ptr": "*i32", "ha_ptr": "*i32", "hsx_ptr": "*fp32",
-      "hqs_ptr": "*i32", "I": "i32", "D": "i32", "KW": "i32", "KWD": "i32", "limit": "fp32", "NP": "i32", "NG": "i32", "GW": "constexpr",
-      "QMAX": "constexpr", "NA": "constexpr", "A16": "constexpr", "BS": "constexpr", "BNG": "constexpr",
-      "WG": "constexpr", "SPG": "constexpr", "BND": "constexpr", "WD": "constexpr", "SPD": "constexpr"}
 pr = {"x_ptr": "*bf16", "xa_ptr": "*i32", "sx_ptr": "*fp32", "qs_ptr": "*i32", "ws_ptr": "*fp32", "NZ": "i32",
       "KW": "i32", "NX": "i32", "GW": "constexpr", "BLOCK_Z": "constexpr", "QMAX": "constexpr", "NA": "constexpr",
       "A16": "constexpr"}
@@ -182,9 +171,6 @@ for a16 in (True, False):
         q2 = {k: v for k, v in q.items() if k != "QMAX"}
         check(f"down a16={a16} cfg {i}", _down_kernel, dn,
               dict(BLOCK_N=d.block_n, W=d.w, SPLIT_K=d.split, PREFETCH=d.prefetch, **q2), d.warps)
-        check(f"layer a16={a16} cfg {i}", _layer_kernel, ly,
-              dict(GW=16, BS=8, BNG=g.block_n, WG=g.w, SPG=g.split, BND=d.block_n, WD=d.w, SPD=d.split, **q),
-              max(g.warps, d.warps))
 print(json.dumps(out))
 '''
 
@@ -206,7 +192,7 @@ def test_idp_kernels_compile_for_sm90():
         pytest.skip("this Triton has no offline compile entry points")
     assert p.returncode == 0, p.stderr[-3000:]
     res = json.loads(p.stdout.strip().splitlines()[-1])
-    assert len(res) == 20
+    assert len(res) == 14
     bad = {k: v for k, v in res.items() if v != "ok"}
     assert not bad, bad
 
