@@ -95,26 +95,47 @@ more = [("rmsnorm_rope scatter", _rmsnorm_rope_kernel,
          dict(C=512, CB=128, SB=8, ROPE=64), 4)]
 for name, fn, sig, cons, warps in more:
     check(name, fn, sig, cons, num_warps=warps)
-from dsv4lib.kernels.mhc_prefill import _hc_pre_prefill_kernel
-for has_norm in (False, True):
-    sig = {"x_ptr": "*bf16", "fn_ptr": "*fp32", "scale_ptr": "*fp32", "base_ptr": "*fp32", "nw_ptr": "*fp32",
-           "y_ptr": "*bf16", "post_ptr": "*fp32", "comb_ptr": "*fp32", "T": "i32", "K": "i32", "D": "i32", "NM": "i32",
-           "norm_eps": "fp32", "hc_eps": "fp32", "out_eps": "fp32", "BM": "constexpr", "NP": "constexpr",
-           "BK": "constexpr", "HC": "constexpr", "ITERS": "constexpr", "BD": "constexpr", "HAS_NORM": "constexpr"}
-    cons = dict(BM=16, NP=32, BK=64, HC=4, ITERS=20, BD=256, HAS_NORM=has_norm)
-    try:   # no PDL parameter: a prefill kernel
-        k = triton.compile(ASTSource(_hc_pre_prefill_kernel, sig, cons), target=GPUTarget("cuda", 90, 32),
-                           options=dict(num_warps=8))
-        out[f"hc_pre_prefill norm={has_norm}"] = "ok" if k.asm.get("cubin") else "no cubin"
-    except Exception as e:  # noqa: BLE001
-        out[f"hc_pre_prefill norm={has_norm}"] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+from dsv4lib.kernels import mhc_prefill as mp
+
+
+def check_plain(name, fn, sig, cons, **options):
+    """No PDL parameter: the prefill kernels."""
+    try:
+        k = triton.compile(ASTSource(fn, sig, cons), target=GPUTarget("cuda", 90, 32), options=options)
+        out[name] = "ok" if k.asm.get("cubin") else "no cubin"
+    except Exception as e:  # noqa: BLE001 - reported per case
+        out[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+
+# mHC prefill (the launcher's configs): split-K mixing, finish (Sinkhorn), collapse (+ RMSNorm); T = 1 and SPLIT = 1
+# are specialised to constexprs at run time
+for T in (1, 2048):
+    sig = {"x_ptr": "*bf16", "fnt_ptr": "*fp32", "part_ptr": "*fp32", "T": "constexpr" if T == 1 else "i32",
+           "K": "i32", "NM": "i32", "KS": "i32", "BM": "constexpr", "NP": "constexpr", "BK": "constexpr",
+           "STAGES": "constexpr"}
+    cons = dict(BM=mp.MIX_BM, NP=32, BK=mp.MIX_BK, STAGES=mp.MIX_STAGES, **({"T": 1} if T == 1 else {}))
+    check_plain(f"hc_pre_prefill mix T={T}", mp._mix_partial_kernel, sig, cons, num_warps=mp.MIX_WARPS)
+    for split in (1, 8, 64):
+        sig = {"part_ptr": "*fp32", "scale_ptr": "*fp32", "base_ptr": "*fp32", "pre_ptr": "*fp32", "post_ptr": "*fp32",
+               "comb_ptr": "*fp32", "T": "constexpr" if T == 1 else "i32", "K": "i32", "NM": "i32",
+               "SPLIT": "constexpr" if split == 1 else "i32", "norm_eps": "fp32", "hc_eps": "fp32",
+               "BM": "constexpr", "SP": "constexpr", "NP": "constexpr", "HC": "constexpr", "ITERS": "constexpr"}
+        cons = dict(BM=mp.FINISH_BM, SP=split, NP=32, HC=4, ITERS=20, **({"T": 1} if T == 1 else {}),
+                    **({"SPLIT": 1} if split == 1 else {}))
+        check_plain(f"hc_pre_prefill finish T={T} split={split}", mp._mix_finish_kernel, sig, cons,
+                    num_warps=mp.FINISH_WARPS)
+for single, has_norm in ((True, False), (True, True), (False, True)):
+    sig = {"x_ptr": "*bf16", "pre_ptr": "*fp32", "nw_ptr": "*fp32", "y_ptr": "*bf16", "K": "i32", "D": "i32",
+           "out_eps": "fp32", "HC": "constexpr", "BD": "constexpr", "SINGLE": "constexpr", "HAS_NORM": "constexpr"}
+    cons = dict(HC=4, BD=4096 if single else 2048, SINGLE=single, HAS_NORM=has_norm)
+    check_plain(f"hc_pre_prefill collapse single={single} norm={has_norm}", mp._collapse_kernel, sig, cons,
+                num_warps=mp.COLLAPSE_WARPS)
 print(json.dumps(out))
 '''
 
 
 def test_kernels_compile_for_sm90():
     """fp8_linear: the fallback configs and every tuned one (TUNED), at M = 1 and M > 1; mHC pre; fused router;
-    RMSNorm+RoPE scattered into the window; attention combine with the output RoPE."""
+    RMSNorm+RoPE scattered into the window; attention combine with the output RoPE; the mHC prefill kernels."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     p = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT,

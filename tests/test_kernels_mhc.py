@@ -139,6 +139,36 @@ def test_hc_pre_prefill_matches_eager(dtype, D, block_m):
     assert (yn.float() - rn.float()).abs().max() <= 2 * tol * rn.float().abs().max()
 
 
+@pytest.mark.parametrize("dtype,split,block_k,max_bd", [(torch.bfloat16, 3, 64, 64), (torch.float32, 4, 32, 8192),
+                                                        (torch.bfloat16, None, 32, 8192)])
+def test_hc_pre_prefill_split_k(dtype, split, block_k, max_bd, monkeypatch):
+    """The split-K mixing: 21 tokens (BM = 16: a partial token block), K = 4*200 = 800 in `split` slices of
+    whole BK steps, the last slice shorter (BK = 64: its last step partial too); None: the default split
+    (here 3 slices of 288); the collapse's two-pass path (D = 200 in 64-wide chunks, the last partial) when
+    max_bd = 64; the same bits on a second call (fixed-order sums)."""
+    import dsv4lib.kernels.mhc_prefill as mp
+    from dsv4lib.model.linear import RMSNorm
+    monkeypatch.setattr(mp, "COLLAPSE_MAX_BD", max_bd)
+    X, fn, scale, base = _inputs(dtype, B=3, D=200, seed=7)
+    X = (X.expand(3, 7, *X.shape[2:]) + torch.randn(3, 7, *X.shape[2:], generator=torch.Generator().manual_seed(8))
+         .to(DEV, dtype)).contiguous()
+    SPLIT, KS = mp.mix_split(21, 800, 16, block_k, split)
+    assert SPLIT == (split or 3) and KS % block_k == 0 and 800 % KS != 0       # a shorter last slice
+    norm = RMSNorm(200, eps=1e-5).to(DEV)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(200, generator=torch.Generator().manual_seed(9)) + 0.5)
+    ry, rpost, rcomb = hc_pre_reference(X, fn, scale, base, 20, 1e-6, 1e-6)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for out_norm, ref in ((None, ry), (norm.weight, norm(ry))):
+        kw = dict(block_m=16, split=split, block_k=block_k)
+        y, post, comb = mp.hc_pre_prefill(X, fn, scale, base, 20, 1e-6, 1e-6, out_norm, 1e-5, **kw)
+        assert y.shape == ref.shape and y.dtype == dtype and post.shape == rpost.shape and comb.shape == rcomb.shape
+        assert (y.float() - ref.float()).abs().max() <= 2 * tol * ref.float().abs().max()
+        assert (post - rpost).abs().max() <= 1e-5 and (comb - rcomb).abs().max() <= 1e-5
+        again = mp.hc_pre_prefill(X, fn, scale, base, 20, 1e-6, 1e-6, out_norm, 1e-5, **kw)
+        assert all(torch.equal(a, b) for a, b in zip((y, post, comb), again))
+
+
 @torch.no_grad()
 def test_model_forward_with_fused_mhc_prefill(monkeypatch):
     """The eager model with the mHC prefill kernel (dsv4lib.model.transformer.FUSED_MHC_PREFILL, on by default
