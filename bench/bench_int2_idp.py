@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--sweep-t", type=int, default=8, help="also sweep the configs at this token count (0: no)")
+    ap.add_argument("--quick", action="store_true", help="T=1 default and the --sweep-t sweep only")
     ap.add_argument("--out", default="int2_idp.json")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -76,22 +77,25 @@ def main(argv=None) -> int:
             res.setdefault("failed", []).append(dict(cfg=repr(c), error=repr(e)[:300]))
     best, bc = min(sweep, key=lambda rc: rc[0]["us_per_layer"])
     res["best_idp16_T1"] = repr(bc)
-    case(1, False, "idp8 best-T1 config", idp(8, bc))
-    for T, shared in ((8, False), (16, False), (16, True)):
+    if not a.quick:
+        case(1, False, "idp8 best-T1 config", idp(8, bc))
+    for T, shared in ((8, False), (16, False), (16, True)) if not a.quick else ((a.sweep_t, False),):
         case(T, shared, "fp16 loop (int2_moe_decode)", int2_moe_decode)
         case(T, shared, "idp16 best-T1 config", idp(16, bc))
-        case(T, shared, "idp8 best-T1 config", idp(8, bc))
+        if not a.quick:
+            case(T, shared, "idp8 best-T1 config", idp(8, bc))
     if a.sweep_t:
         swt = []
-        for i, c in enumerate(cfgs + idp_configs_many()):
+        for i, c in enumerate(idp_configs()[1:5] + idp_configs_many()):
             try:
-                swt.append((case(a.sweep_t, False, f"idp16 cfg {i}", idp(16, c)), c))
+                swt.append((case(a.sweep_t, False, f"idp16 T-sweep cfg {i}", idp(16, c)), c))
             except Exception as e:  # noqa: BLE001
                 print(f"  idp16 cfg {i} failed at T={a.sweep_t}: {type(e).__name__}: {str(e)[:200]}")
         bt, btc = min(swt, key=lambda rc: rc[0]["us_per_layer"])
         res[f"best_idp16_T{a.sweep_t}"] = repr(btc)
         print(f"best idp16 T={a.sweep_t}: {bt['us_per_layer']:.1f} us/layer ({btc})")
-    case(1, False, "idp16 best again (spread)", idp(16, bc))
+    if not a.quick:
+        case(1, False, "idp16 best again (spread)", idp(16, bc))
     print(f"\ncopy {res['copy_GBps']:.0f} GB/s; best idp16 T=1: {best['us_per_layer']:.1f} us/layer = "
           f"{best['pct_copy']:.1f} % of copy ({bc})")
     return 0
