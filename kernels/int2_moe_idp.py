@@ -80,6 +80,13 @@ def idp_configs_many() -> list[IdpConfig]:
 ABITS_DEFAULT = 16
 
 
+def pick_idp_config(T: int) -> IdpConfig:
+    """Default tile per token count (H200 sweeps, kernels/BENCHMARKS.md): T <= 3 the split-K gate/up of
+    ``idp_configs()[0]`` (23.6 us/layer at T=1); more tokens give enough programs without a split,
+    ``idp_configs_many()[0]`` (100.1 vs 113.9 us/layer at T=8)."""
+    return idp_configs()[0] if T <= 3 else idp_configs_many()[0]
+
+
 # ----------------------------------------------------------------------------- device helpers
 @triton.jit
 def _quad(t, BN: tl.constexpr, NG: tl.constexpr):
@@ -363,7 +370,7 @@ def int2_moe_idp(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
     abits = ABITS_DEFAULT if abits is None else int(abits)
     if abits not in (8, 16):
         raise ValueError(f"kernels.int2_moe_idp: abits must be 8 or 16, got {abits}")
-    cfg = config or idp_configs()[0]
+    cfg = config or pick_idp_config(T)
     if cfg.gate_up.block_n % 64:
         raise ValueError("kernels.int2_moe_idp: gate_up block_n must be a multiple of 64 (whole h groups)")
     gu_w, gu_split = _fit(cfg.gate_up, D // 16, I, "gate_up")
