@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .pdl import launch_args, pdl_wait, prefetch_l2
+from .pdl import launch_args, pdl_wait
 
 from .workspace import split_workspace
 
@@ -105,7 +105,7 @@ def _fp8_linear_kernel(
     # sizes; G > 1 (GROUPED): x is [M, G, K] and output rows [g*N/G, (g+1)*N/G) read x[:, g] only
     M, N, K, KB, G,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, LAST: tl.constexpr,
-    GROUPED: tl.constexpr, PDL: tl.constexpr, PF: tl.constexpr,
+    GROUPED: tl.constexpr, PDL: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -118,10 +118,6 @@ def _fp8_linear_kernel(
     per = tl.cdiv(KB, SPLIT_K)
     kb_lo = pid_k * per
     kb_hi = tl.minimum(kb_lo + per, KB)
-    if PDL and PF > 0:   # the weights are no predecessor's output: start streaming them before the wait
-        j = kb_lo + tl.arange(0, PF)
-        pr = tl.where(nm, rn, pid_n * BLOCK_N).to(tl.int64)
-        prefetch_l2(w_ptr + pr[:, None] * K + tl.where(j < kb_hi, j, kb_lo)[None, :] * 128)   # one line per row-block
     pdl_wait(PDL)
     if GROUPED:   # the launcher keeps each N tile inside one group
         xrow = rm.to(tl.int64) * G + (pid_n * BLOCK_N) // (N // G)
@@ -167,12 +163,6 @@ def decode_scale(scale: torch.Tensor) -> torch.Tensor:
     if str(scale.dtype) == "torch.float8_e8m0fnu" or scale.dtype in (torch.float64, torch.float16, torch.bfloat16):
         return scale.float()
     raise ValueError(f"kernels.fp8_linear: scale must be fp32 or e8m0, got {scale.dtype}")
-
-
-def _prefetch_blocks(m: int, kb: int, cfg: FP8Config) -> int:
-    """K blocks per program to L2-prefetch before the PDL wait (decode-sized calls; 0: none)."""
-    per = triton.cdiv(kb, cfg.split_k)
-    return triton.next_power_of_2(per) if pdl.PREFETCH and m <= 64 and per <= 16 else 0
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *,
@@ -225,7 +215,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *,
     _fp8_linear_kernel[grid](x2, w, s, y, ws, cnt, M, N, K, KB, groups,
                              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, LAST=last,
                              GROUPED=groups > 1, num_warps=cfg.warps, num_stages=cfg.stages,
-                             PF=_prefetch_blocks(M, KB, cfg), **launch_args(x.device))
+                             **launch_args(x.device))
     return y.to(x.dtype).reshape(*lead, N)
 
 

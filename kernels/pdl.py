@@ -8,9 +8,9 @@ completed and its writes are visible -- and then releases its own dependents
 (``griddepcontrol.launch_dependents``), so the next kernel's programs can be made resident early.
 Semantics are those of plain stream order; only the gaps shrink. Kernels whose weights no predecessor
 writes start on them before the wait: the router loads its weight rows, the mHC pre prefetches its
-mixing weights to L2. The same for the FP8 GEMV's weight slice (``PREFETCH``) measured slower on the
-H200 (b1 step 6.04 -> 6.42 ms, b8 14.22 -> 14.64 ms: early-resident programs prefetching whole slices
-compete with the running kernel for bandwidth), so it is off.
+mixing weights to L2. The same for the FP8 GEMV's weight slice measured slower on the H200 in two
+sessions (b1 step 6.04 -> 6.42 ms, then 6.07 -> 6.37; b8 14.22 -> 14.64: early-resident programs
+prefetching whole slices compete with the running kernel for bandwidth) and was removed.
 
 ``ENABLED`` switches it (the bench times both); off the GPU or below sm_90 the kernels compile without it
 (``PDL=False``: the CPU interpreter never sees the inline PTX).
@@ -22,7 +22,6 @@ import triton
 import triton.language as tl
 
 ENABLED = True       # H200, 2026-11-29 (bench "PDL toggled" column): b1 6.72 -> 6.50 ms, b8 15.01 -> 14.04 ms
-PREFETCH = False     # FP8 weight L2 prefetch before the wait: measured slower (b1 6.04 ms without, 6.42 with)
 
 _CAPABLE: dict = {}
 # Triton >= 3.3 has griddepcontrol (tl.extra.cuda.gdc_*) and the launch_pdl option; older ones run without PDL

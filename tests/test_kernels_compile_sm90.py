@@ -51,8 +51,8 @@ for bm, bn, split_k, warps, stages, last, grouped in cases:
                "y_ptr": "*bf16" if split_k == 1 or last else "*fp32", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
                "M": "constexpr" if m == 1 else "i32", "N": "i32", "K": "i32", "KB": "i32", "G": "i32",
                "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "SPLIT_K": "constexpr", "LAST": "constexpr",
-               "GROUPED": "constexpr", "PF": "constexpr"}
-        cons = {"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": split_k, "LAST": last, "GROUPED": grouped, "PF": 8}
+               "GROUPED": "constexpr"}
+        cons = {"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": split_k, "LAST": last, "GROUPED": grouped}
         if m == 1:
             cons["M"] = 1
         name = f"fp8_linear M={m} tile={bm}x{bn} split_k={split_k} warps={warps} stages={stages} last={last} grouped={grouped}"
