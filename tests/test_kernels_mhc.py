@@ -172,14 +172,19 @@ def test_hc_pre_prefill_split_k(dtype, split, block_k, max_bd, monkeypatch):
 @torch.no_grad()
 def test_model_forward_with_fused_mhc_prefill(monkeypatch):
     """The eager model with the mHC prefill kernel (dsv4lib.model.transformer.FUSED_MHC_PREFILL, on by default
-    for CUDA tensors; forced on here for CPU ones, the interpreter runs it) gives the torch path's logits."""
+    for CUDA tensors) gives the torch path's logits: on the GPU with the flag toggled, on the CPU forced on
+    (the interpreter runs it)."""
     import dsv4lib.model.transformer as tr
     from dsv4lib.config import ModelConfig
     from dsv4lib.model import DeepseekV4
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
-    m = DeepseekV4(ModelConfig.tiny()).eval()
-    ids = torch.randint(0, m.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1))
+    m = DeepseekV4(ModelConfig.tiny()).eval().to(dev)
+    ids = torch.randint(0, m.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(1)).to(dev)
+    monkeypatch.setattr(tr, "FUSED_MHC_PREFILL", False)
     ref = m(ids)
-    monkeypatch.setattr(tr, "_use_fused_mhc", lambda X: True)
+    monkeypatch.setattr(tr, "FUSED_MHC_PREFILL", True)
+    if dev == "cpu":
+        monkeypatch.setattr(tr, "_use_fused_mhc", lambda X: True)
     got = m(ids)
     assert (got - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
