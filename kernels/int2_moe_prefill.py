@@ -38,6 +38,7 @@ import triton.language as tl
 
 from .int2_dequant import _int2_tile, as_int32, dequantize_int2, fit_w
 from .int2_moe_decode import _check_routing, check_moe_weights
+from .ptx import codes_f16x2
 
 
 @dataclass(frozen=True)
@@ -81,13 +82,6 @@ def pick_prefill_config(T: int, k: int, E: int) -> PrefillConfig:
 
 
 @triton.jit
-def _code_f16(words, zh, sc, J: tl.constexpr):
-    """Weight of code J of every word: ``((1024 + q) - (1024 + z)) * s`` in fp16, ``[BN, W]``."""
-    q = ((words >> (2 * J)) & 3) | 0x6400
-    return (q.to(tl.int16).to(tl.float16, bitcast=True) - zh) * sc
-
-
-@triton.jit
 def _words_load(w_ptr, rows, row_mask, kw0, KW, W: tl.constexpr):
     """Packed words ``[BN, W]`` int32 of K step kw0."""
     kw = kw0 + tl.arange(0, W)
@@ -107,19 +101,33 @@ def _sz_load(s_ptr, z_ptr, rows, row_mask, kw0, KW, W: tl.constexpr):
 
 @triton.jit
 def _tile_interleave(words, sc, zb, kw0, W: tl.constexpr):
-    """``[BN, 16W]`` fp16 tile from words / scales / zero bytes ``[BN, W]`` (see ``_int2_tile_f16``)."""
+    """``[BN, 16W]`` fp16 tile from words / scales / zero bytes ``[BN, W]`` (see ``_int2_tile_f16``).
+
+    Codes j and j + 8 of a word sit 16 bits apart, so ``words >> 2j`` holds both where one ``lop3`` makes
+    them an fp16 pair ``(1024 + q)`` and ``sub/mul.f16x2`` finish both weights (``ptx.codes_f16x2``): about
+    2.6 instructions per weight instead of ~6 for one code at a time, bit-identical results."""
     g = (kw0 + tl.arange(0, W)) // 4
     z = ((zb.to(tl.int32) & 0xFF) >> ((g % 2) * 4)[None, :]) & 0xF
-    zh = (z | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)          # 1024 + z, [BN, W]
+    zz = (z | 0x6400) * 0x10001                                          # (1024 + z) in both fp16 halves
+    sb = sc.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    ss = sb | (sb << 16)                                                 # (s, s)
     # out[16w + j] = code j: interleave(evens, odds) recursively -> leaf pairs (j, j + 8)
-    a0 = tl.interleave(_code_f16(words, zh, sc, 0), _code_f16(words, zh, sc, 8))
-    a1 = tl.interleave(_code_f16(words, zh, sc, 4), _code_f16(words, zh, sc, 12))
-    a2 = tl.interleave(_code_f16(words, zh, sc, 2), _code_f16(words, zh, sc, 10))
-    a3 = tl.interleave(_code_f16(words, zh, sc, 6), _code_f16(words, zh, sc, 14))
-    a4 = tl.interleave(_code_f16(words, zh, sc, 1), _code_f16(words, zh, sc, 9))
-    a5 = tl.interleave(_code_f16(words, zh, sc, 5), _code_f16(words, zh, sc, 13))
-    a6 = tl.interleave(_code_f16(words, zh, sc, 3), _code_f16(words, zh, sc, 11))
-    a7 = tl.interleave(_code_f16(words, zh, sc, 7), _code_f16(words, zh, sc, 15))
+    c0, c8 = codes_f16x2(words, zz, ss)
+    c4, c12 = codes_f16x2(words >> 8, zz, ss)
+    c2, c10 = codes_f16x2(words >> 4, zz, ss)
+    c6, c14 = codes_f16x2(words >> 12, zz, ss)
+    c1, c9 = codes_f16x2(words >> 2, zz, ss)
+    c5, c13 = codes_f16x2(words >> 10, zz, ss)
+    c3, c11 = codes_f16x2(words >> 6, zz, ss)
+    c7, c15 = codes_f16x2(words >> 14, zz, ss)
+    a0 = tl.interleave(c0, c8)
+    a1 = tl.interleave(c4, c12)
+    a2 = tl.interleave(c2, c10)
+    a3 = tl.interleave(c6, c14)
+    a4 = tl.interleave(c1, c9)
+    a5 = tl.interleave(c5, c13)
+    a6 = tl.interleave(c3, c11)
+    a7 = tl.interleave(c7, c15)
     return tl.interleave(tl.interleave(tl.interleave(a0, a1), tl.interleave(a2, a3)),
                          tl.interleave(tl.interleave(a4, a5), tl.interleave(a6, a7)))   # [BN, 16W]
 

@@ -45,3 +45,23 @@ def dp2a_us(a, b, c, HI: tl.constexpr):
         lo = (a << 16) >> 16
         hi = a >> 16
         return c + lo * ((b >> (8 * j)) & 0xFF) + hi * ((b >> (8 * j + 8)) & 0xFF)
+
+
+@triton.jit
+def codes_f16x2(s, zz, ss):
+    """Two INT2 codes at bits [0, 2) and [16, 18) of int32 ``s`` -> fp16 ``((1024 + q) - zh) * sh`` each,
+    where ``zz`` / ``ss`` hold the fp16 pair (zh, zh) / (sh, sh) as int32 bits: one ``lop3`` (mask |
+    0x6400 exponent, both halves), ``sub.rn.f16x2`` (exact for 1024 + q - (1024 + z)) and
+    ``mul.rn.f16x2`` (one rounding, as an fp16 multiply). Returns (low code, high code)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 r; lop3.b32 r, $2, 0x30003, 0x64006400, 0xEA; sub.rn.f16x2 r, r, $3; "
+            "mul.rn.f16x2 r, r, $4; mov.b32 {$0, $1}, r; }",
+            "=h,=h,r,r,r", [s, zz, ss], dtype=(tl.float16, tl.float16), is_pure=True, pack=1)
+    else:
+        t = (s & 0x30003) | 0x64006400
+        zh = zz.to(tl.int16).to(tl.float16, bitcast=True)
+        sh = ss.to(tl.int16).to(tl.float16, bitcast=True)
+        lo = ((t & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True) - zh) * sh
+        hi = ((t >> 16).to(tl.int16).to(tl.float16, bitcast=True) - zh) * sh
+        return lo, hi

@@ -6,10 +6,11 @@ is the unquantised fp32 math (the error the activation quantisation costs, per b
 import pytest
 import torch
 
-from dsv4lib.kernels.int2_dequant import random_int2
+from dsv4lib.kernels.int2_dequant import random_int2, unpack_codes_reference, unpack_zeros_reference
 from dsv4lib.kernels.int2_moe_decode import int2_moe_reference
 from dsv4lib.kernels.int2_moe_idp import (IdpConfig, IdpStage, idp_configs, int2_moe_idp,
                                           int2_moe_idp_reference, quantize_groups_reference)
+from dsv4lib.kernels.int2_moe_prefill import _sz_load, _tile_interleave, _words_load
 from dsv4lib.kernels.ptx import dp2a_us, dp4a_us
 
 triton = pytest.importorskip("triton")
@@ -223,3 +224,30 @@ def test_idp_in_the_bf16_model(tmp_path, monkeypatch):
     assert diff <= 0.05 * scale, (diff, scale)
     agree = (runs[True].argmax(-1) == runs[False].argmax(-1)).float().mean().item()
     assert agree >= 0.9, agree
+
+
+@triton.jit
+def _tile_kernel(w_ptr, s_ptr, z_ptr, out_ptr, BN: tl.constexpr, W: tl.constexpr, KW: tl.constexpr):
+    from_rows = tl.arange(0, BN)
+    words = _words_load(w_ptr, from_rows, from_rows < BN, 0, KW, W)
+    sc, zb = _sz_load(s_ptr, z_ptr, from_rows, from_rows < BN, 0, KW, W)
+    tile = _tile_interleave(words, sc, zb, 0, W)                       # [BN, 16W] fp16
+    tl.store(out_ptr + from_rows[:, None] * (16 * W) + tl.arange(0, 16 * W)[None, :], tile)
+
+
+def test_prefill_tile_codes_f16x2_bit_exact():
+    """The INT2 prefill kernels' fp16 tile, built two codes per 32-bit op (ptx.codes_f16x2), equals
+    ``fp16(q - z) * fp16(s)`` rounded once -- bit for bit, incl. negative scales and every zero."""
+    g = torch.Generator().manual_seed(0)
+    BN, W, KW = 16, 8, 16
+    packed = torch.randint(-2**31, 2**31 - 1, (BN, KW), generator=g, dtype=torch.int64).to(torch.int32)
+    scale = (torch.randn(BN, KW // 4, generator=g) * 0.05).half()
+    zero = torch.randint(-128, 128, (BN, KW // 8), generator=g, dtype=torch.int64).to(torch.int8)
+    dev = _dev()
+    out = torch.empty(BN, 16 * W, dtype=torch.float16, device=dev)
+    _tile_kernel[(1,)](packed.to(dev), scale.to(dev), zero.to(dev), out, BN=BN, W=W, KW=KW)
+    q = unpack_codes_reference(packed)[:, :16 * W].float()
+    z = unpack_zeros_reference(zero).float().repeat_interleave(64, -1)[:, :16 * W]
+    s = scale.float().repeat_interleave(64, -1)[:, :16 * W]
+    ref = ((q - z).half().float() * s).half()                           # one rounding of the exact product
+    assert torch.equal(out.cpu().view(torch.int16), ref.view(torch.int16))
