@@ -90,7 +90,7 @@ class Attention(nn.Module):
         # entries complete by its last query (the rest are -inf for all of its queries), so scores are
         # [B, H, chunk, ~chunk + window + T/r] instead of [B, H, S, S + T] (same softmax, less memory)
         o = torch.empty(B, S, H, c, dtype=x.dtype, device=x.device)
-        sink = hp(self.attn_sink).view(1, H, 1, 1)
+        sink = hp(self.attn_sink)
         for s0 in range(0, S, QUERY_CHUNK):
             s1 = min(S, s0 + QUERY_CHUNK)
             j0 = max(0, start_pos + s0 - self.window + 1 - base)
@@ -103,11 +103,16 @@ class Attention(nn.Module):
             if t1:
                 keys = torch.cat([keys, ent[:, :t1]], 1)
                 bias = torch.cat([bias, cb[:, s0:s1, :t1]], -1)
+            # the sink as one more key: a zero vector whose logit is overwritten with the sink, and whose
+            # value (the same zero row, K = V) adds nothing -- no [B, H, s, n+1] concatenation or slice of p
+            keys = torch.cat([keys, keys.new_zeros(B, 1, c)], 1)                               # [B, n+1, c]
+            bias = torch.nn.functional.pad(bias, (0, 1))
             # bf16/fp16 model on CUDA: q and keys hold bf16 values, exact in TF32 -> tensor cores for the
             # two products (scores exact up to summation order; p rounded to 11 bits, below o's bf16 rounding)
             with tf32_matmuls(x.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and keys.dtype == q.dtype):
                 z = torch.einsum("bshd,bnd->bhsn", hp(q[:, s0:s1]), hp(keys)) * c ** -0.5 + bias[:, None]
-                p = torch.cat([z, sink.expand(B, H, s1 - s0, 1)], -1).softmax(-1)[..., :-1]   # [B, H, s, n]
+                z[..., -1] = sink.view(1, H, 1)
+                p = z.softmax(-1)                                                               # [B, H, s, n+1]
                 o[:, s0:s1] = torch.einsum("bhsn,bnd->bshd", p, hp(keys)).to(x.dtype)         # [B, s, H, c]
         o = apply_rope(o, cos, sin, inverse=True)
         u = grouped_output_a(self, o.reshape(B, S, self.groups, -1))       # [B, S, G*o_lora]
