@@ -29,3 +29,22 @@ def test_query_chunks_equal_dense(monkeypatch, chunk):
     got_dec = torch.cat([m(ids[:, i:i + 1], c) for i in range(45, 70)], 1)
     assert (got_pre - dense_pre).abs().max() <= 1e-4 * dense_pre.abs().max()
     assert (got_dec - dense_dec).abs().max() <= 1e-4 * dense_dec.abs().max()
+
+
+def test_apply_rope_inplace_equals_copy():
+    """``apply_rope(..., inplace=True)`` (the eager attention's q and output) writes exactly the values of
+    the copying version into its argument, for fp32 (views of x feed the rotation) and bf16; with autograd
+    recording x it falls back to the copy."""
+    import torch
+    from dsv4lib.model.rope import apply_rope, cos_sin, rope_freqs
+    cos, sin = cos_sin(rope_freqs(16, 10000.0, None), torch.arange(5))
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 5, 3, 24).to(dtype)
+        ref = apply_rope(x, cos, sin, inverse=True)
+        y = x.clone()
+        out = apply_rope(y, cos, sin, inverse=True, inplace=True)
+        assert out.data_ptr() == y.data_ptr() and torch.equal(out, ref)
+    x = torch.randn(2, 5, 3, 24, requires_grad=True)
+    out = apply_rope(x, cos, sin, inplace=True)
+    out.sum().backward()
+    assert out.data_ptr() != x.data_ptr() and x.grad is not None

@@ -50,7 +50,7 @@ class Attention(nn.Module):
         qr = self.q_norm(self.wq_a(x))                                      # [B, S, q_lora]
         q = self.wq_b(qr).unflatten(-1, (H, c))                             # [B, S, H, c]
         q = q * torch.rsqrt(hp(q).pow(2).mean(-1, keepdim=True) + self.eps).to(q.dtype)
-        q = apply_rope(q, cos, sin)
+        q = apply_rope(q, cos, sin, inplace=True)                           # q: this function's own tensor
         kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)                # [B, S, c]
         if self.lowp:
             nope = c - self.rope_dim
@@ -114,7 +114,7 @@ class Attention(nn.Module):
                 z[..., -1] = sink.view(1, H, 1)
                 p = z.softmax(-1)                                                               # [B, H, s, n+1]
                 o[:, s0:s1] = torch.einsum("bhsn,bnd->bshd", p, hp(keys)).to(x.dtype)         # [B, s, H, c]
-        o = apply_rope(o, cos, sin, inverse=True)
+        o = apply_rope(o, cos, sin, inverse=True, inplace=True)
         u = grouped_output_a(self, o.reshape(B, S, self.groups, -1))       # [B, S, G*o_lora]
         return self.wo_b(u)
 

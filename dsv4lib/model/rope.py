@@ -42,10 +42,13 @@ def cos_sin(freqs: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch
     return ang.cos(), ang.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False,
+               inplace: bool = False) -> torch.Tensor:
     """Rotate the trailing ``2*cos.shape[-1]`` dims of ``x`` [..., L, (heads,) d] (interleaved pairs).
 
     ``cos``/``sin`` [..., L, r/2] broadcast over an optional heads axis when x has one more dim.
+    ``inplace``: write the rotated dims into ``x`` (a tensor the caller owns) instead of concatenating a
+    copy of all of it -- skipped when autograd records ``x``.
     """
     r = 2 * cos.shape[-1]
     while cos.dim() < x.dim() - 1:
@@ -55,4 +58,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: b
     xr = hp(x[..., -r:]).unflatten(-1, (-1, 2))                        # [..., r/2, 2]
     a, b = xr[..., 0], xr[..., 1]
     rot = torch.stack((a * cos - b * sin, a * sin + b * cos), -1).flatten(-2)
+    if inplace and not (torch.is_grad_enabled() and x.requires_grad):
+        x[..., -r:] = rot.to(x.dtype)
+        return x
     return torch.cat([x[..., :-r], rot.to(x.dtype)], -1)
