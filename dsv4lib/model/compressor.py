@@ -13,7 +13,7 @@ from torch import nn
 from ..config import ModelConfig
 from .cache import CompressorState
 from .linear import Linear, RMSNorm
-from .lowp import fake_quant_fp4, fake_quant_fp8, hadamard, hp
+from .lowp import fake_quant_fp4, fake_quant_fp8, hadamard, hp, tf32_matmuls
 from .rope import apply_rope, cos_sin, layer_freqs
 
 
@@ -41,8 +41,13 @@ class Compressor(nn.Module):
         """
         B = x.shape[0]
         r, hd = self.ratio, self.head_dim
-        kv = self.wkv(hp(x))                                           # [B, S, coff*hd]
-        gate = self.wgate(hp(x))
+        # fp32 projections of the bf16 stream (the reference's precision). With bf16/fp16 weights on CUDA both
+        # operands hold 16-bit values, exact in TF32: tensor cores give the same products, fp32 accumulation
+        exact16 = (x.dtype in (torch.bfloat16, torch.float16)
+                   and all(m.weight.dtype in (torch.bfloat16, torch.float16) for m in (self.wkv, self.wgate)))
+        with tf32_matmuls(x.is_cuda and exact16):
+            kv = self.wkv(hp(x))                                       # [B, S, coff*hd]
+            gate = self.wgate(hp(x))
         first = 0
         if state is not None:
             first = state.n_entries
