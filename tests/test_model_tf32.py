@@ -1,5 +1,5 @@
 """TF32 products in bf16 models (dsv4lib.model.lowp.tf32_matmuls, used by Attention.forward for the scores
-and by Compressor.forward for its fp32 projections of the bf16 stream).
+by Compressor.forward for its fp32 projections of the bf16 stream, and by the MoE Gate for its logits).
 
 CPU: the context manager switches the flag and restores it (also after an exception).
 GPU: a bf16 model's logits with TF32 attention products are as close to the fp32 model's as without
@@ -38,6 +38,7 @@ def test_tf32_context_sets_and_restores():
 def test_bf16_attention_tf32_adds_no_error(monkeypatch):
     import dsv4lib.model.attention as attention
     import dsv4lib.model.compressor as compressor
+    import dsv4lib.model.moe as moe
     cfg = ModelConfig.tiny()
     torch.manual_seed(0)
     ref_model = DeepseekV4(cfg).eval().cuda()                          # fp32 reference (no TF32: fp32 operands)
@@ -48,6 +49,7 @@ def test_bf16_attention_tf32_adds_no_error(monkeypatch):
     with_tf32 = m16(ids).float()
     monkeypatch.setattr(attention, "tf32_matmuls", lambda enabled: contextlib.nullcontext())
     monkeypatch.setattr(compressor, "tf32_matmuls", lambda enabled: contextlib.nullcontext())
+    monkeypatch.setattr(moe, "tf32_matmuls", lambda enabled: contextlib.nullcontext())
     without = m16(ids).float()
     err_with = (with_tf32 - ref).abs().max().item()
     err_without = (without - ref).abs().max().item()

@@ -15,7 +15,7 @@ from torch import nn
 from ..config import ModelConfig
 from .experts import DenseExperts, ExpertBackend, swiglu
 from .linear import Linear
-from .lowp import hp
+from .lowp import hp, tf32_matmuls
 
 
 @dataclass(frozen=True)
@@ -47,7 +47,10 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None):
         """x [T,D] -> (scores [T,E] fp32, idx [T,k], weight [T,k] fp32)."""
-        s = F.softplus(hp(x) @ hp(self.weight).t()).sqrt()          # [T, E]
+        # fp32 logits; bf16/fp16 operands on CUDA are exact in TF32 (tensor cores, fp32 accumulation)
+        exact16 = x.dtype in (torch.bfloat16, torch.float16) and self.weight.dtype in (torch.bfloat16, torch.float16)
+        with tf32_matmuls(x.is_cuda and exact16):
+            s = F.softplus(hp(x) @ hp(self.weight).t()).sqrt()      # [T, E]
         if self.hash:
             if input_ids is None:
                 raise ValueError("hash-routed MoE layer needs input_ids")
