@@ -113,6 +113,14 @@ def fit_w(w: int, kw: int) -> int:
     return w
 
 
+def fit_split(kw: int, w: int, split: int) -> int:
+    """Largest K split <= ``split`` that gives every program the same whole number of ``w``-word steps."""
+    split = max(1, min(split, kw // w))
+    while (kw // w) % split:
+        split -= 1
+    return split
+
+
 def as_int32(packed: torch.Tensor) -> torch.Tensor:
     """Same bits, int32 view (Triton and torch handle int32 everywhere)."""
     return packed.view(torch.int32) if packed.dtype == torch.uint32 else packed

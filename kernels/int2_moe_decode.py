@@ -41,7 +41,7 @@ import triton.language as tl
 
 from .pdl import launch_args, pdl_wait
 
-from .int2_dequant import as_int32, check_int2, dequantize_int2_reference, fit_w
+from .int2_dequant import as_int32, check_int2, dequantize_int2_reference, fit_split, fit_w
 
 
 @dataclass(frozen=True)
@@ -529,10 +529,7 @@ def _stage(cfg: StageConfig, kw: int, dot: bool, name: str) -> tuple[int, int]:
     w = fit_w(cfg.w, kw)
     if dot and w % 4:
         raise ValueError(f"kernels.int2_moe_decode: {name}: the dot and fp16 paths need w to be a multiple of 4")
-    split = max(1, min(cfg.split, kw // w))
-    while (kw // w) % split:
-        split -= 1
-    return w, split
+    return w, fit_split(kw, w, cfg.split)
 
 
 def int2_moe_decode(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .int2_dequant import as_int32
+from .int2_dequant import as_int32, fit_split
 from .int2_moe_decode import _check_routing, check_moe_weights
 from .pdl import launch_args, pdl_wait
 from .ptx import dp2a_us, dp4a_us
@@ -346,10 +346,7 @@ def _fit(stage: IdpStage, kw: int, rows: int, name: str) -> tuple[int, int]:
         w //= 2
     if w < 4:
         raise ValueError(f"kernels.int2_moe_idp: {name}: {kw} words per row cannot be split in 4-word groups")
-    split = max(1, min(stage.split, kw // w))
-    while (kw // w) % split:
-        split -= 1
-    return w, split
+    return w, fit_split(kw, w, stage.split)
 
 
 def int2_moe_idp(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,

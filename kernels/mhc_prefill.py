@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .mhc_step import check_pre
+from .mhc_step import check_pre, renorm_row
 
 MIX_BM = 128           # tokens per mixing program (block_m)
 MIX_BK = 32            # K step of the mixing loop
@@ -155,14 +155,7 @@ def _collapse_kernel(x_ptr, pre_ptr, nw_ptr, y_ptr, K, D, out_eps,
             yf = y.to(tl.float32)
             yss += yf * yf
         if HAS_NORM:   # second pass over what this program stored
-            tl.debug_barrier()
-            ry = 1.0 / tl.sqrt(tl.sum(yss, axis=0) / D + out_eps)
-            for d0 in range(0, D, BD):
-                d = d0 + tl.arange(0, BD)
-                dm = d < D
-                y = tl.load(yrow + d, mask=dm, other=0.0).to(tl.float32)
-                g = tl.load(nw_ptr + d, mask=dm, other=0.0)
-                tl.store(yrow + d, (g * (y * ry)).to(y_ptr.dtype.element_ty), mask=dm)
+            renorm_row(yrow, nw_ptr, yss, D, out_eps, BD)
 
 
 _FNT: dict[int, tuple] = {}   # id(fn) -> ((fn's version, address, NP), fnt); dropped when fn is freed

@@ -126,16 +126,23 @@ def _hc_pre_kernel(x_ptr, fn_ptr, part_ptr, cnt_ptr, scale_ptr, base_ptr, nw_ptr
                 tl.store(y_ptr + t * D + d, y, mask=dm)
                 yf = y.to(tl.float32)
                 yss += yf * yf
-            if HAS_NORM:   # second pass over what this program stored
-                tl.debug_barrier()
-                ry = 1.0 / tl.sqrt(tl.sum(yss, axis=0) / D + out_eps)
-                for d0 in range(0, D, BD):
-                    d = d0 + tl.arange(0, BD)
-                    dm = d < D
-                    y = tl.load(y_ptr + t * D + d, mask=dm, other=0.0).to(tl.float32)
-                    g = tl.load(nw_ptr + d, mask=dm, other=0.0)
-                    tl.store(y_ptr + t * D + d, (g * (y * ry)).to(y_ptr.dtype.element_ty), mask=dm)
+            if HAS_NORM:
+                renorm_row(y_ptr + t * D, nw_ptr, yss, D, out_eps, BD)
         tl.atomic_xchg(cnt_ptr + t, 0)                                                     # ready for the next call
+
+
+@triton.jit
+def renorm_row(yrow, nw_ptr, yss, D, out_eps, BD: tl.constexpr):
+    """Second pass of a row RMSNorm over what the program stored at ``yrow`` (its own writes: a CTA
+    barrier suffices): ``y = nw * y * rsqrt(sum(yss) / D + eps)`` in place, rounded to y's dtype."""
+    tl.debug_barrier()
+    ry = 1.0 / tl.sqrt(tl.sum(yss, axis=0) / D + out_eps)
+    for d0 in range(0, D, BD):
+        d = d0 + tl.arange(0, BD)
+        dm = d < D
+        y = tl.load(yrow + d, mask=dm, other=0.0).to(tl.float32)
+        g = tl.load(nw_ptr + d, mask=dm, other=0.0)
+        tl.store(yrow + d, (g * (y * ry)).to(yrow.dtype.element_ty), mask=dm)
 
 
 @triton.jit

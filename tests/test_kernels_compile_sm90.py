@@ -129,13 +129,46 @@ for single, has_norm in ((True, False), (True, True), (False, True)):
     cons = dict(HC=4, BD=4096 if single else 2048, SINGLE=single, HAS_NORM=has_norm)
     check_plain(f"hc_pre_prefill collapse single={single} norm={has_norm}", mp._collapse_kernel, sig, cons,
                 num_warps=mp.COLLAPSE_WARPS)
+from dsv4lib.kernels.int2_moe_idp import _down_kernel, _gate_up_kernel, _prep_kernel, idp_configs, idp_configs_many
+# INT2 idp decode (inline dp2a/dp4a: the interpreter runs their emulation, only this compiles the assembly)
+gu = {"xa_ptr": "*i32", "sx_ptr": "*fp32", "qs_ptr": "*i32", "idx_ptr": "*i64", "rw_ptr": "*fp32", "TOPK": "i32",
+      "w1_ptr": "*i32", "s1_ptr": "*fp16", "z1_ptr": "*i8", "w3_ptr": "*i32", "s3_ptr": "*fp16", "z3_ptr": "*i8",
+      "gu_ptr": "*fp32", "cnt_ptr": "*fp32", "ha_ptr": "*i32", "hsx_ptr": "*fp32", "hqs_ptr": "*i32",
+      "I": "i32", "KW": "i32", "limit": "fp32", "BLOCK_N": "constexpr", "W": "constexpr", "SPLIT_K": "constexpr",
+      "QMAX": "constexpr", "NA": "constexpr", "A16": "constexpr", "PREFETCH": "constexpr"}
+dn = {"ha_ptr": "*i32", "hsx_ptr": "*fp32", "hqs_ptr": "*i32", "TOPK": "i32", "idx_ptr": "*i64", "w2_ptr": "*i32",
+      "s2_ptr": "*fp16", "z2_ptr": "*i8", "y_ptr": "*fp32", "D": "i32", "KW": "i32", "BLOCK_N": "constexpr",
+      "W": "constexpr", "SPLIT_K": "constexpr", "NA": "constexpr", "A16": "constexpr", "PREFETCH": "constexpr"}
+pr = {"x_ptr": "*bf16", "xa_ptr": "*i32", "sx_ptr": "*fp32", "qs_ptr": "*i32", "ws_ptr": "*fp32", "NZ": "i32",
+      "KW": "i32", "NX": "i32", "GW": "constexpr", "BLOCK_Z": "constexpr", "QMAX": "constexpr", "NA": "constexpr",
+      "A16": "constexpr"}
+for a16 in (True, False):
+    q = dict(QMAX=32767.0 if a16 else 127.0, NA=8 if a16 else 4, A16=a16)
+    check(f"prep a16={a16}", _prep_kernel, pr, dict(GW=16, BLOCK_Z=1024, **q), num_warps=4)
+    for i, c in enumerate(idp_configs()[:3] + idp_configs_many()[:1]):   # the T=1 and T>=4 defaults + two
+        g, d = c.gate_up, c.down
+        check(f"gate_up a16={a16} cfg {i}", _gate_up_kernel, gu,
+              dict(BLOCK_N=g.block_n, W=g.w, SPLIT_K=g.split, PREFETCH=g.prefetch, **q), num_warps=g.warps)
+        q2 = {k: v for k, v in q.items() if k != "QMAX"}
+        check(f"down a16={a16} cfg {i}", _down_kernel, dn,
+              dict(BLOCK_N=d.block_n, W=d.w, SPLIT_K=d.split, PREFETCH=d.prefetch, **q2), num_warps=d.warps)
+from dsv4lib.kernels.int2_moe_prefill import _gate_up_kernel as _pf_gate_up
+# INT2 prefill gate/up (inline lop3 + f16x2 in the tile dequant), the T=2048 launch config
+sig = {"x_ptr": "*fp16", "sorted_ptr": "*i32", "bexp_ptr": "*i32", "S": "i32", "TOPK": "i32", "rw_ptr": "*fp32",
+       "w1_ptr": "*i32", "s1_ptr": "*fp16", "z1_ptr": "*i8", "w3_ptr": "*i32", "s3_ptr": "*fp16", "z3_ptr": "*i8",
+       "h_ptr": "*fp16", "I": "i32", "D": "i32", "KW": "i32", "limit": "fp32", "E0": "i32", "EC": "i32",
+       "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "W": "constexpr", "SWAP": "constexpr", "EXPAND": "constexpr",
+       "DEQ": "constexpr"}
+check_plain("int2 prefill gate_up", _pf_gate_up, sig, dict(BLOCK_M=64, BLOCK_N=64, W=8, SWAP=True, EXPAND=3, DEQ=False),
+            num_warps=4, num_stages=3)
 print(json.dumps(out))
 '''
 
 
 def test_kernels_compile_for_sm90():
     """fp8_linear: the fallback configs and every tuned one (TUNED), at M = 1 and M > 1; mHC pre; fused router;
-    RMSNorm+RoPE scattered into the window; attention combine with the output RoPE; the mHC prefill kernels."""
+    RMSNorm+RoPE scattered into the window; attention combine with the output RoPE; the mHC prefill kernels;
+    the INT2 idp decode kernels and the INT2 prefill gate/up (their inline PTX never runs in the interpreter)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     p = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT,
