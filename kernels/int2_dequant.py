@@ -12,10 +12,11 @@ E experts and a logical weight ``[E, K_out, K_in]``, group size G = 64:
 ``w = (q - z) * s`` in fp32. K_in must be a multiple of 128 (the zero packing needs it); K_out is
 arbitrary. Inside the kernels the uint32 words are viewed as int32 (same bits; shifts are masked).
 
-``_int2_tile`` is the register-level dequant used by every dot-based INT2 kernel
-(``int2_moe_prefill``, the multi-token path of ``int2_moe_decode``): it loads a ``[BLOCK_N, W]``
-tile of packed words (16 codes each) plus the per-word scale / zero, expands the codes with a
-broadcast shift, and returns the dequantised ``[BLOCK_N, 16*W]`` fp32 tile in natural K order.
+``_int2_tile`` is the register-level fp32 dequant of the stand-alone dequant kernel: it loads a
+``[BLOCK_N, W]`` tile of packed words (16 codes each) plus the per-word scale / zero, expands the codes
+with a broadcast shift, and returns the dequantised ``[BLOCK_N, 16*W]`` fp32 tile in natural K order. The
+MoE kernels build their own tiles: ``int2_moe_prefill`` in fp16 code pairs (``_tile_interleave``), the
+decode kernels inside their inner loops (``int2_moe_decode``, ``int2_moe_idp``).
 """
 from __future__ import annotations
 

@@ -36,7 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .int2_dequant import _int2_tile, as_int32, dequantize_int2, fit_w
+from .int2_dequant import as_int32, dequantize_int2, fit_w
 from .int2_moe_decode import _check_routing, check_moe_weights
 from .ptx import codes_f16x2
 
