@@ -109,11 +109,14 @@ class Attention(nn.Module):
             bias = torch.nn.functional.pad(bias, (0, 1))
             # bf16/fp16 model on CUDA: q and keys hold bf16 values, exact in TF32 -> tensor cores for the
             # two products (scores exact up to summation order; p rounded to 11 bits, below o's bf16 rounding)
+            # scores kept as [B, s, H, n+1] (the batched matmul's own layout): no head-major permute copies
             with tf32_matmuls(x.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and keys.dtype == q.dtype):
-                z = torch.einsum("bshd,bnd->bhsn", hp(q[:, s0:s1]), hp(keys)) * c ** -0.5 + bias[:, None]
-                z[..., -1] = sink.view(1, H, 1)
-                p = z.softmax(-1)                                                               # [B, H, s, n+1]
-                o[:, s0:s1] = torch.einsum("bhsn,bnd->bshd", p, hp(keys)).to(x.dtype)         # [B, s, H, c]
+                kf = hp(keys)                                                                   # [B, n+1, c]
+                z = torch.matmul(hp(q[:, s0:s1]).flatten(1, 2), kf.transpose(1, 2))             # [B, s*H, n+1]
+                z = z.view(B, s1 - s0, H, -1).mul_(c ** -0.5).add_(bias[:, :, None])
+                z[..., -1] = sink
+                p = z.softmax(-1)                                                               # [B, s, H, n+1]
+                o[:, s0:s1] = torch.matmul(p.flatten(1, 2), kf).view(B, s1 - s0, H, c).to(x.dtype)
         o = apply_rope(o, cos, sin, inverse=True, inplace=True)
         u = grouped_output_a(self, o.reshape(B, S, self.groups, -1))       # [B, S, G*o_lora]
         return self.wo_b(u)
