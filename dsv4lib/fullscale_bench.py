@@ -280,20 +280,22 @@ def run_benchmark(opts: BenchOptions, write=lambda r: None, log=print) -> dict:
     prefill_last_logits(model, ids)   # compile / warm
     t = _wall(lambda: prefill_last_logits(model, ids), dev, 2)
     res["prefill"] = {"batch": 1, "tokens": S, "s": t, "tok_s": S / t}
-    if dev.type == "cuda":   # A/B: the opt-in mHC prefill kernel (model.transformer.FUSED_MHC_PREFILL)
-        from .model import transformer
+    if dev.type == "cuda":   # A/B of the prefill switches, each toggled alone against the default
+        from .model import attention, transformer
         default = prefill_last_logits(model, ids)
-        saved = transformer.FUSED_MHC_PREFILL
-        transformer.FUSED_MHC_PREFILL = not saved
-        try:
-            other = prefill_last_logits(model, ids)
-            t2 = _wall(lambda: prefill_last_logits(model, ids), dev, 2)
-            res["prefill"].update(fused_mhc_toggled_s=t2, fused_mhc_toggled_tok_s=S / t2,
-                                  fused_mhc_toggled_max_abs=float((other - default).abs().max()))
-        except Exception as e:  # noqa: BLE001 - the A/B must not lose the run
-            res["prefill"]["fused_mhc_toggled_error"] = repr(e)[:300]
-        finally:
-            transformer.FUSED_MHC_PREFILL = saved
+        for key, mod, flag in (("fused_mhc", transformer, "FUSED_MHC_PREFILL"),
+                               ("attn_kernel", attention, "PREFILL_ATTN_KERNEL")):
+            saved = getattr(mod, flag)
+            setattr(mod, flag, not saved)
+            try:
+                other = prefill_last_logits(model, ids)
+                t2 = _wall(lambda: prefill_last_logits(model, ids), dev, 2)
+                res["prefill"].update({f"{key}_toggled_s": t2, f"{key}_toggled_tok_s": S / t2,
+                                       f"{key}_toggled_max_abs": float((other - default).abs().max())})
+            except Exception as e:  # noqa: BLE001 - the A/B must not lose the run
+                res["prefill"][f"{key}_toggled_error"] = repr(e)[:300]
+            finally:
+                setattr(mod, flag, saved)
     # bf16 sensitivity of the synthetic network: the same tokens through two mathematically equal eager
     # paths (one forward vs chunked prefill into a Cache) -- the scale of path-to-path logit differences
     full = prefill_last_logits(model, ids)
@@ -372,7 +374,9 @@ def format_table(res: dict) -> str:
     p = res["prefill"]
     lines.append(f"prefill b1 x {p['tokens']}: {p['tok_s']:.0f} tok/s"
                  + (f" (mHC prefill kernel toggled: {p['fused_mhc_toggled_tok_s']:.0f} tok/s)"
-                    if "fused_mhc_toggled_tok_s" in p else ""))
+                    if "fused_mhc_toggled_tok_s" in p else "")
+                 + (f" (attention prefill kernel toggled: {p['attn_kernel_toggled_tok_s']:.0f} tok/s)"
+                    if "attn_kernel_toggled_tok_s" in p else ""))
     m = res["mmlu"]
     lines.append(f"MMLU: {m['batch']}x{m['prompt_len']} batches {m['tok_s']:.0f} tok/s -> {m['tokens']} tokens "
                  f"in {m['est_minutes']:.1f} min")

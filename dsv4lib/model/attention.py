@@ -17,7 +17,17 @@ from .rope import apply_rope, cos_sin, layer_freqs
 
 
 QUERY_CHUNK = 512
-"""Queries per attention block in prefill (memory: scores are [B, H, QUERY_CHUNK, keys of the chunk])."""
+"""Queries per attention block in prefill (memory: scores are [B, QUERY_CHUNK, H, keys of the chunk])."""
+
+PREFILL_ATTN_KERNEL = False
+"""CUDA: each query chunk through the flash-style Triton kernel (kernels/prefill_attention.py) instead of
+the torch scores/softmax/product. Opt-in until timed: the full-scale bench times the prefill toggled."""
+
+
+def _use_attn_kernel(q: torch.Tensor) -> bool:
+    """The kernel's domain: CUDA, no fp64, a power-of-two head dim."""
+    c = q.shape[-1]
+    return PREFILL_ATTN_KERNEL and q.is_cuda and q.dtype != torch.float64 and not c & (c - 1)
 
 
 class Attention(nn.Module):
@@ -88,11 +98,17 @@ class Attention(nn.Module):
                 ent = ent.to(win.dtype)
         # queries in chunks of QUERY_CHUNK: each chunk sees only the window keys inside its span and the
         # entries complete by its last query (the rest are -inf for all of its queries), so scores are
-        # [B, H, chunk, ~chunk + window + T/r] instead of [B, H, S, S + T] (same softmax, less memory)
+        # [B, chunk, H, ~chunk + window + T/r] instead of [B, S, H, S + T] (same softmax, less memory)
         o = torch.empty(B, S, H, c, dtype=x.dtype, device=x.device)
         sink = hp(self.attn_sink)
         for s0 in range(0, S, QUERY_CHUNK):
             s1 = min(S, s0 + QUERY_CHUNK)
+            if _use_attn_kernel(q):
+                from dsv4lib.kernels.prefill_attention import prefill_attention
+                t1 = min(T, (start_pos + s1) // self.ratio) if T else 0
+                prefill_attention(q[:, s0:s1], win, ent[:, :t1] if t1 else None, cb[:, s0:s1, :t1] if t1 else None,
+                                  self.attn_sink, start_pos + s0, base, self.window, c ** -0.5, out=o[:, s0:s1])
+                continue
             j0 = max(0, start_pos + s0 - self.window + 1 - base)
             j1 = min(Nw, start_pos + s1 - base)
             pq, kp = pos[s0:s1], kpos[j0:j1]
