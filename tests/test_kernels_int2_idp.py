@@ -186,3 +186,15 @@ def test_prefill_tile_codes_f16x2_bit_exact():
     s = scale.float().repeat_interleave(64, -1)[:, :16 * W]
     ref = ((q - z).half().float() * s).half()                           # one rounding of the exact product
     assert torch.equal(out.cpu().view(torch.int16), ref.view(torch.int16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("T", [1, 8])
+def test_idp_full_shapes(T):
+    """V4-Flash expert shapes (D 4096, I 2048) at the default tiles for T = 1 and T >= 4, bf16 x, against the
+    quantised reference (fp64 on the CPU)."""
+    args = _moe(T, 6, 16, 4096, 2048, seed=T, dtype=torch.bfloat16, outlier=False)
+    y = int2_moe_idp(*args, 10.0)
+    ref = int2_moe_idp_reference(*[a.cpu() for a in args], 10.0)
+    assert ((y.cpu() - ref).norm() / ref.norm()).item() < 3e-5   # fp32 sums over K = 4096; h rounding flips

@@ -89,3 +89,15 @@ def test_model_forward_with_prefill_attention_kernel(monkeypatch):
         monkeypatch.setattr(attention, "_use_attn_kernel", lambda q: True)
     got = run()
     assert (got - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_prefill_attention_full_shapes_bf16():
+    """V4-Flash shapes on the GPU: a 512-query chunk, 64 heads x 512, 639 window keys, 512 entries (CSA-like
+    selection), bf16 -- the launch config that the offline compile test only assembles."""
+    q, win, ent, bias, sink = _inputs(B=1, S=512, H=64, C=512, NW=639, NE=512, seed=3, dtype=torch.bfloat16)
+    q, win, ent = q * 0.3, win * 0.3, ent * 0.3
+    got = prefill_attention(q, win, ent, bias, sink, 1024, 1024 - 127, 128, 512 ** -0.5)
+    ref = prefill_attention_reference(q, win, ent, bias, sink, 1024, 1024 - 127, 128, 512 ** -0.5)
+    assert torch.allclose(got.float(), ref.float(), atol=2e-2, rtol=2e-2), (got.float() - ref.float()).abs().max()
