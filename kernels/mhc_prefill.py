@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .mhc_step import check_pre, renorm_row
+from .mhc_step import check_pre, norm_row, renorm_row
 
 MIX_BM = 128           # tokens per mixing program (block_m)
 MIX_BK = 32            # K step of the mixing loop
@@ -137,10 +137,7 @@ def _collapse_kernel(x_ptr, pre_ptr, nw_ptr, y_ptr, K, D, out_eps,
             ya += tl.load(pre_ptr + t * HC + kk) * tl.load(xrow + kk * D + d, mask=dm, other=0.0).to(tl.float32)
         y = ya.to(y_ptr.dtype.element_ty)
         if HAS_NORM:
-            yf = y.to(tl.float32)
-            ry = 1.0 / tl.sqrt(tl.sum(yf * yf, axis=0) / D + out_eps)
-            g = tl.load(nw_ptr + d, mask=dm, other=0.0)
-            y = (g * (yf * ry)).to(y_ptr.dtype.element_ty)
+            y = norm_row(y, nw_ptr, d, dm, D, out_eps)
         tl.store(yrow + d, y, mask=dm)
     else:
         yss = tl.zeros([BD], tl.float32)

@@ -110,10 +110,7 @@ def _hc_pre_kernel(x_ptr, fn_ptr, part_ptr, cnt_ptr, scale_ptr, base_ptr, nw_ptr
                 yacc += pk * tl.load(x_ptr + t * K + k * D + d, mask=dm, other=0.0, cache_modifier=".cg").to(tl.float32)
             y = yacc.to(y_ptr.dtype.element_ty)
             if HAS_NORM:
-                yf = y.to(tl.float32)
-                ry = 1.0 / tl.sqrt(tl.sum(yf * yf, axis=0) / D + out_eps)
-                g = tl.load(nw_ptr + d, mask=dm, other=0.0)
-                y = (g * (yf * ry)).to(y_ptr.dtype.element_ty)
+                y = norm_row(y, nw_ptr, d, dm, D, out_eps)
             tl.store(y_ptr + t * D + d, y, mask=dm)
         else:
             yss = tl.zeros([BD], tl.float32)
@@ -129,6 +126,15 @@ def _hc_pre_kernel(x_ptr, fn_ptr, part_ptr, cnt_ptr, scale_ptr, base_ptr, nw_ptr
             if HAS_NORM:
                 renorm_row(y_ptr + t * D, nw_ptr, yss, D, out_eps, BD)
         tl.atomic_xchg(cnt_ptr + t, 0)                                                     # ready for the next call
+
+
+@triton.jit
+def norm_row(y, nw_ptr, d, dm, D, out_eps):
+    """RMSNorm of a whole row ``y`` held in registers (channels ``d``, mask ``dm``), in y's dtype."""
+    yf = y.to(tl.float32)
+    ry = 1.0 / tl.sqrt(tl.sum(yf * yf, axis=0) / D + out_eps)
+    g = tl.load(nw_ptr + d, mask=dm, other=0.0)
+    return (g * (yf * ry)).to(y.dtype)
 
 
 @triton.jit

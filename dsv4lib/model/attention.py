@@ -101,11 +101,13 @@ class Attention(nn.Module):
         # [B, chunk, H, ~chunk + window + T/r] instead of [B, S, H, S + T] (same softmax, less memory)
         o = torch.empty(B, S, H, c, dtype=x.dtype, device=x.device)
         sink = hp(self.attn_sink)
+        kernel = _use_attn_kernel(q)
+        if kernel:
+            from dsv4lib.kernels.prefill_attention import prefill_attention
         for s0 in range(0, S, QUERY_CHUNK):
             s1 = min(S, s0 + QUERY_CHUNK)
-            if _use_attn_kernel(q):
-                from dsv4lib.kernels.prefill_attention import prefill_attention
-                t1 = min(T, (start_pos + s1) // self.ratio) if T else 0
+            t1 = min(T, (start_pos + s1) // self.ratio) if T else 0         # entries visible to the chunk's last query
+            if kernel:
                 prefill_attention(q[:, s0:s1], win, ent[:, :t1] if t1 else None, cb[:, s0:s1, :t1] if t1 else None,
                                   self.attn_sink, start_pos + s0, base, self.window, c ** -0.5, out=o[:, s0:s1])
                 continue
@@ -115,7 +117,6 @@ class Attention(nn.Module):
             vis = (kp[None, :] <= pq[:, None]) & (kp[None, :] > pq[:, None] - self.window)    # [s, n]
             bias = torch.zeros(s1 - s0, j1 - j0, device=x.device).masked_fill(~vis, float("-inf")).expand(B, -1, -1)
             keys = win[:, j0:j1]
-            t1 = min(T, (start_pos + s1) // self.ratio) if T else 0         # entries visible to the chunk's last query
             if t1:
                 keys = torch.cat([keys, ent[:, :t1]], 1)
                 bias = torch.cat([bias, cb[:, s0:s1, :t1]], -1)
