@@ -14,6 +14,7 @@ time. Prints a short table last; writes everything to ``--out`` (JSON).
     python3 bench/profile_step.py --out $OUT/profile.json            # H200, ~2 min (--unfused: torch step)
     python3 bench/profile_step.py --single-stream --out p.json       # per-kernel times that add up to the step
     python3 bench/profile_step.py --preset tiny --ctx 64 --prefill 64 --out /tmp/p.json   # CPU smoke
+    python3 bench/profile_step.py --batches "" --by-module --out p.json   # prefill/MMLU time per submodule
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ def _kernel_table(prof, steps: int, top: int) -> dict:
     tot, cnt = defaultdict(float), defaultdict(int)
     cuda = any(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events())
     for e in prof.events():
+        if e.name.startswith("mod:"):        # --by-module ranges, not kernels
+            continue
         if cuda and e.device_type == torch.autograd.DeviceType.CUDA:
             tot[e.name] += e.time_range.elapsed_us()
         elif not cuda and e.name.startswith("aten::"):   # CPU runs: ops' self time instead
@@ -59,7 +62,53 @@ def _kernel_table(prof, steps: int, top: int) -> dict:
                     for n in rows[:top]]}
 
 
-def _profiled(fn, steps: int, dev, top: int) -> dict:
+def _module_ranges(model, depth: int = 4):
+    """Wrap the forward of every submodule down to ``depth`` dotted levels in a ``record_function`` range
+    named ``mod:<path without layer indices>`` (e.g. ``mod:layers.attn.indexer``); returns the hook handles."""
+    from torch.autograd.profiler import record_function
+    handles = []
+    for name, m in model.named_modules():
+        if not name or name.count(".") >= depth:
+            continue
+        tag = "mod:" + ".".join(p for p in name.split(".") if not p.isdigit())
+
+        def pre(mod, args, tag=tag):
+            mod._prof_range = record_function(tag)
+            mod._prof_range.__enter__()
+
+        def post(mod, args, out):
+            mod._prof_range.__exit__(None, None, None)
+        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    return handles
+
+
+def _module_table(prof, steps: int) -> dict:
+    """Device time per innermost ``mod:`` range (``_module_ranges``). On CUDA every kernel is charged to the
+    innermost range of the ranges' GPU-side spans (the profiler's user annotations) that contains its start;
+    CPU-only runs charge the aten ops' self CPU time to the innermost range open at their start (one
+    "kernel" per op)."""
+    evs = prof.events()
+    cuda = any(e.device_type == torch.autograd.DeviceType.CUDA for e in evs)
+    dev = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    ranges = sorted((e.time_range.start, e.time_range.end, e.name[4:]) for e in evs
+                    if e.name.startswith("mod:") and e.device_type == dev)
+    tot, cnt = defaultdict(float), defaultdict(int)
+    for e in evs:
+        if e.device_type != dev or e.name.startswith("mod:") or (not cuda and not e.name.startswith("aten::")):
+            continue
+        t0, owner = e.time_range.start, "(outside modules)"
+        for a, b, n in ranges:   # innermost = the latest-starting range that contains t0
+            if a > t0:
+                break
+            if b >= t0:
+                owner = n
+        tot[owner] += e.time_range.elapsed_us() if cuda else e.self_cpu_time_total
+        cnt[owner] += 1
+    return {n: {"us_per_step": tot[n] / steps, "kernels_per_step": cnt[n] / steps}
+            for n in sorted(tot, key=tot.get, reverse=True)}
+
+
+def _profiled(fn, steps: int, dev, top: int, by_module: bool = False) -> dict:
     fn()
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -73,6 +122,8 @@ def _profiled(fn, steps: int, dev, top: int) -> dict:
     wall = (time.perf_counter() - t) / steps
     out = _kernel_table(prof, steps, top)
     out["wall_ms_per_step_profiled"] = wall * 1e3
+    if by_module:
+        out["by_module"] = _module_table(prof, steps)
     return out
 
 
@@ -93,6 +144,8 @@ def main(argv=None) -> int:
                          "its early-launched programs' wait, and the table no longer attributes the step)")
     ap.add_argument("--fused-mhc-prefill", action="store_true",
                     help="prefill with the opt-in mHC prefill kernels (model.transformer.FUSED_MHC_PREFILL)")
+    ap.add_argument("--by-module", action="store_true",
+                    help="prefill/MMLU cases: also charge device time to the innermost model submodule")
     ap.add_argument("--out", default="profile.json")
     a = ap.parse_args(argv)
     a.fused = not a.unfused
@@ -158,19 +211,24 @@ def main(argv=None) -> int:
         with torch.no_grad():
             X = model.forward_hidden(ids)
             return model.logits_from_hidden(X[:, -1:])
+    hooks = _module_ranges(model) if a.by_module else []
     ids = torch.randint(0, cfg.vocab_size, (1, a.prefill), device=dev, generator=g)
-    res["cases"][f"prefill_{a.prefill}"] = _profiled(lambda: prefill(ids), 1, dev, a.top)
+    res["cases"][f"prefill_{a.prefill}"] = _profiled(lambda: prefill(ids), 1, dev, a.top, a.by_module)
     save()
     mb, ml = (int(v) for v in a.mmlu.split("x"))
     ids = torch.randint(0, cfg.vocab_size, (mb, ml), device=dev, generator=g)
-    res["cases"][f"mmlu_{a.mmlu}"] = _profiled(lambda: prefill(ids), 1, dev, a.top)
+    res["cases"][f"mmlu_{a.mmlu}"] = _profiled(lambda: prefill(ids), 1, dev, a.top, a.by_module)
     save()
+    for h in hooks:
+        h.remove()
 
     for name, c in res["cases"].items():
         print(f"\n== {name}: GPU {c['gpu_us_per_step'] / 1e3:.2f} ms/step, {c['kernels_per_step']:.0f} kernels, "
               f"wall {c['wall_ms_per_step_profiled']:.2f} ms (profiled)")
         for r in c["top"][:12]:
             print(f"  {r['us_per_step']:9.1f} us {r['calls_per_step']:7.1f}x  {r['name'][:90]}")
+        for n, r in list(c.get("by_module", {}).items())[:16]:
+            print(f"  {r['us_per_step']:9.1f} us {r['kernels_per_step']:7.1f} kernels  module {n}")
     return 0
 
 

@@ -19,27 +19,44 @@ the prefill with it toggled. Reference: ``prefill_attention_reference`` (the eag
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 
 @triton.jit
-def _online(s, k, m, l, acc, PREC: tl.constexpr):
-    """One key block of the online softmax: s [BM, BN] logits, k [BN, C] keys (= values)."""
+def _online(s, k, m, l, acc, PREC: tl.constexpr, P16: tl.constexpr):
+    """One key block of the online softmax: s [BM, BN] logits, k [BN, C] keys (= values) as loaded; the
+    value product in TF32/fp32 (p and k in fp32) or, ``P16``, with p rounded to k's 16-bit type."""
     m_new = tl.maximum(m, tl.max(s, axis=1))
     alpha = tl.exp(m - m_new)
     p = tl.exp(s - m_new[:, None])
     l = l * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p, k, input_precision=PREC)
+    if P16:
+        pv = tl.dot(p.to(k.dtype), k)
+    else:
+        pv = tl.dot(p, k.to(tl.float32), input_precision=PREC)
+    acc = acc * alpha[:, None] + pv
     return m_new, l, acc
+
+
+@triton.jit
+def _scores(q, k, scale, PREC: tl.constexpr, DOT16: tl.constexpr):
+    """q [BM, C] . k [BN, C]^T * scale: ``DOT16`` with the 16-bit operands as loaded (exact products, fp32
+    accumulation -- the TF32 product of 16-bit values), else in fp32/TF32."""
+    if DOT16:
+        return tl.dot(q, tl.trans(k)) * scale
+    return tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision=PREC) * scale
 
 
 @triton.jit
 def _prefill_attn_kernel(q_ptr, wk_ptr, ek_ptr, eb_ptr, sink_ptr, o_ptr,
                          S, NW, NE, H, qpos0, wpos0, window, scale,
                          q_sb, q_ss, wk_sb, ek_sb, eb_sb, eb_ss, o_sb, o_ss,
-                         C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr):
+                         C: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, PREC: tl.constexpr,
+                         DOT16: tl.constexpr, P16: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     r0 = tl.program_id(0) * BM
     r = r0 + tl.arange(0, BM)                                            # rows: (query, head), head fastest
@@ -48,7 +65,7 @@ def _prefill_attn_kernel(q_ptr, wk_ptr, ek_ptr, eb_ptr, sink_ptr, o_ptr,
     h = r % H
     c = tl.arange(0, C)
     q = tl.load(q_ptr + b * q_sb + t[:, None].to(tl.int64) * q_ss + h[:, None] * C + c[None, :],
-                mask=rm[:, None], other=0.0).to(tl.float32)              # [BM, C]
+                mask=rm[:, None], other=0.0)                             # [BM, C] as stored
     m = tl.load(sink_ptr + h, mask=rm, other=0.0).to(tl.float32)         # the sink: m = sink, l = exp(0)
     l = tl.full([BM], 1.0, tl.float32)
     acc = tl.zeros([BM, C], tl.float32)
@@ -60,37 +77,48 @@ def _prefill_attn_kernel(q_ptr, wk_ptr, ek_ptr, eb_ptr, sink_ptr, o_ptr,
     for j0 in range((j_lo // BN) * BN, j_hi, BN):
         j = j0 + tl.arange(0, BN)
         k = tl.load(wk_ptr + b * wk_sb + j[:, None].to(tl.int64) * C + c[None, :], mask=(j < NW)[:, None],
-                    other=0.0).to(tl.float32)                            # [BN, C]
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+                    other=0.0)                                           # [BN, C]
+        s = _scores(q, k, scale, PREC, DOT16)
         kp = wpos0 + j
         vis = (kp[None, :] <= p_t[:, None]) & (kp[None, :] > p_t[:, None] - window) & (j < NW)[None, :]
-        m, l, acc = _online(tl.where(vis, s, float("-inf")), k, m, l, acc, PREC)
+        m, l, acc = _online(tl.where(vis, s, float("-inf")), k, m, l, acc, PREC, P16)
     for e0 in range(0, NE, BN):
         e = e0 + tl.arange(0, BN)
         em = e < NE
         k = tl.load(ek_ptr + b * ek_sb + e[:, None].to(tl.int64) * C + c[None, :], mask=em[:, None],
-                    other=0.0).to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+                    other=0.0)
+        s = _scores(q, k, scale, PREC, DOT16)
         bias = tl.load(eb_ptr + b * eb_sb + t[:, None].to(tl.int64) * eb_ss + e[None, :],
                        mask=rm[:, None] & em[None, :], other=float("-inf"))
-        m, l, acc = _online(s + bias, k, m, l, acc, PREC)
+        m, l, acc = _online(s + bias, k, m, l, acc, PREC, P16)
     o = acc / l[:, None]
     tl.store(o_ptr + b * o_sb + t[:, None].to(tl.int64) * o_ss + h[:, None] * C + c[None, :],
              o.to(o_ptr.dtype.element_ty), mask=rm[:, None])
 
 
-def _tiles(C: int) -> tuple[int, int, int]:
-    """(BM rows, BN keys, warps) per head dim: the [BM, C] accumulator and q tile stay ~64 registers each."""
+@dataclass(frozen=True)
+class AttnConfig:
+    """Rows (query, head pairs) and keys per block, warps, pipeline stages, and ``p16``: the value product
+    with p rounded to the keys' 16-bit type (16-bit models only; default: p in TF32 as the eager path)."""
+    bm: int = 32
+    bn: int = 32
+    warps: int = 8
+    stages: int = 3
+    p16: bool = False
+
+
+def pick_attn_config(C: int) -> AttnConfig:
+    """Per head dim: the [BM, C] accumulator and q tile stay ~64 registers each."""
     if C >= 512:
-        return 32, 32, 8
+        return AttnConfig(32, 32, 8)
     if C >= 128:
-        return 32, 32, 4
-    return 16, 16, 4
+        return AttnConfig(32, 32, 4)
+    return AttnConfig(16, 16, 4)
 
 
 def prefill_attention(q: torch.Tensor, win: torch.Tensor, ent: torch.Tensor | None, ent_bias: torch.Tensor | None,
                       sink: torch.Tensor, qpos0: int, wpos0: int, window: int, scale: float,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, config: AttnConfig | None = None) -> torch.Tensor:
     """q [B, s, H, C] (a chunk; any strides on B and s, heads and C contiguous), win [B, NW, C] window keys at
     positions ``wpos0 + j``, ent [B, NE, C] entries with ``ent_bias`` [B, s, NE] (0 / -inf; any batch
     stride), sink [H] -> o [B, s, H, C] in q's dtype (written into ``out`` when given: a chunk of the
@@ -115,15 +143,21 @@ def prefill_attention(q: torch.Tensor, win: torch.Tensor, ent: torch.Tensor | No
     o = out if out is not None else torch.empty_like(q, memory_format=torch.contiguous_format)
     if o.shape != q.shape or o.stride(3) != 1 or o.stride(2) != C:
         raise ValueError("kernels.prefill_attention: out must be [B, s, H, C] with contiguous heads")
-    BM, BN, warps = _tiles(C)
+    if win.dtype != q.dtype or (NE and ent.dtype != q.dtype):
+        raise ValueError(f"kernels.prefill_attention: q, win and ent must share a dtype, got {q.dtype}, "
+                         f"{win.dtype}, {ent.dtype if NE else None}")
+    cfg = config or pick_attn_config(C)
     prec = "ieee" if q.dtype in (torch.float32, torch.float64) else "tf32"
+    # 16-bit operands straight into the score product (the CPU interpreter's bf16 dot is broken: fp16 only there)
+    dot16 = q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and q.is_cuda)
     sinkf = sink.float().contiguous()
-    _prefill_attn_kernel[(triton.cdiv(S * H, BM), B)](
+    _prefill_attn_kernel[(triton.cdiv(S * H, cfg.bm), B)](
         q, win, ent, ent_bias.float() if ent_bias.dtype != torch.float32 else ent_bias, sinkf, o,
         S, win.shape[1], NE, H, int(qpos0), int(wpos0), int(window), float(scale),
         q.stride(0), q.stride(1), win.stride(0), ent.stride(0), ent_bias.stride(0) if NE else 0,
         ent_bias.stride(1) if NE else 0, o.stride(0), o.stride(1),
-        C=C, BM=BM, BN=BN, PREC=prec, num_warps=warps)
+        C=C, BM=cfg.bm, BN=cfg.bn, PREC=prec, DOT16=dot16, P16=dot16 and cfg.p16,
+        num_warps=cfg.warps, num_stages=cfg.stages)
     return o
 
 

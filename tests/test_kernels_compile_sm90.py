@@ -161,17 +161,18 @@ sig = {"x_ptr": "*fp16", "sorted_ptr": "*i32", "bexp_ptr": "*i32", "S": "i32", "
        "DEQ": "constexpr"}
 check_plain("int2 prefill gate_up", _pf_gate_up, sig, dict(BLOCK_M=64, BLOCK_N=64, W=8, SWAP=True, EXPAND=3, DEQ=False),
             num_warps=4, num_stages=3)
-from dsv4lib.kernels.prefill_attention import _prefill_attn_kernel, _tiles
-# prefill attention (opt-in): head dim 512 (full scale) and 64, TF32 and IEEE products
-for C, prec in ((512, "tf32"), (64, "ieee")):
-    BM, BN, warps = _tiles(C)
+from dsv4lib.kernels.prefill_attention import _prefill_attn_kernel, pick_attn_config
+# prefill attention: head dim 512 (full scale; bf16 score product, p in TF32 or bf16) and 64 (fp32 model, IEEE)
+for C, prec, dot16, p16 in ((512, "tf32", True, False), (512, "tf32", True, True), (64, "ieee", False, False)):
+    cfg = pick_attn_config(C)
     sig = {"q_ptr": "*bf16", "wk_ptr": "*bf16", "ek_ptr": "*bf16", "eb_ptr": "*fp32", "sink_ptr": "*fp32",
            "o_ptr": "*bf16", "S": "i32", "NW": "i32", "NE": "i32", "H": "i32", "qpos0": "i32", "wpos0": "i32",
            "window": "i32", "scale": "fp32", "q_sb": "i32", "q_ss": "i32", "wk_sb": "i32", "ek_sb": "i32",
            "eb_sb": "i32", "eb_ss": "i32", "o_sb": "i32", "o_ss": "i32", "C": "constexpr", "BM": "constexpr",
-           "BN": "constexpr", "PREC": "constexpr"}
-    check_plain(f"prefill attention C={C} {prec}", _prefill_attn_kernel, sig, dict(C=C, BM=BM, BN=BN, PREC=prec),
-                num_warps=warps)
+           "BN": "constexpr", "PREC": "constexpr", "DOT16": "constexpr", "P16": "constexpr"}
+    check_plain(f"prefill attention C={C} {prec} p16={p16}", _prefill_attn_kernel, sig,
+                dict(C=C, BM=cfg.bm, BN=cfg.bn, PREC=prec, DOT16=dot16, P16=p16),
+                num_warps=cfg.warps, num_stages=cfg.stages)
 print(json.dumps(out))
 '''
 

@@ -138,7 +138,13 @@ def test_idp_bad_input():
 @torch.no_grad()
 def test_idp_in_the_bf16_model(tmp_path, monkeypatch):
     """The embedded model in bf16 with RTN INT2 experts, decoding the same 24 tokens with the idp kernel
-    (dispatch.DECODE_IDP) and with the fp16 loop: logits agree to the bf16 model's own noise level."""
+    (dispatch.DECODE_IDP) and with the fp16 loop: logits agree to the bf16 model's own noise level.
+
+    Per decoded position, not as one maximum: a bias-selected top-k with a near-tie can flip under a one-ulp
+    difference of the hidden state and move that position's logits by several percent (H200: one position of
+    48 at 0.75 for a logit scale of 12; the same comparison under the CPU interpreter: one at 0.55, the rest
+    at 1 bf16 ulp, 0.03-0.06). So: the typical position within 1 % of the scale, >= 90 % of positions within
+    5 %, the argmax agreeing at >= 90 % -- a wrong kernel moves every position."""
     from pathlib import Path
     import dsv4lib.kernels.dispatch as dispatch
     from dsv4lib.checkpoint import load_model
@@ -155,8 +161,9 @@ def test_idp_in_the_bf16_model(tmp_path, monkeypatch):
         model(prompt, cache)
         runs[idp] = torch.stack([model(toks[:, i:i + 1], cache)[:, -1].float() for i in range(24)])
     scale = runs[False].abs().max().item()
-    diff = (runs[True] - runs[False]).abs().max().item()
-    assert diff <= 0.05 * scale, (diff, scale)
+    per_pos = (runs[True] - runs[False]).abs().amax(-1).flatten()          # [24 * 2]
+    assert per_pos.median().item() <= 0.01 * scale, (per_pos.tolist(), scale)
+    assert (per_pos <= 0.05 * scale).float().mean().item() >= 0.9, (per_pos.tolist(), scale)
     agree = (runs[True].argmax(-1) == runs[False].argmax(-1)).float().mean().item()
     assert agree >= 0.9, agree
 

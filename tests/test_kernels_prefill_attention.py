@@ -53,12 +53,30 @@ def test_prefill_attention_into_out_slice_bf16():
     assert torch.all(out[:, :5] == 0) and torch.all(out[:, 42:] == 0)
 
 
+@pytest.mark.parametrize("p16", [False, True])
+def test_prefill_attention_16bit_score_product(p16):
+    """fp16 inputs: the score product on the 16-bit operands as loaded (DOT16; the path bf16 takes on the GPU --
+    the interpreter's bf16 dot is broken, its fp16 one is not), the value product with p in TF32 or, ``p16``,
+    rounded to fp16. Against the fp32 reference of the same fp16 values: within fp16 output rounding (p16:
+    p's own 11-bit rounding on top)."""
+    from dsv4lib.kernels.prefill_attention import AttnConfig
+    q, win, ent, bias, sink = _inputs(dtype=torch.float16, C=64, S=40, NW=56)
+    got = prefill_attention(q, win, ent, bias, sink, 30, 10, 16, 0.125, config=AttnConfig(16, 16, 4, 2, p16))
+    ref = prefill_attention_reference(q.float().cpu(), win.float().cpu(), ent.float().cpu(), bias.cpu(), sink.cpu(),
+                                      30, 10, 16, 0.125)
+    err = (got.float().cpu() - ref).abs().max().item()
+    assert err <= (4e-3 if p16 else 2e-3) * max(1.0, ref.abs().max().item()), err
+    assert got[:, 3:].float().abs().sum() > 0
+
+
 def test_prefill_attention_bad_input():
     q, win, ent, bias, sink = _inputs()
     with pytest.raises(ValueError, match="sink"):
         prefill_attention(q, win, ent, bias, sink[:2], 0, 0, 8, 0.1)
     with pytest.raises(ValueError, match="ent_bias"):
         prefill_attention(q, win, ent, bias[:, :, :5], sink, 0, 0, 8, 0.1)
+    with pytest.raises(ValueError, match="share a dtype"):
+        prefill_attention(q, win.half(), ent, bias, sink, 0, 0, 8, 0.1)
     with pytest.raises(ValueError, match="power-of-two"):
         prefill_attention(q[..., :48], win[..., :48], None, None, sink, 0, 0, 8, 0.1)
 

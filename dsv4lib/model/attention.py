@@ -19,9 +19,10 @@ from .rope import apply_rope, cos_sin, layer_freqs
 QUERY_CHUNK = 512
 """Queries per attention block in prefill (memory: scores are [B, QUERY_CHUNK, H, keys of the chunk])."""
 
-PREFILL_ATTN_KERNEL = False
+PREFILL_ATTN_KERNEL = True
 """CUDA: each query chunk through the flash-style Triton kernel (kernels/prefill_attention.py) instead of
-the torch scores/softmax/product. Opt-in until timed: the full-scale bench times the prefill toggled."""
+the torch scores/softmax/product. H200, full-scale 2K prefill (bench A/B, bench/results/h200_fullscale_v7.json):
+4,239 tok/s with the torch chunk math, 4,619 with the kernel."""
 
 
 def _use_attn_kernel(q: torch.Tensor) -> bool:
