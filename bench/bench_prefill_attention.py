@@ -30,14 +30,15 @@ CASES = {   # name: (B, S, NW, NE, qpos0, wpos0)
 }
 H, C, WINDOW = 64, 512, 128
 
-CONFIGS = {
+CONFIGS = {   # first run (2026-11-29, fifth session): bm64_p16 best in all four cases -> the bf16 default
     "default": None,
-    "p16": AttnConfig(32, 32, 8, 3, True),
-    "bm64_p16": AttnConfig(64, 32, 8, 2, True),
-    "bn64": AttnConfig(32, 64, 8, 2),
-    "bm16_w4": AttnConfig(16, 32, 4, 3),
-    "st2": AttnConfig(32, 32, 8, 2),
-    "bm64_w8": AttnConfig(64, 32, 8, 2),
+    "tf32_bm32": AttnConfig(32, 32, 8, 3),          # the first default (p in TF32)
+    "p16_bm32": AttnConfig(32, 32, 8, 3, True),
+    "p16_bn16": AttnConfig(64, 16, 8, 2, True),
+    "p16_bn64": AttnConfig(64, 64, 8, 2, True),
+    "p16_st3": AttnConfig(64, 32, 8, 3, True),
+    "p16_w4": AttnConfig(64, 32, 4, 2, True),
+    "p16_bm128": AttnConfig(128, 32, 8, 1, True),
 }
 
 
@@ -102,7 +103,7 @@ def main(argv=None) -> int:
         res["cases"][name] = row
         Path(a.out).write_text(json.dumps(res, indent=1))
     names = a.configs.split(",")
-    print(f"default config {pick_attn_config(C)}")
+    print(f"default config {pick_attn_config(C, torch.bfloat16)}")
     print("| case | eager us | " + " | ".join(names) + " |")
     print("|---|---|" + "---|" * len(names))
     for name, row in res["cases"].items():

@@ -284,7 +284,8 @@ def run_benchmark(opts: BenchOptions, write=lambda r: None, log=print) -> dict:
         from .model import attention, transformer
         default = prefill_last_logits(model, ids)
         for key, mod, flag in (("fused_mhc", transformer, "FUSED_MHC_PREFILL"),
-                               ("attn_kernel", attention, "PREFILL_ATTN_KERNEL")):
+                               ("attn_kernel", attention, "PREFILL_ATTN_KERNEL"),
+                               ("norm_rope_kernel", attention, "PREFILL_NORM_ROPE_KERNEL")):
             saved = getattr(mod, flag)
             setattr(mod, flag, not saved)
             try:
@@ -373,10 +374,10 @@ def format_table(res: dict) -> str:
                      f"{d.get('graphed_tok_s', float('nan')):.1f} | {d['bytes_per_token'] / GB:.3f} |")
     p = res["prefill"]
     lines.append(f"prefill b1 x {p['tokens']}: {p['tok_s']:.0f} tok/s"
-                 + (f" (mHC prefill kernel toggled: {p['fused_mhc_toggled_tok_s']:.0f} tok/s)"
-                    if "fused_mhc_toggled_tok_s" in p else "")
-                 + (f" (attention prefill kernel toggled: {p['attn_kernel_toggled_tok_s']:.0f} tok/s)"
-                    if "attn_kernel_toggled_tok_s" in p else ""))
+                 + "".join(f" ({label} toggled: {p[key + '_toggled_tok_s']:.0f} tok/s)"
+                           for key, label in (("fused_mhc", "mHC prefill kernel"), ("attn_kernel", "attention kernel"),
+                                              ("norm_rope_kernel", "norm+RoPE kernel"))
+                           if key + "_toggled_tok_s" in p))
     m = res["mmlu"]
     lines.append(f"MMLU: {m['batch']}x{m['prompt_len']} batches {m['tok_s']:.0f} tok/s -> {m['tokens']} tokens "
                  f"in {m['est_minutes']:.1f} min")

@@ -10,6 +10,11 @@ Per row of ``x [N, D]`` (one program; fp32 math, rounding to x's dtype where tor
 then, with ``cos``/``sin [R/2]``, pairs (2i, 2i+1) of the trailing R channels rotate:
 ``(a, b) -> (a cos - b sin, a sin + b cos)`` on ``n`` in fp32, rounded to x's dtype. The torch
 path is 6 kernels for the norm and 3–4 for the RoPE at decode sizes; this is one.
+
+Prefill (``cos``/``sin [S, R/2]``, one row per position): x is ``[B, S, (H,) D]`` and row n takes the
+angles of position ``(n // H) % S``. The eager prefill's per-head q norm + RoPE was an fp32 copy, pow,
+mean, rsqrt, cast, multiply and the RoPE's slices (~1.6 GB of traffic per layer at 2K tokens); here one
+read and one write of q (``out=x``: in place -- every program reads its whole row before writing it).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from .pdl import launch_args, pdl_wait
 
 @triton.jit
 def _rmsnorm_rope_kernel(x_ptr, x_stride, w_ptr, cos_ptr, sin_ptr, out_ptr, out_stride, slot_ptr, eps,
-                         D: tl.constexpr, HALF_B: tl.constexpr, MODE: tl.constexpr, ROPE: tl.constexpr,
+                         cs_stride, rows_per_pos, npos, D: tl.constexpr, HALF_B: tl.constexpr, MODE: tl.constexpr, ROPE: tl.constexpr,
                          SCATTER: tl.constexpr, PDL: tl.constexpr):
     pdl_wait(PDL)
     n = tl.program_id(0).to(tl.int64)
@@ -47,8 +52,9 @@ def _rmsnorm_rope_kernel(x_ptr, x_stride, w_ptr, cos_ptr, sin_ptr, out_ptr, out_
         NOPE: tl.constexpr = HALF - ROPE // 2
         isr = (p >= NOPE) & m
         q = tl.where(isr, p - NOPE, 0)
-        cs = tl.load(cos_ptr + q, mask=isr, other=1.0)
-        sn = tl.load(sin_ptr + q, mask=isr, other=0.0)
+        cs_row = ((n // rows_per_pos) % npos) * cs_stride                 # 0 with one shared row (decode)
+        cs = tl.load(cos_ptr + cs_row + q, mask=isr, other=1.0)
+        sn = tl.load(sin_ptr + cs_row + q, mask=isr, other=0.0)
         re = fe * cs - fo * sn
         ro = fe * sn + fo * cs
         fe = re
@@ -56,16 +62,18 @@ def _rmsnorm_rope_kernel(x_ptr, x_stride, w_ptr, cos_ptr, sin_ptr, out_ptr, out_
     if SCATTER:   # row n goes to out[n, slot, :] of a [N, S, D] buffer (slot read on the device)
         orow = out_ptr + n * out_stride + tl.load(slot_ptr) * D
     else:
-        orow = out_ptr + n * D
+        orow = out_ptr + n * out_stride
     tl.store(orow + 2 * p, fe.to(dt), mask=m)
     tl.store(orow + 2 * p + 1, fo.to(dt), mask=m)
 
 
 def rmsnorm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor | None = None,
                  sin: torch.Tensor | None = None, mode: int = 0,
-                 scatter_to: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | None:
+                 scatter_to: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 out: torch.Tensor | None = None) -> torch.Tensor | None:
     """x [..., D] (rows with unit column stride) -> new tensor like x (see the module docstring);
-    ``weight [D]`` fp32 for mode 0; ``cos``/``sin [R/2]`` fp32 or None (no RoPE).
+    ``weight [D]`` fp32 for mode 0; ``cos``/``sin [R/2]`` fp32 or None (no RoPE), or ``[S, R/2]`` for x
+    ``[B, S, D]`` / ``[B, S, H, D]`` (per-position angles). ``out``: write there instead (x itself allowed).
     ``scatter_to`` = (buf [N, S, D] contiguous in x's dtype, slot int64 [1] on the device): row n is
     written to ``buf[n, slot]`` instead (e.g. the decode step's key into the window ring); returns None."""
     D = x.shape[-1]
@@ -80,27 +88,41 @@ def rmsnorm_rope(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: 
         bad.append(f"x {tuple(x.shape)} needs an even last dim with unit stride")
     if mode not in (0, 1, 2) or (mode == 0 and (weight is None or weight.numel() != D)):
         bad.append(f"mode {mode} with weight {None if weight is None else tuple(weight.shape)}")
-    if (cos is None) != (sin is None) or (cos is not None and 2 * cos.numel() > D):
-        bad.append("cos/sin must both be given, [R/2] with R <= D")
+    per_pos = cos is not None and cos.dim() == 2
+    if (cos is None) != (sin is None) or (cos is not None and (2 * cos.shape[-1] > D or cos.shape != sin.shape
+                                                              or cos.dim() > 2 or not cos.is_contiguous()
+                                                              or not sin.is_contiguous())):
+        bad.append("cos/sin must both be given, contiguous [R/2] or [S, R/2] with R <= D")
+    if per_pos and (x.dim() not in (3, 4) or x.shape[1] != cos.shape[0]):
+        bad.append(f"per-position cos/sin {tuple(cos.shape)} need x [B, S, (H,) D] with S = {cos.shape[0]}, "
+                   f"got {tuple(x.shape)}")
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous()
+                            or scatter_to is not None):
+        bad.append(f"out {tuple(out.shape)} {out.dtype} must be contiguous like x {tuple(x.shape)} {x.dtype}")
     if bad:
         raise ValueError("kernels.rmsnorm_rope: " + "; ".join(bad))
     x2 = x.reshape(-1, D)
     if x2.shape[0] > 1 and x2.stride(0) < D:
+        if out is not None and out.data_ptr() == x.data_ptr():
+            raise ValueError("kernels.rmsnorm_rope: in place needs x with row stride >= D")
         x2 = x2.contiguous()
     if scatter_to is not None:
-        out, ostride, slot = scatter_to[0], scatter_to[0].stride(0), scatter_to[1]
+        dst, ostride, slot = scatter_to[0], scatter_to[0].stride(0), scatter_to[1]
     else:
-        out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+        dst = out.view(-1, D) if out is not None else torch.empty(x2.shape, dtype=x.dtype, device=x.device)
         ostride, slot = D, x2
-    rope = 0 if cos is None else 2 * cos.numel()
+    rope = 0 if cos is None else 2 * cos.shape[-1]
+    rows_per_pos = x.shape[2] if per_pos and x.dim() == 4 else 1
+    npos = cos.shape[0] if per_pos else 1
+    cs_stride = cos.shape[-1] if per_pos else 0
     w = weight if weight is not None else x2
     cs = cos if cos is not None else x2
     sn = sin if sin is not None else x2
     half_b = triton.next_power_of_2(D // 2)
-    _rmsnorm_rope_kernel[(x2.shape[0],)](x2, x2.stride(0), w, cs, sn, out, ostride, slot, float(eps),
-                                         D=D, HALF_B=half_b, MODE=mode, ROPE=rope, SCATTER=scatter_to is not None,
+    _rmsnorm_rope_kernel[(x2.shape[0],)](x2, x2.stride(0), w, cs, sn, dst, ostride, slot, float(eps),
+                                         cs_stride, rows_per_pos, npos, D=D, HALF_B=half_b, MODE=mode, ROPE=rope, SCATTER=scatter_to is not None,
                                          num_warps=1 if half_b <= 256 else 4, **launch_args(x.device))
-    return None if scatter_to is not None else out.view(x.shape)
+    return None if scatter_to is not None else dst.view(x.shape)
 
 
 def rmsnorm_rope_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos=None, sin=None,
@@ -115,5 +137,5 @@ def rmsnorm_rope_reference(x: torch.Tensor, weight: torch.Tensor | None, eps: fl
     else:
         y = x
     if cos is not None:
-        y = apply_rope(y, cos.view(1, -1), sin.view(1, -1))
+        y = apply_rope(y, cos.view(1, -1), sin.view(1, -1)) if cos.dim() == 1 else apply_rope(y, cos, sin)
     return y

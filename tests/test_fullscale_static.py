@@ -225,6 +225,30 @@ def test_rmsnorm_rope_kernel_matches_torch(dtype):
         rmsnorm_rope(xs, w, 1e-6, cos, sin, scatter_to=(buf[:1], slot))
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_rope_kernel_per_position_in_place(dtype):
+    """Prefill use: cos/sin per position [S, R/2] for x [B, S, H, D] (heads share a position) and [B, S, D],
+    written in place (out=x) -- the eager model's torch math with the same roundings; bf16 within one ulp at
+    the tensor's scale (tl.rsqrt is approximate on the GPU; the CPU interpreter rounds fp32 -> bf16 toward zero)."""
+    from dsv4lib.kernels.rmsnorm_rope import rmsnorm_rope, rmsnorm_rope_reference
+    from dsv4lib.model.rope import cos_sin
+    g = torch.Generator().manual_seed(9)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    cos, sin = cos_sin(torch.rand(16, generator=g).to(dev), torch.arange(100, 105, device=dev))   # [5, 16]
+    w = (torch.rand(64, generator=g) + 0.5).to(dev)
+    for shape, mode in (((2, 5, 3, 64), 1), ((2, 5, 64), 0), ((2, 5, 3, 64), 2)):
+        x = (torch.randn(*shape, generator=g) * 3).to(dev, dtype)
+        ref = rmsnorm_rope_reference(x, w, 1e-6, cos, sin, mode=mode)
+        y = x.clone()
+        assert rmsnorm_rope(y, w if mode == 0 else None, 1e-6, cos, sin, mode=mode, out=y) is not None
+        tol = 1e-5 if dtype == torch.float32 else 2.0 ** -7 if dev == "cuda" else 2.0 ** -5   # (two truncations)
+        assert (y.float() - ref.float()).abs().max() <= tol * max(1.0, ref.float().abs().max().item()), (shape, mode)
+        # a wrong position row (one shared angle set) would differ
+        assert not torch.allclose(rmsnorm_rope(x, None, 1e-6, cos[0], sin[0], mode=2).float(), ref.float()) or mode != 2
+    with pytest.raises(ValueError, match="per-position"):
+        rmsnorm_rope(torch.zeros(2, 4, 64, device=dev), None, 1e-6, cos, sin, mode=1)
+
 @torch.no_grad()
 def test_stacked_projections_fused_static_decode_matches_eager():
     """stack_projections (FP8 wq_a||wkv, float compressor/indexer projections as row views of one weight)

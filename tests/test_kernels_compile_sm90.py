@@ -85,7 +85,8 @@ from dsv4lib.kernels.rmsnorm_rope import _rmsnorm_rope_kernel
 from dsv4lib.kernels.decode_attention import _attn_combine_kernel
 more = [("rmsnorm_rope scatter", _rmsnorm_rope_kernel,
          {"x_ptr": "*bf16", "x_stride": "i32", "w_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
-          "out_ptr": "*bf16", "out_stride": "i32", "slot_ptr": "*i64", "eps": "fp32", "D": "constexpr",
+          "out_ptr": "*bf16", "out_stride": "i32", "slot_ptr": "*i64", "eps": "fp32", "cs_stride": "i32",
+          "rows_per_pos": "i32", "npos": "i32", "D": "constexpr",
           "HALF_B": "constexpr", "MODE": "constexpr", "ROPE": "constexpr", "SCATTER": "constexpr"},
          dict(D=512, HALF_B=256, MODE=0, ROPE=64, SCATTER=True), 1),
         ("attn_combine rope", _attn_combine_kernel,
@@ -161,10 +162,11 @@ sig = {"x_ptr": "*fp16", "sorted_ptr": "*i32", "bexp_ptr": "*i32", "S": "i32", "
        "DEQ": "constexpr"}
 check_plain("int2 prefill gate_up", _pf_gate_up, sig, dict(BLOCK_M=64, BLOCK_N=64, W=8, SWAP=True, EXPAND=3, DEQ=False),
             num_warps=4, num_stages=3)
+import torch
 from dsv4lib.kernels.prefill_attention import _prefill_attn_kernel, pick_attn_config
 # prefill attention: head dim 512 (full scale; bf16 score product, p in TF32 or bf16) and 64 (fp32 model, IEEE)
 for C, prec, dot16, p16 in ((512, "tf32", True, False), (512, "tf32", True, True), (64, "ieee", False, False)):
-    cfg = pick_attn_config(C)
+    cfg = pick_attn_config(C, torch.bfloat16 if dot16 and p16 else torch.float32)
     sig = {"q_ptr": "*bf16", "wk_ptr": "*bf16", "ek_ptr": "*bf16", "eb_ptr": "*fp32", "sink_ptr": "*fp32",
            "o_ptr": "*bf16", "S": "i32", "NW": "i32", "NE": "i32", "H": "i32", "qpos0": "i32", "wpos0": "i32",
            "window": "i32", "scale": "fp32", "q_sb": "i32", "q_ss": "i32", "wk_sb": "i32", "ek_sb": "i32",

@@ -101,10 +101,17 @@ def test_model_forward_with_prefill_attention_kernel(monkeypatch):
         a = m(ids[:, :24], cache)
         return torch.cat([a, m(ids[:, 24:], cache)], 1)
     monkeypatch.setattr(attention, "PREFILL_ATTN_KERNEL", False)
+    monkeypatch.setattr(attention, "PREFILL_NORM_ROPE_KERNEL", False)
     ref = run()
     monkeypatch.setattr(attention, "PREFILL_ATTN_KERNEL", True)
     if dev == "cpu":
         monkeypatch.setattr(attention, "_use_attn_kernel", lambda q: True)
+    got = run()
+    assert (got - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+    # and with the norm + RoPE kernels (q_norm, per-head q norm + RoPE in place, kv_norm + RoPE) on top
+    monkeypatch.setattr(attention, "PREFILL_NORM_ROPE_KERNEL", True)
+    if dev == "cpu":
+        monkeypatch.setattr(attention, "_use_norm_rope_kernel", lambda x: True)
     got = run()
     assert (got - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
 

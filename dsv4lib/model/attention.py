@@ -25,6 +25,16 @@ the torch scores/softmax/product. H200, full-scale 2K prefill (bench A/B, bench/
 4,239 tok/s with the torch chunk math, 4,619 with the kernel."""
 
 
+PREFILL_NORM_ROPE_KERNEL = True
+"""CUDA, eager forward: q_norm, the per-head q norm + RoPE (in place) and kv_norm + RoPE through
+``kernels.rmsnorm_rope`` (one launch each, the torch path's roundings) instead of ~6-10 torch kernels each;
+the q path alone moved ~1.6 GB per layer at 2K tokens. The full-scale bench times the prefill toggled."""
+
+
+def _use_norm_rope_kernel(x: torch.Tensor) -> bool:
+    return PREFILL_NORM_ROPE_KERNEL and x.is_cuda
+
+
 def _use_attn_kernel(q: torch.Tensor) -> bool:
     """The kernel's domain: CUDA, no fp64, a power-of-two head dim."""
     c = q.shape[-1]
@@ -58,11 +68,19 @@ class Attention(nn.Module):
         H, c = self.n_heads, self.head_dim
         pos = start_pos + torch.arange(S, device=x.device)                 # [S]
         cos, sin = cos_sin(self.freqs, pos)                                 # [S, r/2]
-        qr = self.q_norm(self.wq_a(x))                                      # [B, S, q_lora]
-        q = self.wq_b(qr).unflatten(-1, (H, c))                             # [B, S, H, c]
-        q = q * torch.rsqrt(hp(q).pow(2).mean(-1, keepdim=True) + self.eps).to(q.dtype)
-        q = apply_rope(q, cos, sin, inplace=True)                           # q: this function's own tensor
-        kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)                # [B, S, c]
+        if _use_norm_rope_kernel(x) and not self.lowp:
+            # the same roundings in one launch each (kernels/rmsnorm_rope.py), q normalised + rotated in place
+            from dsv4lib.kernels.rmsnorm_rope import rmsnorm_rope
+            qr = rmsnorm_rope(self.wq_a(x), self.q_norm.weight, self.q_norm.eps)
+            q = self.wq_b(qr).unflatten(-1, (H, c))
+            q = rmsnorm_rope(q, None, self.eps, cos, sin, mode=1, out=q)
+            kv = rmsnorm_rope(self.wkv(x), self.kv_norm.weight, self.kv_norm.eps, cos, sin)
+        else:
+            qr = self.q_norm(self.wq_a(x))                                  # [B, S, q_lora]
+            q = self.wq_b(qr).unflatten(-1, (H, c))                         # [B, S, H, c]
+            q = q * torch.rsqrt(hp(q).pow(2).mean(-1, keepdim=True) + self.eps).to(q.dtype)
+            q = apply_rope(q, cos, sin, inplace=True)                       # q: this function's own tensor
+            kv = apply_rope(self.kv_norm(self.wkv(x)), cos, sin)            # [B, S, c]
         if self.lowp:
             nope = c - self.rope_dim
             kv = torch.cat([fake_quant_fp8(kv[..., :nope], 64), kv[..., nope:]], -1)
