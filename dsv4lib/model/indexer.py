@@ -17,6 +17,15 @@ from .lowp import fake_quant_fp4, hadamard, hp
 from .rope import apply_rope
 
 
+INDEXER_KERNEL = True
+"""CUDA: the scores through ``kernels.indexer_scores`` (one launch; no [B, S, nI, T] fp32 products) instead of
+the einsum / ReLU / weighting / head sum. The full-scale bench times the prefill toggled."""
+
+
+def _use_kernel(q: torch.Tensor) -> bool:
+    return INDEXER_KERNEL and q.is_cuda and q.shape[-1] & (q.shape[-1] - 1) == 0
+
+
 class Indexer(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype=torch.float32, device=None) -> None:
         super().__init__()
@@ -41,11 +50,15 @@ class Indexer(nn.Module):
         if self.lowp:
             q = fake_quant_fp4(hadamard(q))
         w = hp(self.weights_proj(x)) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)   # [B, S, nI]
-        s = torch.einsum("bshd,btd->bsht", hp(q), hp(keys)).relu()  # [B, S, nI, T]
-        score = (s * w.unsqueeze(-1)).sum(2)                                # [B, S, T]
         thr = (pos + 1) // self.ratio                                       # [S]
-        future = torch.arange(T, device=x.device)[None, :] >= thr[:, None]  # [S, T]
-        score = score.masked_fill(future, float("-inf"))
+        if _use_kernel(q) and not self.lowp and keys.dtype == q.dtype:
+            from dsv4lib.kernels.indexer_scores import indexer_scores
+            score = indexer_scores(q, keys, w.float().contiguous(), pos, self.ratio)   # [B, S, T]
+        else:
+            s = torch.einsum("bshd,btd->bsht", hp(q), hp(keys)).relu()  # [B, S, nI, T]
+            score = (s * w.unsqueeze(-1)).sum(2)                            # [B, S, T]
+            future = torch.arange(T, device=x.device)[None, :] >= thr[:, None]  # [S, T]
+            score = score.masked_fill(future, float("-inf"))
         k = min(self.topk, T)
         idx = torch.sort(score, dim=-1, descending=True, stable=True).indices[..., :k]   # [B, S, k]
         return torch.where(idx >= thr[None, :, None], torch.full_like(idx, -1), idx)
