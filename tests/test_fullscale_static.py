@@ -54,10 +54,11 @@ def test_warm_up_leaves_the_cache_as_the_real_step_finds_it(fused):
     test can see the difference)."""
     from dsv4lib.model.graphed import warm_up
     cfg = ModelConfig.embedded()
-    m = _model(cfg)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"   # (fused kernels on a GPU machine need CUDA tensors)
+    m = _model(cfg).to(dev)
     B, P = 2, 47
     assert P >= cfg.sliding_window and P % 4 == 3 and P % 16 == 15
-    ids = torch.randint(0, cfg.vocab_size, (B, P + 1), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, cfg.vocab_size, (B, P + 1), generator=torch.Generator().manual_seed(3)).to(dev)
     c = m.new_cache(B, 64)
     m(ids[:, :P], c)
     clean = static_from_cache(m, c, 64)
