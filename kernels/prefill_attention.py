@@ -10,12 +10,16 @@ selection), and the head's sink -- a logit with a zero value. ``z = (q . k) * sc
 Rows are (query, head) pairs, head fastest; a program owns BM of them and walks the key blocks with an
 online softmax that starts from the sink (``m = sink, l = 1, acc = 0``, exactly one more logit with a zero
 value). Window blocks outside the program's queries' span are skipped, so a 512-query chunk reads ~W + BM/H
-window keys per program instead of all ~chunk + W. Products: fp32 operands, ``tl.dot`` in TF32 for 16-bit
-models (their q and keys hold bf16/fp16 values, exact in TF32 -- the eager path's TF32 matmuls; p is
-rounded to 11 bits in both) or IEEE fp32 for fp32 models.
+window keys per program instead of all ~chunk + W. Products: for 16-bit models the scores on the 16-bit q and
+keys (exact products, fp32 accumulation: what the eager path's TF32 matmuls compute on bf16 values) and the
+value product with p in TF32 or, ``AttnConfig.p16`` (the default tile), rounded to the keys' type; IEEE fp32
+for fp32 models.
 
-Opt-in (``dsv4lib.model.attention.PREFILL_ATTN_KERNEL``) until timed on the GPU; the full-scale bench times
-the prefill with it toggled. Reference: ``prefill_attention_reference`` (the eager chunk math).
+On by default (``dsv4lib.model.attention.PREFILL_ATTN_KERNEL``; H200: 2K prefill 4,311 -> 5,499 tok/s, the
+full-scale bench times it toggled); per-call times and the tile sweep: ``bench/bench_prefill_attention.py``,
+kernels/BENCHMARKS.md "Prefill attention kernel". 16-bit models on the GPU take the score product on the
+operands as loaded and (default tile) round p to the keys' type for the value product.
+Reference: ``prefill_attention_reference`` (the eager chunk math).
 """
 from __future__ import annotations
 
