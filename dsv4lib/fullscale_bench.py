@@ -281,12 +281,14 @@ def run_benchmark(opts: BenchOptions, write=lambda r: None, log=print) -> dict:
     t = _wall(lambda: prefill_last_logits(model, ids), dev, 2)
     res["prefill"] = {"batch": 1, "tokens": S, "s": t, "tok_s": S / t}
     if dev.type == "cuda":   # A/B of the prefill switches, each toggled alone against the default
+        from .kernels import fp8_linear as fp8_mod
         from .model import attention, indexer, transformer
         default = prefill_last_logits(model, ids)
         for key, mod, flag in (("fused_mhc", transformer, "FUSED_MHC_PREFILL"),
                                ("attn_kernel", attention, "PREFILL_ATTN_KERNEL"),
                                ("norm_rope_kernel", attention, "PREFILL_NORM_ROPE_KERNEL"),
-                               ("indexer_kernel", indexer, "INDEXER_KERNEL")):
+                               ("indexer_kernel", indexer, "INDEXER_KERNEL"),
+                               ("fp8_chained", fp8_mod, "CHAINED_PREFILL")):
             saved = getattr(mod, flag)
             setattr(mod, flag, not saved)
             try:
@@ -378,7 +380,8 @@ def format_table(res: dict) -> str:
                  + "".join(f" ({label} toggled: {p[key + '_toggled_tok_s']:.0f} tok/s)"
                            for key, label in (("fused_mhc", "mHC prefill kernel"), ("attn_kernel", "attention kernel"),
                                               ("norm_rope_kernel", "norm+RoPE kernel"),
-                                              ("indexer_kernel", "indexer kernel"))
+                                              ("indexer_kernel", "indexer kernel"),
+                                              ("fp8_chained", "chained FP8 GEMM"))
                            if key + "_toggled_tok_s" in p))
     m = res["mmlu"]
     lines.append(f"MMLU: {m['batch']}x{m['prompt_len']} batches {m['tok_s']:.0f} tok/s -> {m['tokens']} tokens "

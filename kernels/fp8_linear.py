@@ -154,6 +154,77 @@ def _fp8_linear_kernel(
         tl.atomic_add(ptrs, acc, mask=om)
 
 
+@triton.jit
+def _fp8_gemm_chained_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, KB,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
+                             DOT16: tl.constexpr):
+    """Prefill GEMM for power-of-two block scales: each 128-wide K block of W is dequantised to bf16 with its
+    scale folded in (e4m3 times 2^k is exact in bf16) and the dots chain in one accumulator, so the MMA never
+    waits for a per-block rescale. ``DOT16``: bf16 operands (GPU); else the same values in fp32 (the CPU
+    interpreter's bf16 dot is broken)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n                   # GROUP_M row tiles walk the N tiles together (L2 reuse of W)
+    first_m = (pid // per_group) * GROUP_M
+    rows = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % rows
+    pid_n = (pid % per_group) // rows
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mm = rm < M
+    nm = rn < N
+    kk = tl.arange(0, 128)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for kb in range(0, KB):
+        k = kb * 128 + kk
+        km = k < K
+        a = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + k[None, :], mask=mm[:, None] & km[None, :], other=0.0)
+        b = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+        sc = tl.load(s_ptr + (rn // 128) * KB + kb, mask=nm, other=0.0)                 # [BN]
+        if DOT16:
+            wb = (b.to(tl.float32) * sc[:, None]).to(tl.bfloat16)                     # exact: sc = 2^k
+            acc = tl.dot(a, tl.trans(wb), acc)
+        else:
+            wb = b.to(tl.float32) * sc[:, None]
+            acc = tl.dot(a.to(tl.float32), tl.trans(wb), acc, input_precision="ieee")
+    tl.store(y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mm[:, None] & nm[None, :])
+
+
+CHAINED_PREFILL = False
+"""Prefill (M > 64) of bf16 activations with power-of-two block scales through ``_fp8_gemm_chained_kernel``
+(opt-in until timed: the full-scale bench times the prefill with it toggled)."""
+CHAINED_CONFIG = (128, 128, 8, 3, 8)     # BLOCK_M, BLOCK_N, warps, stages, GROUP_M
+def scales_are_pow2(scale: torch.Tensor) -> bool:
+    """Every block multiplier is a power of two (E8M0 scales always are); remembered on the tensor for its
+    current version (one host sync per weight, not per call)."""
+    memo = getattr(scale, "_dsv4_pow2", None)
+    if memo is not None and memo[0] == scale._version:
+        return memo[1]
+    m, _ = torch.frexp(scale.float())
+    flag = bool(((m == 0.5) & torch.isfinite(scale)).all())
+    scale._dsv4_pow2 = (scale._version, flag)
+    return flag
+
+
+def fp8_gemm_chained(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor, config: tuple | None = None) -> torch.Tensor:
+    """x2 [M, K] bf16 @ dequant(w, s)^T -> bf16 [M, N] with the scales folded into bf16 weight tiles (the caller
+    checks ``scales_are_pow2``: only then is the fold exact)."""
+    if x2.dtype != torch.bfloat16:
+        raise ValueError(f"kernels.fp8_gemm_chained: x must be bf16, got {x2.dtype}")
+    M, K = x2.shape
+    N = w.shape[0]
+    bm, bn, warps, stages, group_m = config or CHAINED_CONFIG
+    if not x2.is_cuda:
+        bm, bn = min(bm, 16), min(bn, 32)
+    y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
+    grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+    _fp8_gemm_chained_kernel[grid](x2, w, s, y, M, N, K, triton.cdiv(K, BLOCK), BLOCK_M=bm, BLOCK_N=bn,
+                                   GROUP_M=group_m, DOT16=x2.is_cuda, num_warps=warps, num_stages=stages)
+    return y
+
+
 def decode_scale(scale: torch.Tensor) -> torch.Tensor:
     """fp32 multiplier from fp32 / ``float8_e8m0fnu`` / uint8 (E8M0 bytes) block scales."""
     if scale.dtype == torch.float32:
@@ -193,6 +264,9 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *,
     lead = x.shape[:-2] if groups > 1 else x.shape[:-1]
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0] // groups
+    if (CHAINED_PREFILL and config is None and groups == 1 and M > 64 and x.dtype == torch.bfloat16
+            and scales_are_pow2(s)):
+        return fp8_gemm_chained(x2, w, s).reshape(*lead, N)
     cfg = config or pick_config(M, N, K)
     if groups > 1:
         bn = cfg.block_n

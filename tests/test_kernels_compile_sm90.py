@@ -162,6 +162,14 @@ sig = {"x_ptr": "*fp16", "sorted_ptr": "*i32", "bexp_ptr": "*i32", "S": "i32", "
        "DEQ": "constexpr"}
 check_plain("int2 prefill gate_up", _pf_gate_up, sig, dict(BLOCK_M=64, BLOCK_N=64, W=8, SWAP=True, EXPAND=3, DEQ=False),
             num_warps=4, num_stages=3)
+from dsv4lib.kernels.fp8_linear import CHAINED_CONFIG, _fp8_gemm_chained_kernel
+# chained FP8 prefill GEMM (opt-in): bf16 operands, the default tile
+bm, bn, warps, stages, group_m = CHAINED_CONFIG
+check_plain("fp8 gemm chained", _fp8_gemm_chained_kernel,
+            {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "y_ptr": "*bf16", "M": "i32", "N": "i32",
+             "K": "i32", "KB": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "GROUP_M": "constexpr",
+             "DOT16": "constexpr"},
+            dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, DOT16=True), num_warps=warps, num_stages=stages)
 import torch
 from dsv4lib.kernels.prefill_attention import _prefill_attn_kernel, pick_attn_config
 # prefill attention: head dim 512 (full scale; bf16 score product, p in TF32 or bf16) and 64 (fp32 model, IEEE)

@@ -123,3 +123,42 @@ def test_fp8_linear_grouped(tokens, G, R, K, cfg):
                 fp8_linear(x[..., 0, :], w, s)) < 1e-3          # every group fed x[..., 0, :] == plain GEMV
     with pytest.raises(ValueError, match="groups"):
         kernel(x[..., :G - 1, :], w, s, groups=G)
+
+
+@pytest.mark.parametrize("M,N,K", [(70, 200, 384), (100, 130, 256)])
+def test_fp8_chained_prefill_matches_per_block_kernel(M, N, K, monkeypatch):
+    """The opt-in chained prefill GEMM (scales folded into bf16 weight tiles, one accumulator): the same exact
+    products as the per-block kernel, so both land within bf16 output rounding of the fp64 reference; taken by
+    ``fp8_linear`` only for bf16 x, M > 64 and power-of-two scales."""
+    import dsv4lib.kernels.fp8_linear as f8
+    g = torch.Generator(device=DEV).manual_seed(M + N)
+    w, s = random_fp8(N, K, DEV, g)                                      # power-of-two scales
+    x = torch.randn(M, K, device=DEV, generator=g).to(torch.bfloat16)
+    ref = fp8_linear_reference(x.double(), w, s.double())
+    assert f8.scales_are_pow2(s)
+    got = f8.fp8_gemm_chained(x, w, s)
+    assert got.shape == (M, N) and got.dtype == torch.bfloat16
+    assert _rel(got, ref) < 4e-3
+    calls = []
+    monkeypatch.setattr(f8, "CHAINED_PREFILL", True)
+    real = f8.fp8_gemm_chained
+    monkeypatch.setattr(f8, "fp8_gemm_chained", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert torch.equal(f8.fp8_linear(x, w, s), got) and calls == [1]
+    s2 = s.clone()
+    s2[0, 0] *= 1.5                                                      # not a power of two: per-block kernel
+    assert not f8.scales_are_pow2(s2)
+    y2 = f8.fp8_linear(x, w, s2)
+    assert calls == [1] and _rel(y2, fp8_linear_reference(x.double(), w, s2.double())) < 4e-3
+    f8.fp8_linear(x.float(), w, s)                                       # fp32 x: per-block kernel too
+    assert calls == [1]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("N,K", [(32768, 1024), (4096, 8192), (4096, 4096)])
+def test_fp8_chained_full_shapes_gpu(N, K):
+    g = torch.Generator(device=DEV).manual_seed(N)
+    w, s = random_fp8(N, K, DEV, g)
+    x = torch.randn(2048, K, device=DEV, generator=g, dtype=torch.bfloat16)
+    from dsv4lib.kernels.fp8_linear import fp8_gemm_chained
+    assert _rel(fp8_gemm_chained(x, w, s), fp8_linear_reference(x.double(), w, s.double())) < 4e-3

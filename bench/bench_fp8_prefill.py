@@ -1,0 +1,88 @@
+"""FP8 block-scaled prefill GEMMs at V4-Flash shapes (M = --tokens rows): the per-block kernel of
+``fp8_linear`` (one dot per 128-wide K block times its scale), the opt-in chained kernel (power-of-two scales
+folded into bf16 weight tiles, one accumulator; ``--configs``), and cuBLAS bf16 on a pre-dequantised weight
+(what a plain GEMM reaches; not a usable path: it needs the bf16 weights resident). CUDA events, median of
+--reps; TFLOP/s per case; max relative error of each kernel against the bf16 GEMM.
+
+    python3 bench/bench_fp8_prefill.py --out $OUT/fp8_prefill.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dsv4lib.kernels.fp8_linear import (dequantize_fp8_reference, fp8_gemm_chained, fp8_linear,  # noqa: E402
+                                         random_fp8)
+
+SHAPES = {"wq_a|wkv": (1536, 4096), "wq_b": (32768, 1024), "wo_b": (4096, 8192), "shared w1|w3": (4096, 4096),
+          "shared w2": (4096, 2048), "indexer wq_b": (8192, 1024)}
+CONFIGS = {"c128x128": (128, 128, 8, 3, 8), "c128x256": (128, 256, 8, 3, 8), "c128x128s4": (128, 128, 8, 4, 8),
+           "c64x256": (64, 256, 4, 3, 8), "c128x64": (128, 64, 4, 4, 8)}
+
+
+def _time(fn, reps: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        ts.append(a.elapsed_time(b) * 1e3)
+    return sorted(ts)[len(ts) // 2]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--tokens", type=int, default=2048)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--configs", default=",".join(CONFIGS))
+    ap.add_argument("--out", default="fp8_prefill.json")
+    a = ap.parse_args(argv)
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    res = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "tokens": a.tokens, "cases": {}}
+    names = a.configs.split(",")
+    for name, (N, K) in SHAPES.items():
+        w, s = random_fp8(N, K, dev, g)
+        x = torch.randn(a.tokens, K, device=dev, generator=g).to(torch.bfloat16)
+        wb = dequantize_fp8_reference(w, s).to(torch.bfloat16)
+        ref = x @ wb.T
+        flop = 2.0 * a.tokens * N * K
+
+        def rel(y):
+            return ((y.float() - ref.float()).norm() / ref.float().norm()).item()
+        row = {"bf16_cublas_us": _time(lambda: x @ wb.T, a.reps)}
+        row["per_block_us"] = _time(lambda: fp8_linear(x, w, s), a.reps)
+        row["per_block_rel"] = rel(fp8_linear(x, w, s))
+        for c in names:
+            try:
+                row[c] = {"us": _time(lambda: fp8_gemm_chained(x, w, s, CONFIGS[c]), a.reps),
+                          "rel": rel(fp8_gemm_chained(x, w, s, CONFIGS[c]))}
+            except Exception as e:  # noqa: BLE001 - a config that does not compile is reported
+                row[c] = {"error": repr(e)[:200]}
+        row["tflops"] = {k: flop / (v if isinstance(v, float) else v.get("us", float("nan"))) / 1e6
+                         for k, v in row.items() if k.endswith("_us") or isinstance(v, dict)}
+        res["cases"][name] = row
+        Path(a.out).write_text(json.dumps(res, indent=1))
+    print(f"M = {a.tokens} tokens; us per call (TFLOP/s)")
+    print("| projection (N x K) | bf16 cuBLAS | per-block | " + " | ".join(names) + " |")
+    print("|---|---|---|" + "---|" * len(names))
+    for name, row in res["cases"].items():
+        t = row["tflops"]
+        cells = [f"{row[c]['us']:.0f} ({t[c]:.0f})" if "us" in row[c] else "err" for c in names]
+        print(f"| {name} {SHAPES[name][0]}x{SHAPES[name][1]} | {row['bf16_cublas_us']:.0f} ({t['bf16_cublas_us']:.0f}) | "
+              f"{row['per_block_us']:.0f} ({t['per_block_us']:.0f}) | " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
