@@ -342,7 +342,7 @@ def run_benchmark(opts: BenchOptions, write=lambda r: None, log=print) -> dict:
 def targets(res: dict, opts: BenchOptions) -> dict:
     tg = opts.targets
     dec = {(d["batch"], d["context"]): d for d in res["decode"] if "graphed_tok_s" in d}
-    ctx0 = min(c for _, c in opts.decode)
+    ctx0 = min((c for _, c in opts.decode), default=None)     # (--decode "": prefill/MMLU only)
     out = {}
     b1 = dec.get((1, ctx0), {}).get("graphed_tok_s")
     b8 = dec.get((8, ctx0), {}).get("graphed_tok_s")

@@ -112,13 +112,14 @@ class AttnConfig:
 
 
 def pick_attn_config(C: int, dtype: torch.dtype = torch.bfloat16) -> AttnConfig:
-    """Per head dim and dtype. 16-bit at C >= 512: 64 rows with p in 16 bits (the keys stay 16-bit for both
-    products, which frees the registers of their fp32 copy) -- H200, bench/bench_prefill_attention.py: the
-    last 512-query chunk of a 2K prefill 614 -> 344 us (CSA), 223 -> 132 us (HCA), a 32 x 192 MMLU batch
-    1.9-2.1 -> 0.95-1.03 ms, against 32 rows with p in TF32; same max error against the eager math (the
-    output's bf16 rounding dominates). Otherwise the [BM, C] accumulator and q tile stay ~64 registers each."""
+    """Per head dim and dtype. 16-bit at C >= 512: 64 rows x 64 keys with p in 16 bits (the keys stay 16-bit for
+    both products, which frees the registers of their fp32 copy) -- H200, bench/bench_prefill_attention.py run 2:
+    the last 512-query chunk of a 2K prefill 657 -> 250 us (CSA), 270 -> 173 us (HCA), a 32 x 192 MMLU batch
+    1.86-2.09 -> 0.97-1.03 ms, against the first version (32 rows, p in TF32); 64 x 32 keys was 374 / 171 /
+    996 / 1036 us. Same max error against the eager math (the output's bf16 rounding dominates). Otherwise the
+    [BM, C] accumulator and q tile stay ~64 registers each."""
     if C >= 512 and dtype in (torch.bfloat16, torch.float16):
-        return AttnConfig(64, 32, 8, 2, p16=True)
+        return AttnConfig(64, 64, 8, 2, p16=True)
     if C >= 512:
         return AttnConfig(32, 32, 8)
     if C >= 128:
