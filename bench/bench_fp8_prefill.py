@@ -17,6 +17,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dsv4lib.fullscale import time_cuda  # noqa: E402
+
 from dsv4lib.kernels.fp8_linear import (dequantize_fp8_reference, fp8_gemm_chained, fp8_linear,  # noqa: E402
                                          random_fp8)
 
@@ -27,17 +29,8 @@ CONFIGS = {"c128x128": (128, 128, 8, 3, 8), "c128x256": (128, 256, 8, 3, 8), "c1
 
 
 def _time(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3)
-    return sorted(ts)[len(ts) // 2]
+    """Median microseconds per call (CUDA events, one warm-up call)."""
+    return time_cuda(fn, reps) * 1e3
 
 
 def main(argv=None) -> int:

@@ -19,6 +19,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from dsv4lib.fullscale import time_cuda  # noqa: E402
+
 from dsv4lib.kernels.prefill_attention import AttnConfig, pick_attn_config, prefill_attention  # noqa: E402
 from dsv4lib.model.lowp import tf32_matmuls  # noqa: E402
 
@@ -44,17 +46,8 @@ CONFIGS = {   # run 1 (2026-11-29, fifth session): 64 x 32 p16 best in all four 
 
 
 def _time(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b) * 1e3)
-    return sorted(ts)[len(ts) // 2]
+    """Median microseconds per call (CUDA events, one warm-up call)."""
+    return time_cuda(fn, reps) * 1e3
 
 
 def _eager(q, win, ent, bias, sink, qpos0, wpos0):
