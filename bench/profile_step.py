@@ -108,6 +108,30 @@ def _module_table(prof, steps: int) -> dict:
             for n in sorted(tot, key=tot.get, reverse=True)}
 
 
+def kernel_resources() -> list[dict]:
+    """Registers, spills, shared memory and warps of every Triton kernel specialisation launched so far in
+    this process (the JIT caches of ``dsv4lib.kernels``; GPU only -- register counts come from the loaded
+    module). Read it before changing a tile: a config at 255 registers with spills is the first suspect."""
+    import importlib
+    import pkgutil
+
+    from triton.runtime.jit import JITFunction
+    import dsv4lib.kernels as kpkg
+    rows = []
+    for info in pkgutil.iter_modules(kpkg.__path__):
+        mod = importlib.import_module(f"dsv4lib.kernels.{info.name}")
+        for name, fn in vars(mod).items():
+            if not isinstance(fn, JITFunction) or fn.__module__ != mod.__name__:
+                continue
+            for cache in getattr(fn, "device_caches", {}).values():
+                for k in (cache[0] if isinstance(cache, tuple) else {}).values():
+                    md = k.metadata
+                    rows.append({"kernel": f"{info.name}.{name}", "warps": getattr(md, "num_warps", None),
+                                 "stages": getattr(md, "num_stages", None), "shared": getattr(md, "shared", None),
+                                 "regs": getattr(k, "n_regs", None), "spills": getattr(k, "n_spills", None)})
+    return rows
+
+
 def _profiled(fn, steps: int, dev, top: int, by_module: bool = False) -> dict:
     fn()
     if dev.type == "cuda":
@@ -146,6 +170,8 @@ def main(argv=None) -> int:
                     help="prefill with the opt-in mHC prefill kernels (model.transformer.FUSED_MHC_PREFILL)")
     ap.add_argument("--by-module", action="store_true",
                     help="prefill/MMLU cases: also charge device time to the innermost model submodule")
+    ap.add_argument("--resources", action="store_true",
+                    help="at the end: registers / spills / shared memory of every launched Triton kernel (GPU)")
     ap.add_argument("--out", default="profile.json")
     a = ap.parse_args(argv)
     a.fused = not a.unfused
@@ -222,6 +248,13 @@ def main(argv=None) -> int:
     for h in hooks:
         h.remove()
 
+    if a.resources and dev.type == "cuda":
+        res["kernel_resources"] = kernel_resources()
+        save()
+        print("\n== kernel resources (registers, spills, shared bytes, warps, stages)")
+        for r in sorted(res["kernel_resources"], key=lambda r: (-(r["spills"] or 0), -(r["regs"] or 0))):
+            print(f"  {r['regs']!s:>4} regs {r['spills']!s:>5} spills {r['shared']!s:>7} B "
+                  f"{r['warps']!s:>2}w {r['stages']!s:>2}s  {r['kernel']}")
     for name, c in res["cases"].items():
         print(f"\n== {name}: GPU {c['gpu_us_per_step'] / 1e3:.2f} ms/step, {c['kernels_per_step']:.0f} kernels, "
               f"wall {c['wall_ms_per_step_profiled']:.2f} ms (profiled)")

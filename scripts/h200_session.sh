@@ -13,6 +13,6 @@ timeout 300 python3 -m dsv4lib bench --steps 32 --eager-steps 2 --out "$OUT/full
 tail -16 "$OUT/bench.log"
 timeout 180 python3 -m pytest -q -m gpu tests/ --ignore=tests/test_notebooks.py > "$OUT/gpu_tests.log" 2>&1
 tail -3 "$OUT/gpu_tests.log"
-timeout 90 python3 bench/profile_step.py --batches "" --prefill 2048 --mmlu 32x192 --top 40 --by-module \
+timeout 90 python3 bench/profile_step.py --batches "" --prefill 2048 --mmlu 32x192 --top 40 --by-module --resources \
     --out "$OUT/prof_prefill.json" > "$OUT/prof.log" 2>&1
-grep "==" "$OUT/prof.log"
+grep -A 12 "== kernel resources" "$OUT/prof.log"; grep "==" "$OUT/prof.log"
