@@ -266,8 +266,9 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *,
     lead = x.shape[:-2] if groups > 1 else x.shape[:-1]
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0] // groups
+    e8m0 = scale.dtype == torch.uint8 or str(scale.dtype) == "torch.float8_e8m0fnu"     # powers of two by format
     if (CHAINED_PREFILL and config is None and groups == 1 and M > 64 and x.dtype == torch.bfloat16
-            and scales_are_pow2(s)):
+            and (e8m0 or scales_are_pow2(s))):
         return fp8_gemm_chained(x2, w, s).reshape(*lead, N)
     cfg = config or pick_config(M, N, K)
     if groups > 1:

@@ -151,6 +151,8 @@ def test_fp8_chained_prefill_matches_per_block_kernel(M, N, K, monkeypatch):
     assert calls == [1] and _rel(y2, fp8_linear_reference(x.double(), w, s2.double())) < 4e-3
     f8.fp8_linear(x.float(), w, s)                                       # fp32 x: per-block kernel too
     assert calls == [1]
+    e8 = (torch.log2(s) + 127).to(torch.uint8)                           # E8M0 bytes: powers of two by format
+    assert torch.equal(f8.fp8_linear(x, w, e8), got) and calls == [1, 1]
 
 
 @pytest.mark.gpu
