@@ -126,9 +126,14 @@ def kernel_resources() -> list[dict]:
             for cache in getattr(fn, "device_caches", {}).values():
                 for k in (cache[0] if isinstance(cache, tuple) else {}).values():
                     md = k.metadata
+                    ttgir = (getattr(k, "asm", None) or {}).get("ttgir", "")
+                    waits = [ln.split("pendings = ")[1].split()[0] for ln in ttgir.splitlines()
+                             if "warp_group_dot_wait" in ln and "pendings = " in ln]
                     rows.append({"kernel": f"{info.name}.{name}", "warps": getattr(md, "num_warps", None),
                                  "stages": getattr(md, "num_stages", None), "shared": getattr(md, "shared", None),
-                                 "regs": getattr(k, "n_regs", None), "spills": getattr(k, "n_spills", None)})
+                                 "regs": getattr(k, "n_regs", None), "spills": getattr(k, "n_spills", None),
+                                 # wgmma groups left in flight at each wait (0 everywhere: MMA never overlaps)
+                                 "wgmma_waits": ",".join(waits)})
     return rows
 
 
@@ -254,7 +259,7 @@ def main(argv=None) -> int:
         print("\n== kernel resources (registers, spills, shared bytes, warps, stages)")
         for r in sorted(res["kernel_resources"], key=lambda r: (-(r["spills"] or 0), -(r["regs"] or 0))):
             print(f"  {r['regs']!s:>4} regs {r['spills']!s:>5} spills {r['shared']!s:>7} B "
-                  f"{r['warps']!s:>2}w {r['stages']!s:>2}s  {r['kernel']}")
+                  f"{r['warps']!s:>2}w {r['stages']!s:>2}s  {r['kernel']}  wgmma waits [{r['wgmma_waits']}]")
     for name, c in res["cases"].items():
         print(f"\n== {name}: GPU {c['gpu_us_per_step'] / 1e3:.2f} ms/step, {c['kernels_per_step']:.0f} kernels, "
               f"wall {c['wall_ms_per_step_profiled']:.2f} ms (profiled)")
