@@ -288,7 +288,8 @@ def run_benchmark(opts: BenchOptions, write=lambda r: None, log=print) -> dict:
                                ("attn_kernel", attention, "PREFILL_ATTN_KERNEL"),
                                ("norm_rope_kernel", attention, "PREFILL_NORM_ROPE_KERNEL"),
                                ("indexer_kernel", indexer, "INDEXER_KERNEL"),
-                               ("fp8_chained", fp8_mod, "CHAINED_PREFILL")):
+                               ("fp8_chained", fp8_mod, "CHAINED_PREFILL"),
+                               ("fp8_chained_grouped", fp8_mod, "CHAINED_GROUPED")):
             saved = getattr(mod, flag)
             setattr(mod, flag, not saved)
             try:
@@ -381,7 +382,8 @@ def format_table(res: dict) -> str:
                            for key, label in (("fused_mhc", "mHC prefill kernel"), ("attn_kernel", "attention kernel"),
                                               ("norm_rope_kernel", "norm+RoPE kernel"),
                                               ("indexer_kernel", "indexer kernel"),
-                                              ("fp8_chained", "chained FP8 GEMM"))
+                                              ("fp8_chained", "chained FP8 GEMM"),
+                                              ("fp8_chained_grouped", "chained grouped wo_a"))
                            if key + "_toggled_tok_s" in p))
     m = res["mmlu"]
     lines.append(f"MMLU: {m['batch']}x{m['prompt_len']} batches {m['tok_s']:.0f} tok/s -> {m['tokens']} tokens "

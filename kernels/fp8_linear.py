@@ -155,13 +155,14 @@ def _fp8_linear_kernel(
 
 
 @triton.jit
-def _fp8_gemm_chained_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, KB,
+def _fp8_gemm_chained_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, KB, G,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr,
                              DOT16: tl.constexpr):
     """Prefill GEMM for power-of-two block scales: each 128-wide K block of W is dequantised to bf16 with its
     scale folded in (e4m3 times 2^k is exact in bf16) and the dots chain in one accumulator, so the MMA never
     waits for a per-block rescale. ``DOT16``: bf16 operands (GPU); else the same values in fp32 (the CPU
-    interpreter's bf16 dot is broken)."""
+    interpreter's bf16 dot is broken). ``G`` > 1: x is [M, G, K] and output rows [g N/G, (g+1) N/G) read
+    x[:, g] only (V4's grouped ``wo_a``; the launcher keeps each N tile inside one group)."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -175,11 +176,12 @@ def _fp8_gemm_chained_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, KB,
     mm = rm < M
     nm = rn < N
     kk = tl.arange(0, 128)
+    xrow = rm.to(tl.int64) * G + (pid_n * BLOCK_N) // (N // G)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for kb in range(0, KB):
         k = kb * 128 + kk
         km = k < K
-        a = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + k[None, :], mask=mm[:, None] & km[None, :], other=0.0)
+        a = tl.load(x_ptr + xrow[:, None] * K + k[None, :], mask=mm[:, None] & km[None, :], other=0.0)
         b = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0)
         sc = tl.load(s_ptr + (rn // 128) * KB + kb, mask=nm, other=0.0)                 # [BN]
         if DOT16:
@@ -197,6 +199,10 @@ CHAINED_PREFILL = True
 H200 (bench/bench_fp8_prefill.py, 2048 rows): 1.2-1.4x the per-block kernel at the six prefill projections with
 128 x 256 tiles (wq_b 583 -> 463 us, wo_b 528 -> 393, shared w1|w3 296 -> 225), bit-identical to cuBLAS bf16 on
 the dequantised weights; the whole 2K prefill with the 128 x 128 tile: 5,409 -> 5,525 tok/s (bench A/B)."""
+CHAINED_GROUPED = False
+"""The chained GEMM for grouped projections too (V4's ``wo_a`` at prefill, ~19 ms of a 2K prefill with the per-block
+kernel). Opt-in until timed: written after the session's device time ran out; the full-scale bench times the
+prefill with it toggled."""
 CHAINED_CONFIG = (128, 256, 8, 3, 8)     # BLOCK_M, BLOCK_N, warps, stages, GROUP_M
 def scales_are_pow2(scale: torch.Tensor) -> bool:
     """Every block multiplier is a power of two (E8M0 scales always are); remembered on the tensor for its
@@ -210,19 +216,26 @@ def scales_are_pow2(scale: torch.Tensor) -> bool:
     return flag
 
 
-def fp8_gemm_chained(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor, config: tuple | None = None) -> torch.Tensor:
-    """x2 [M, K] bf16 @ dequant(w, s)^T -> bf16 [M, N] with the scales folded into bf16 weight tiles (the caller
-    checks ``scales_are_pow2``: only then is the fold exact)."""
+def fp8_gemm_chained(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor, config: tuple | None = None,
+                     groups: int = 1) -> torch.Tensor:
+    """x2 [M*groups, K] bf16 @ dequant(w, s)^T -> bf16 [M, N] with the scales folded into bf16 weight tiles (the
+    caller checks ``scales_are_pow2``: only then is the fold exact); ``groups`` > 1: rows of x2 are (m, g) pairs
+    and output rows of group g read x2[m * groups + g] (block-diagonal, as ``fp8_linear(groups=)``)."""
     if x2.dtype != torch.bfloat16:
         raise ValueError(f"kernels.fp8_gemm_chained: x must be bf16, got {x2.dtype}")
-    M, K = x2.shape
+    K = x2.shape[1]
+    M = x2.shape[0] // groups
     N = w.shape[0]
     bm, bn, warps, stages, group_m = config or CHAINED_CONFIG
     if not x2.is_cuda:
         bm, bn = min(bm, 16), min(bn, 32)
+    while groups > 1 and (N // groups) % bn and bn > 16:   # an N tile must not straddle two groups
+        bn //= 2
+    if groups > 1 and (N // groups) % bn:
+        raise ValueError(f"kernels.fp8_gemm_chained: N/groups={N // groups} is not a multiple of 16")
     y = torch.empty((M, N), dtype=x2.dtype, device=x2.device)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    _fp8_gemm_chained_kernel[grid](x2, w, s, y, M, N, K, triton.cdiv(K, BLOCK), BLOCK_M=bm, BLOCK_N=bn,
+    _fp8_gemm_chained_kernel[grid](x2, w, s, y, M, N, K, triton.cdiv(K, BLOCK), groups, BLOCK_M=bm, BLOCK_N=bn,
                                    GROUP_M=group_m, DOT16=x2.is_cuda, num_warps=warps, num_stages=stages)
     return y
 
@@ -267,9 +280,9 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *,
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0] // groups
     e8m0 = scale.dtype == torch.uint8 or str(scale.dtype) == "torch.float8_e8m0fnu"     # powers of two by format
-    if (CHAINED_PREFILL and config is None and groups == 1 and M > 64 and x.dtype == torch.bfloat16
-            and (e8m0 or scales_are_pow2(s))):
-        return fp8_gemm_chained(x2, w, s).reshape(*lead, N)
+    if (CHAINED_PREFILL and config is None and M > 64 and x.dtype == torch.bfloat16
+            and (groups == 1 or (CHAINED_GROUPED and (N // groups) % 16 == 0)) and (e8m0 or scales_are_pow2(s))):
+        return fp8_gemm_chained(x2, w, s, groups=groups).reshape(*lead, N)
     cfg = config or pick_config(M, N, K)
     if groups > 1:
         bn = cfg.block_n

@@ -167,7 +167,7 @@ from dsv4lib.kernels.fp8_linear import CHAINED_CONFIG, _fp8_gemm_chained_kernel
 bm, bn, warps, stages, group_m = CHAINED_CONFIG
 check_plain("fp8 gemm chained", _fp8_gemm_chained_kernel,
             {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "y_ptr": "*bf16", "M": "i32", "N": "i32",
-             "K": "i32", "KB": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "GROUP_M": "constexpr",
+             "K": "i32", "KB": "i32", "G": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "GROUP_M": "constexpr",
              "DOT16": "constexpr"},
             dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, DOT16=True), num_warps=warps, num_stages=stages)
 import torch

@@ -155,6 +155,24 @@ def test_fp8_chained_prefill_matches_per_block_kernel(M, N, K, monkeypatch):
     assert torch.equal(f8.fp8_linear(x, w, e8), got) and calls == [1, 1]
 
 
+@pytest.mark.parametrize("tokens,G,R,K", [(70, 4, 64, 256), (80, 2, 48, 384)])
+def test_fp8_chained_grouped(tokens, G, R, K, monkeypatch):
+    """The chained GEMM in grouped mode (V4's wo_a at prefill): output rows of group g read x[:, g] only --
+    against the block-diagonal fp64 reference, and taken by ``fp8_linear(groups=G)`` for bf16 x, M > 64 when
+    ``CHAINED_GROUPED`` is on."""
+    import dsv4lib.kernels.fp8_linear as f8
+    g = torch.Generator(device=DEV).manual_seed(G * R + tokens)
+    w, s = random_fp8(G * R, K, DEV, g)
+    x = torch.randn(tokens, G, K, device=DEV, generator=g).to(torch.bfloat16)
+    ref = fp8_linear_reference(x.double(), w, s.double(), groups=G)
+    got = f8.fp8_gemm_chained(x.reshape(-1, K), w, s, groups=G)
+    assert got.shape == (tokens, G * R) and _rel(got, ref) < 4e-3
+    other = f8.fp8_gemm_chained(x[:, :1].expand(-1, G, -1).reshape(-1, K), w, s, groups=G)
+    assert _rel(other, ref) > 0.1                                        # the group's own x rows matter
+    monkeypatch.setattr(f8, "CHAINED_GROUPED", True)
+    assert torch.equal(f8.fp8_linear(x, w, s, groups=G), got)        # the dispatch (opt-in CHAINED_GROUPED)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("N,K", [(32768, 1024), (4096, 8192), (4096, 4096)])
