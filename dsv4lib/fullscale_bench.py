@@ -135,7 +135,7 @@ def component_times(model, cache, dev, reps: int = 10, fused: bool = False) -> d
     return out
 
 
-VARIANTS = ("single_stream", "pdl", "int2_idp")
+VARIANTS = ("single_stream", "pdl", "int2_idp", "q_norm_prologue")
 
 
 @contextlib.contextmanager
@@ -143,22 +143,25 @@ def _variant(name: str):
     """The fused step's A/B switches, each against the default: ``single_stream`` (no concurrent
     side-stream branches), ``pdl`` (programmatic dependent launch of the step's Triton kernels,
     kernels/pdl.py, toggled), ``int2_idp`` (the integer-dot-product INT2 decode kernel,
-    kernels.dispatch.DECODE_IDP, toggled)."""
+    kernels.dispatch.DECODE_IDP, toggled), ``q_norm_prologue`` (q_norm inside the wq_b GEMV,
+    model.graphed.Q_NORM_PROLOGUE, toggled)."""
     from .kernels import dispatch, pdl
     from .model import graphed
-    saved = graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP
+    saved = graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE
     if name == "single_stream":
         graphed.CONCURRENT = False
     elif name == "pdl":
         pdl.ENABLED = not pdl.ENABLED
     elif name == "int2_idp":
         dispatch.DECODE_IDP = not dispatch.DECODE_IDP
+    elif name == "q_norm_prologue":
+        graphed.Q_NORM_PROLOGUE = not graphed.Q_NORM_PROLOGUE
     else:
         raise ValueError(f"unknown bench variant {name!r}")
     try:
         yield
     finally:
-        graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP = saved
+        graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE = saved
 
 
 def _decode_case(model, B: int, ctx: int, opts: BenchOptions, dev, res: dict) -> None:
@@ -365,16 +368,17 @@ def format_table(res: dict) -> str:
              f"resident {res['resident_GB']['total']:.2f} GB  peak {res.get('peak_allocated_GB', 0):.2f} GB  "
              f"copy {res.get('copy_GBps', 0):.0f} GB/s  bytes/token(b1,1K) "
              f"{res['bytes_per_token_b1_1k']['per_token'] / GB:.3f} GB  roofline {res.get('roofline_b1_tok_s', 0):.0f} tok/s",
-             "| batch | context | fill | eager tok/s | static ms | graphed ms | 1-stream ms | PDL toggled ms | INT2 idp toggled ms | graphed tok/s | GB/token |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| batch | context | fill | eager tok/s | static ms | graphed ms | 1-stream ms | PDL toggled ms | INT2 idp toggled ms | q_norm prologue toggled ms | graphed tok/s | GB/token |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in res["decode"]:
         if "error" in d:
-            lines.append(f"| {d['batch']} | {d['context']} | ERROR {d['error'][:60]} ||||||||")
+            lines.append(f"| {d['batch']} | {d['context']} | ERROR {d['error'][:60]} |||||||||")
             continue
         lines.append(f"| {d['batch']} | {d['context']} | {d['context_fill']} | {d.get('eager_tok_s', float('nan')):.1f} | "
                      f"{d.get('static_uncaptured_ms', float('nan')):.2f} | {d.get('graphed_ms', float('nan')):.2f} | "
                      f"{d.get('graphed_single_stream_ms', float('nan')):.2f} | {d.get('graphed_pdl_ms', float('nan')):.2f} | "
                      f"{d.get('graphed_int2_idp_ms', float('nan')):.2f} | "
+                     f"{d.get('graphed_q_norm_prologue_ms', float('nan')):.2f} | "
                      f"{d.get('graphed_tok_s', float('nan')):.1f} | {d['bytes_per_token'] / GB:.3f} |")
     p = res["prefill"]
     lines.append(f"prefill b1 x {p['tokens']}: {p['tok_s']:.0f} tok/s"

@@ -104,8 +104,10 @@ def _fp8_linear_kernel(
     ws_ptr, cnt_ptr,
     # sizes; G > 1 (GROUPED): x is [M, G, K] and output rows [g*N/G, (g+1)*N/G) read x[:, g] only
     M, N, K, KB, G,
+    # NORM: x rows RMS-normalised on load, ``(nw * (x * rsqrt(mean(x^2) + eps))).to(x dtype)`` (nw fp32 [K])
+    nw_ptr, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, LAST: tl.constexpr,
-    GROUPED: tl.constexpr, PDL: tl.constexpr,
+    GROUPED: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -124,11 +126,22 @@ def _fp8_linear_kernel(
     else:
         xrow = rm.to(tl.int64)
     acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    if NORM:   # the row's RMS over all of K (every program; K is a q_lora-sized row)
+        ss = tl.zeros([BLOCK_M], tl.float32)
+        for kb in range(0, KB):
+            k = kb * 128 + kk
+            xa = tl.load(x_ptr + xrow[:, None] * K + k[None, :], mask=mm[:, None] & (k < K)[None, :],
+                         other=0.0).to(tl.float32)
+            ss += tl.sum(xa * xa, axis=1)
+        rs = tl.rsqrt(ss / K + eps)                                      # [BM]
     for kb in range(kb_lo, kb_hi):
         k = kb * 128 + kk
         km = k < K
-        a = tl.load(x_ptr + xrow[:, None] * K + k[None, :], mask=mm[:, None] & km[None, :],
-                    other=0.0).to(tl.float16)                            # [BM, 128]
+        a = tl.load(x_ptr + xrow[:, None] * K + k[None, :], mask=mm[:, None] & km[None, :], other=0.0)
+        if NORM:
+            nw = tl.load(nw_ptr + k, mask=km, other=0.0)
+            a = (nw[None, :] * (a.to(tl.float32) * rs[:, None])).to(a.dtype)   # RMSNorm's rounding
+        a = a.to(tl.float16)                                             # [BM, 128]
         b = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + k[None, :], mask=nm[:, None] & km[None, :],
                     other=0.0).to(tl.float16)                            # [BN, 128]
         sc = tl.load(s_ptr + (rn // 128) * KB + kb, mask=nm, other=0.0)  # [BN]
@@ -252,12 +265,14 @@ def decode_scale(scale: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *,
-               config: FP8Config | None = None, groups: int = 1) -> torch.Tensor:
+               config: FP8Config | None = None, groups: int = 1,
+               norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """``x [..., K] @ dequant(w [N, K], scale)^T -> [..., N]`` in x's dtype.
 
     ``groups`` G > 1: a grouped projection (V4's ``wo_a``): x ``[..., G, K]``, output ``[..., N]`` whose
     rows ``[g N/G, (g+1) N/G)`` are ``x[..., g, :] @ W[rows]^T`` -- each weight byte read once, only the
-    diagonal blocks computed."""
+    diagonal blocks computed. ``norm`` = (weight fp32 [K], eps): x's rows go through RMSNorm on load (with
+    its rounding to x's dtype), e.g. V4's ``wq_b(q_norm(qa))`` in one launch."""
     if w.dtype != torch.float8_e4m3fn or w.dim() != 2:
         raise ValueError(f"kernels.fp8_linear: w must be float8_e4m3fn [N, K], got {w.dtype} {tuple(w.shape)}")
     N, K = w.shape
@@ -272,6 +287,9 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *,
         raise ValueError("kernels.fp8_linear: w must be contiguous")
     if w.device != x.device or scale.device != x.device:
         raise ValueError(f"kernels.fp8_linear: x on {x.device}, w on {w.device}, scale on {scale.device}")
+    if norm is not None and (groups > 1 or norm[0].numel() != K or norm[0].dtype != torch.float32):
+        raise ValueError(f"kernels.fp8_linear: norm needs groups=1 and an fp32 weight of {K}, got groups={groups}, "
+                         f"{norm[0].dtype} {tuple(norm[0].shape)}")
     if groups > 1 and (x.dim() < 2 or x.shape[-2] != groups or N % groups):
         raise ValueError(f"kernels.fp8_linear: groups={groups} needs x [..., {groups}, K] and N % groups == 0, "
                          f"got x {tuple(x.shape)}, N={N}")
@@ -280,7 +298,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *,
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0] // groups
     e8m0 = scale.dtype == torch.uint8 or str(scale.dtype) == "torch.float8_e8m0fnu"     # powers of two by format
-    if (CHAINED_PREFILL and config is None and M > 64 and x.dtype == torch.bfloat16
+    if (CHAINED_PREFILL and config is None and norm is None and M > 64 and x.dtype == torch.bfloat16
             and (groups == 1 or (CHAINED_GROUPED and (N // groups) % 16 == 0)) and (e8m0 or scales_are_pow2(s))):
         return fp8_gemm_chained(x2, w, s, groups=groups).reshape(*lead, N)
     cfg = config or pick_config(M, N, K)
@@ -302,10 +320,11 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *,
         ws = cnt = scale                                                 # unused
         y = (torch.zeros((M, N), dtype=torch.float32, device=x.device) if cfg.split_k > 1
              else torch.empty((M, N), dtype=x.dtype, device=x.device))
-    _fp8_linear_kernel[grid](x2, w, s, y, ws, cnt, M, N, K, KB, groups,
+    nw, eps = (norm[0].contiguous(), float(norm[1])) if norm is not None else (s, 0.0)
+    _fp8_linear_kernel[grid](x2, w, s, y, ws, cnt, M, N, K, KB, groups, nw, eps,
                              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, LAST=last,
-                             GROUPED=groups > 1, num_warps=cfg.warps, num_stages=cfg.stages,
-                             **launch_args(x.device))
+                             GROUPED=groups > 1, NORM=norm is not None, num_warps=cfg.warps,
+                             num_stages=cfg.stages, **launch_args(x.device))
     return y.to(x.dtype).reshape(*lead, N)
 
 

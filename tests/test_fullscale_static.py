@@ -286,6 +286,40 @@ def test_stacked_projections_fused_static_decode_matches_eager():
     assert _stacked_base([a.wq_a, a.wkv]) is None
 
 
+@torch.no_grad()
+def test_q_norm_prologue_in_the_fused_step(monkeypatch):
+    """graphed.Q_NORM_PROLOGUE (q_norm applied by the wq_b FP8 GEMVs on load, the indexer's too): the fused
+    static step of a bf16 synthetic model (FP8 attention weights, CSA/HCA layers, the indexer selecting) gives
+    the logits of the default step up to the norm's fp32 summation order (on the CPU also the fp16 operand
+    rounding of the kernel, which the default CPU path does not have), and the prologue really ran."""
+    import dsv4lib.kernels.dispatch as dispatch
+    from dsv4lib.fullscale import synthetic_model, without_mtp
+    from dsv4lib.model import graphed
+    cfg = without_mtp(ModelConfig.tiny())
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m = synthetic_model(cfg, dev, torch.bfloat16, seed=11)
+    gw = torch.Generator().manual_seed(13)
+    for layer in m.layers:                                              # (synthetic q_norm weights are all ones)
+        layer.attn.q_norm.weight.data.copy_(torch.rand(layer.attn.q_norm.weight.shape, generator=gw) + 0.5)
+    ids = torch.randint(0, cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(12)).to(dev)
+
+    def run():
+        sc = new_static_cache(m, 2, 16)
+        return torch.stack([static_decode_step(m, sc, ids[:, i:i + 1], fused=True) for i in range(12)], 1).float()
+    ref = run()
+    seen = []
+    real = dispatch.fp8_linear
+    monkeypatch.setattr(dispatch, "fp8_linear", lambda *a, **k: (seen.append(k.get("norm") is not None), real(*a, **k))[1])
+    monkeypatch.setattr(graphed, "Q_NORM_PROLOGUE", True)
+    got = run()
+    n_idx = sum(1 for layer in m.layers if layer.attn.indexer is not None)
+    assert sum(seen) >= 12 * len(m.layers) and n_idx > 0             # every layer's wq_b (+ indexers once selecting)
+    assert not graphed.FUSED_FAILURES.get("fp8_linear")
+    scale = ref.abs().max().item()
+    per_pos = (got - ref).abs().amax(-1).flatten()
+    assert per_pos.median().item() <= 0.02 * scale, (per_pos.tolist(), scale)
+    assert (got.argmax(-1) == ref.argmax(-1)).float().mean().item() >= 0.9
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_decode_attention_kernel_matches_torch(dtype):
     """kernels/decode_attention.py (interpreted on CPU) == the torch window+entries+sink attention:

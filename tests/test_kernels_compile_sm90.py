@@ -50,12 +50,15 @@ for bm, bn, split_k, warps, stages, last, grouped in cases:
         sig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32",
                "y_ptr": "*bf16" if split_k == 1 or last else "*fp32", "ws_ptr": "*fp32", "cnt_ptr": "*i32",
                "M": "constexpr" if m == 1 else "i32", "N": "i32", "K": "i32", "KB": "i32", "G": "i32",
+               "nw_ptr": "*fp32", "eps": "fp32",
                "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "SPLIT_K": "constexpr", "LAST": "constexpr",
-               "GROUPED": "constexpr"}
-        cons = {"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": split_k, "LAST": last, "GROUPED": grouped}
+               "GROUPED": "constexpr", "NORM": "constexpr"}
+        cons = {"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": split_k, "LAST": last, "GROUPED": grouped,
+                "NORM": (bm, bn, split_k) == (16, 128, 1)}   # the wq_b tile also with the RMSNorm prologue
         if m == 1:
             cons["M"] = 1
-        name = f"fp8_linear M={m} tile={bm}x{bn} split_k={split_k} warps={warps} stages={stages} last={last} grouped={grouped}"
+        name = (f"fp8_linear M={m} tile={bm}x{bn} split_k={split_k} warps={warps} stages={stages} last={last} "
+                f"grouped={grouped} norm={cons['NORM']}")
         check(name, _fp8_linear_kernel, sig, cons, num_warps=warps, num_stages=stages)
 from dsv4lib.kernels.mhc_step import _hc_pre_kernel
 for has_norm, post in ((False, False), (True, False), (True, True)):

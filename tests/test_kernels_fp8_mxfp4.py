@@ -182,3 +182,22 @@ def test_fp8_chained_full_shapes_gpu(N, K):
     x = torch.randn(2048, K, device=DEV, generator=g, dtype=torch.bfloat16)
     from dsv4lib.kernels.fp8_linear import fp8_gemm_chained
     assert _rel(fp8_gemm_chained(x, w, s), fp8_linear_reference(x.double(), w, s.double())) < 4e-3
+
+
+@pytest.mark.parametrize("M,K,dtype", [(1, 256, torch.bfloat16), (3, 384, torch.float32), (8, 200, torch.bfloat16)])
+def test_fp8_linear_norm_prologue(M, K, dtype):
+    """``norm=(w, eps)``: the x rows RMS-normalised on load (V4's wq_b(q_norm(qa)) in one launch) -- equal to
+    RMSNorm (kernels.rmsnorm_rope, mode 0) followed by the plain kernel, up to the norm's fp32 summation order;
+    K not a multiple of 128; the plain kernel on the raw x differs."""
+    from dsv4lib.kernels.rmsnorm_rope import rmsnorm_rope_reference
+    g = torch.Generator(device=DEV).manual_seed(M * K)
+    w, s = random_fp8(160, K, DEV, g)
+    x = (torch.randn(M, K, device=DEV, generator=g) * 3).to(dtype)
+    nw = torch.rand(K, device=DEV, generator=g) + 0.5
+    ref = fp8_linear(rmsnorm_rope_reference(x, nw, 1e-6), w, s)
+    got = fp8_linear(x, w, s, norm=(nw, 1e-6))
+    assert got.shape == ref.shape and got.dtype == dtype
+    assert _rel(got, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    assert _rel(fp8_linear(x, w, s), ref) > 0.1
+    with pytest.raises(ValueError, match="norm"):
+        fp8_linear(x, w, s, norm=(nw[:-1], 1e-6))

@@ -142,6 +142,10 @@ def selects_all(attn, lc: StaticLayerCache) -> bool:
 
 
 FUSED_FAILURES: dict[str, str] = {}
+Q_NORM_PROLOGUE = False
+"""Fused step: q_norm applied by the wq_b FP8 GEMV on load (``fp8_linear(norm=...)``; the indexer's wq_b too)
+instead of its own launch on the query's critical path -- 43 launches fewer per step. Opt-in until timed
+(written after the session's device time ran out); the full-scale bench times it as a variant."""
 """Fused kernels that raised (e.g. a Triton compile error under another Triton version): name ->
 error. After a failure the torch path is used for that kernel in this process; callers report it."""
 
@@ -162,6 +166,16 @@ def _rms(x: torch.Tensor, weight, eps: float, cos=None, sin=None, mode: int = 0)
     from dsv4lib.kernels.rmsnorm_rope import rmsnorm_rope, rmsnorm_rope_reference
     return _guarded("rmsnorm_rope", lambda: rmsnorm_rope(x, weight, eps, cos, sin, mode),
                     lambda: rmsnorm_rope_reference(x, weight, eps, cos, sin, mode))
+
+
+def _q_norm_prologue(attn, qa: torch.Tensor) -> bool:
+    """``Q_NORM_PROLOGUE`` applies: FP8 wq_b weights (the indexer's too). The FP8 kernel takes its activations as
+    fp16 operands: exact for 16-bit models; fp32 ones get the rounding every FP8 linear of theirs has on CUDA
+    (on the CPU the default path keeps fp32 through the torch dequant)."""
+    fp8 = torch.float8_e4m3fn
+    return (Q_NORM_PROLOGUE and qa.dtype in (torch.float32, torch.bfloat16, torch.float16) and attn.wq_b.weight.dtype == fp8
+            and (attn.indexer is None or attn.indexer.wq_b.weight.dtype == fp8) and not attn.wq_b.lowp
+            and "fp8_linear" not in FUSED_FAILURES)
 
 
 def _fusable(ctx: StepContext, x: torch.Tensor) -> bool:
@@ -341,17 +355,25 @@ def compressor_step_torch(comp: Compressor, x: torch.Tensor, pos: torch.Tensor, 
         st.prev_gate.copy_(torch.where(complete, a_g, st.prev_gate))
 
 
-def indexer_select(idx_mod, x: torch.Tensor, qr: torch.Tensor, ctx: StepContext,
-                   st: StaticCompressorState, pre: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def indexer_select(idx_mod, x: torch.Tensor, qr: torch.Tensor | None, ctx: StepContext,
+                   st: StaticCompressorState, pre: list | None = None,
+                   qa_norm: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k entries for the token at ``ctx.pos`` (spec §2.5) -> (indices [B, k], valid [B, k]).
-    ``pre``: [compressor kv, compressor gate, weights_proj] of x if already computed."""
+    ``pre``: [compressor kv, compressor gate, weights_proj] of x if already computed. ``qr`` None:
+    ``qa_norm`` = (qa, q_norm weight, eps) and the indexer's wq_b applies q_norm on load."""
     if pre is None:
         pre = ([None, None, _linear_raw(idx_mod.weights_proj, x)] if not _fusable(ctx, x) else
                _proj([idx_mod.compressor.wkv, idx_mod.compressor.wgate, idx_mod.weights_proj], x))
     compressor_step(idx_mod.compressor, x, ctx, st, None if pre[0] is None else (pre[0], pre[1]))
     keys = st.entries                                                   # [B, T, cI] fp32
     T = keys.shape[1]
-    q = idx_mod.wq_b(qr).unflatten(-1, (idx_mod.n_heads, idx_mod.head_dim))   # [B, 1, nI, cI]
+    if qr is None:
+        from dsv4lib.kernels.dispatch import fp8_linear
+        qa, nw, eps = qa_norm
+        q = fp8_linear(qa, idx_mod.wq_b.weight, idx_mod.wq_b.scale, norm=(nw, eps))
+    else:
+        q = idx_mod.wq_b(qr)
+    q = q.unflatten(-1, (idx_mod.n_heads, idx_mod.head_dim))            # [B, 1, nI, cI]
     if _fusable(ctx, x):
         cos, sin, _ = ctx.cs[1]
         q = _rms(q, None, 0.0, cos, sin, mode=2)
@@ -393,9 +415,16 @@ def attention_step(attn, x: torch.Tensor, ctx: StepContext, lc: StaticLayerCache
                 rmsnorm_rope(kva, attn.kv_norm.weight, attn.kv_norm.eps, cos, sin, scatter_to=(lc.window, ctx.win_slot))
         else:
             kv = _rms(kva, attn.kv_norm.weight, attn.kv_norm.eps, cos, sin)   # [B, 1, c]
-        qr = _rms(qa, attn.q_norm.weight, attn.q_norm.eps)              # [B, 1, q_lora]
-        q = _rms(attn.wq_b(qr).unflatten(-1, (H, c)), None, attn.eps, cos, sin, mode=1)   # [B, 1, H, c]
+        if _q_norm_prologue(attn, qa):   # q_norm applied by the wq_b GEMV(s) on load: one launch fewer
+            from dsv4lib.kernels.dispatch import fp8_linear
+            qr, qa_norm = None, (qa, attn.q_norm.weight, attn.q_norm.eps)
+            qb = fp8_linear(qa, attn.wq_b.weight, attn.wq_b.scale, norm=qa_norm[1:])
+        else:
+            qr, qa_norm = _rms(qa, attn.q_norm.weight, attn.q_norm.eps), None   # [B, 1, q_lora]
+            qb = attn.wq_b(qr)
+        q = _rms(qb.unflatten(-1, (H, c)), None, attn.eps, cos, sin, mode=1)   # [B, 1, H, c]
     else:
+        qa_norm = None
         qr = attn.q_norm(attn.wq_a(x))                                  # [B, 1, q_lora]
         q = attn.wq_b(qr).unflatten(-1, (H, c))                         # [B, 1, H, c]
         q = _rope_(q * torch.rsqrt(hp(q).pow(2).mean(-1, keepdim=True) + attn.eps).to(q.dtype), ctx.rot[f])
@@ -406,7 +435,8 @@ def attention_step(attn, x: torch.Tensor, ctx: StepContext, lc: StaticLayerCache
     if attn.ratio:
         ent = lc.comp.entries                                           # [B, T, c]
         if not all_sel:
-            sel, _ = indexer_select(attn.indexer, x, qr, ctx, lc.index, None if pre is None else pre[2:])   # [B, k]
+            sel, _ = indexer_select(attn.indexer, x, qr, ctx, lc.index, None if pre is None else pre[2:],
+                                    qa_norm)                                                    # [B, k]
             thr = ctx.idx_thr
         else:
             thr = ctx.ent_thr[attn.ratio]
