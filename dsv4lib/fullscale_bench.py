@@ -290,7 +290,7 @@ def run_benchmark(opts: BenchOptions, write=lambda r: None, log=print) -> dict:
         for key, mod, flag in (("fused_mhc", transformer, "FUSED_MHC_PREFILL"),
                                ("attn_kernel", attention, "PREFILL_ATTN_KERNEL"),
                                ("norm_rope_kernel", attention, "PREFILL_NORM_ROPE_KERNEL"),
-                               ("indexer_kernel", indexer, "INDEXER_KERNEL"),
+                               ("indexer_fp32_keys", indexer, "INDEXER_KERNEL_FP32_KEYS"),
                                ("fp8_chained", fp8_mod, "CHAINED_PREFILL"),
                                ("fp8_chained_grouped", fp8_mod, "CHAINED_GROUPED")):
             saved = getattr(mod, flag)
@@ -385,7 +385,7 @@ def format_table(res: dict) -> str:
                  + "".join(f" ({label} toggled: {p[key + '_toggled_tok_s']:.0f} tok/s)"
                            for key, label in (("fused_mhc", "mHC prefill kernel"), ("attn_kernel", "attention kernel"),
                                               ("norm_rope_kernel", "norm+RoPE kernel"),
-                                              ("indexer_kernel", "indexer kernel"),
+                                              ("indexer_fp32_keys", "indexer kernel (fp32 keys)"),
                                               ("fp8_chained", "chained FP8 GEMM"),
                                               ("fp8_chained_grouped", "chained grouped wo_a"))
                            if key + "_toggled_tok_s" in p))

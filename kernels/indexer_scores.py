@@ -8,8 +8,11 @@ the per-head products ``[B, S, nI, T]`` in fp32 (268 MB per CSA layer at 2K toke
 weighting and the head sum each read or write it) and runs the einsum as an fp32 SIMT GEMM. Here a program
 owns a ``[BT queries, BE entries]`` tile, keeps its keys in registers and walks the heads: one ``tl.dot`` per
 head, ReLU and the head's weight in the accumulator. 16-bit q and keys go to the dot as loaded (exact
-products, fp32 accumulation -- the fp32 einsum's products, summed in another order); fp32 inputs use IEEE
-fp32 dots. Tiles that lie wholly in the future of their queries store -inf without computing.
+products, fp32 accumulation -- the fp32 einsum's products, summed in another order). fp32 keys (the model's
+compressor entries are fp32) take fp32 operands (16-bit q cast up exactly) with ``fp32_precision``: "ieee"
+(FMA, exact products) or "tf32x3" (three TF32 products, ~fp32 accuracy on the tensor cores; the CPU
+interpreter computes fp32 either way). Tiles that lie wholly in the future of their queries store -inf
+without computing.
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ import triton.language as tl
 @triton.jit
 def _indexer_scores_kernel(q_ptr, k_ptr, w_ptr, pos_ptr, o_ptr, S, T, NH, ratio,
                            q_sb, q_ss, k_sb, w_sb, w_ss, o_sb, o_ss,
-                           CI: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, DOT16: tl.constexpr):
+                           CI: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, DOT16: tl.constexpr,
+                           PREC: tl.constexpr):
     b = tl.program_id(2).to(tl.int64)
     t = tl.program_id(0) * BT + tl.arange(0, BT)
     e = tl.program_id(1) * BE + tl.arange(0, BE)
@@ -41,14 +45,15 @@ def _indexer_scores_kernel(q_ptr, k_ptr, w_ptr, pos_ptr, o_ptr, S, T, NH, ratio,
             if DOT16:
                 s = tl.dot(q, tl.trans(k))
             else:
-                s = tl.dot(q.to(tl.float32), tl.trans(k), input_precision="ieee")
+                s = tl.dot(q.to(tl.float32), tl.trans(k), input_precision=PREC)
             wh = tl.load(w_ptr + b * w_sb + t.to(tl.int64) * w_ss + h, mask=tm, other=0.0)
             acc += tl.maximum(s, 0.0) * wh[:, None]
     out = tl.where(e[None, :] < thr[:, None], acc, float("-inf"))
     tl.store(o_ptr + b * o_sb + t[:, None].to(tl.int64) * o_ss + e[None, :], out, mask=tm[:, None] & em[None, :])
 
 
-def indexer_scores(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, pos: torch.Tensor, ratio: int) -> torch.Tensor:
+def indexer_scores(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, pos: torch.Tensor, ratio: int,
+                   fp32_precision: str = "ieee") -> torch.Tensor:
     """q [B, S, nI, cI] (heads and channels contiguous), keys [B, T, cI] (rows contiguous), w [B, S, nI] fp32
     (the weights already scaled), pos [S] integer positions -> fp32 scores [B, S, T], -inf for entries
     e >= (pos[t] + 1) // ratio."""
@@ -60,8 +65,10 @@ def indexer_scores(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, pos: to
                    f"strides {q.stride()}")
     if keys.dim() != 3 or keys.shape[0] != B or keys.shape[2] != CI or keys.stride(2) != 1 or keys.stride(1) != CI:
         bad.append(f"keys must be [B, T, {CI}] row-contiguous, got {tuple(keys.shape)}")
-    if keys.dtype != q.dtype:
-        bad.append(f"q and keys must share a dtype, got {q.dtype} and {keys.dtype}")
+    if keys.dtype != q.dtype and keys.dtype != torch.float32:
+        bad.append(f"keys must be fp32 or q's dtype, got q {q.dtype} and keys {keys.dtype}")
+    if fp32_precision not in ("ieee", "tf32x3"):
+        bad.append(f"fp32_precision must be 'ieee' or 'tf32x3', got {fp32_precision!r}")
     if tuple(w.shape) != (B, S, NH) or w.dtype != torch.float32 or w.stride(2) != 1:
         bad.append(f"w must be fp32 [B, S, nI] = {(B, S, NH)} with unit stride on nI, got {w.dtype} {tuple(w.shape)}")
     if pos.shape != (S,) or pos.dtype not in (torch.int32, torch.int64):
@@ -72,13 +79,13 @@ def indexer_scores(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, pos: to
     if S == 0 or T == 0:
         return out
     # 16-bit operands straight into the dot on the GPU (the CPU interpreter's bf16 dot is broken: fp16 only)
-    dot16 = q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and q.is_cuda)
+    dot16 = keys.dtype == q.dtype and (q.dtype == torch.float16 or (q.dtype == torch.bfloat16 and q.is_cuda))
     BT, BE = (64, 64) if q.is_cuda else (16, 16)
     grid = (triton.cdiv(S, BT), triton.cdiv(T, BE), B)
     _indexer_scores_kernel[grid](q, keys, w, pos.contiguous(), out, S, T, NH, int(ratio),
                                  q.stride(0), q.stride(1), keys.stride(0), w.stride(0), w.stride(1),
                                  out.stride(0), out.stride(1), CI=CI, BT=BT, BE=BE, DOT16=dot16,
-                                 num_warps=4)
+                                 PREC=fp32_precision if q.is_cuda else "ieee", num_warps=4)
     return out
 
 

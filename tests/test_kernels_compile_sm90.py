@@ -165,6 +165,15 @@ sig = {"x_ptr": "*fp16", "sorted_ptr": "*i32", "bexp_ptr": "*i32", "S": "i32", "
        "DEQ": "constexpr"}
 check_plain("int2 prefill gate_up", _pf_gate_up, sig, dict(BLOCK_M=64, BLOCK_N=64, W=8, SWAP=True, EXPAND=3, DEQ=False),
             num_warps=4, num_stages=3)
+from dsv4lib.kernels.indexer_scores import _indexer_scores_kernel
+# indexer scores: bf16 q and keys (DOT16), and bf16 q against fp32 keys in 3xTF32 (the bf16 model's case)
+for kdt, dot16, prec in (("*bf16", True, "ieee"), ("*fp32", False, "tf32x3")):
+    check_plain(f"indexer scores keys={kdt} {prec}", _indexer_scores_kernel,
+                {"q_ptr": "*bf16", "k_ptr": kdt, "w_ptr": "*fp32", "pos_ptr": "*i64", "o_ptr": "*fp32", "S": "i32",
+                 "T": "i32", "NH": "i32", "ratio": "i32", "q_sb": "i32", "q_ss": "i32", "k_sb": "i32", "w_sb": "i32",
+                 "w_ss": "i32", "o_sb": "i32", "o_ss": "i32", "CI": "constexpr", "BT": "constexpr", "BE": "constexpr",
+                 "DOT16": "constexpr", "PREC": "constexpr"},
+                dict(CI=128, BT=64, BE=64, DOT16=dot16, PREC=prec), num_warps=4, num_stages=3)
 from dsv4lib.kernels.fp8_linear import CHAINED_CONFIG, _fp8_gemm_chained_kernel
 # chained FP8 prefill GEMM (opt-in): bf16 operands, the default tile
 bm, bn, warps, stages, group_m = CHAINED_CONFIG

@@ -35,13 +35,29 @@ def test_indexer_scores_match_reference(dtype, start):
     assert (got[fin] - ref[fin]).abs().max() <= tol * ref[fin].abs().max()
 
 
+@pytest.mark.parametrize("prec", ["ieee", "tf32x3"])
+def test_indexer_scores_16bit_q_fp32_keys(prec):
+    """The bf16 model's case: 16-bit q (fp16 here: the interpreter's bf16 dot is broken) against fp32 keys (the
+    compressor entries), q cast up exactly, fp32 products ('tf32x3' on the GPU; the interpreter is exact)."""
+    q, k, w = _inputs()
+    q16 = q.half()
+    pos = torch.arange(9, 9 + q.shape[1], device=q.device)
+    got = indexer_scores(q16, k, w, pos, 4, fp32_precision=prec)
+    ref = indexer_scores_reference(q16.float(), k, w, pos, 4)
+    fin = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(got), fin)
+    assert (got[fin] - ref[fin]).abs().max() <= 1e-5 * ref[fin].abs().max()
+
+
 def test_indexer_scores_bad_input():
     q, k, w = _inputs()
     pos = torch.arange(q.shape[1], device=q.device)
     with pytest.raises(ValueError, match="keys"):
         indexer_scores(q, k[..., :16], w, pos, 4)
-    with pytest.raises(ValueError, match="share a dtype"):
-        indexer_scores(q, k.half(), w, pos, 4)
+    with pytest.raises(ValueError, match="keys must be fp32"):
+        indexer_scores(q.half(), k.bfloat16(), w, pos, 4)
+    with pytest.raises(ValueError, match="fp32_precision"):
+        indexer_scores(q, k, w, pos, 4, fp32_precision="tf32")
     with pytest.raises(ValueError, match="pos"):
         indexer_scores(q, k, w, pos.float(), 4)
 
@@ -66,6 +82,7 @@ def test_model_forward_with_indexer_kernel(monkeypatch):
     ref = run()
     calls = []
     monkeypatch.setattr(indexer, "INDEXER_KERNEL", True)
+    monkeypatch.setattr(indexer, "INDEXER_KERNEL_FP32_KEYS", True)
     if dev == "cpu":
         monkeypatch.setattr(indexer, "_use_kernel", lambda q: calls.append(1) or True)
     got = run()
@@ -87,3 +104,19 @@ def test_indexer_scores_full_shapes_bf16():
     fin = torch.isfinite(ref)
     assert torch.equal(torch.isfinite(got), fin)
     assert (got[fin] - ref[fin]).abs().max() <= 1e-5 * ref[fin].abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_indexer_scores_bf16_q_fp32_keys_tf32x3():
+    """The bf16 full-scale case on the GPU: bf16 q [2048, 64, 128] against fp32 keys [512, 128], 3xTF32."""
+    g = torch.Generator(device="cuda").manual_seed(5)
+    q = torch.randn(1, 2048, 64, 128, device="cuda", generator=g).bfloat16()
+    k = torch.randn(1, 512, 128, device="cuda", generator=g)
+    w = torch.randn(1, 2048, 64, device="cuda", generator=g) * 0.01
+    pos = torch.arange(2048, device="cuda")
+    got = indexer_scores(q, k, w, pos, 4, fp32_precision="tf32x3")
+    ref = indexer_scores_reference(q, k, w, pos, 4)
+    fin = torch.isfinite(ref)
+    assert torch.equal(torch.isfinite(got), fin)
+    assert (got[fin] - ref[fin]).abs().max() <= 1e-4 * ref[fin].abs().max()

@@ -19,7 +19,11 @@ from .rope import apply_rope
 
 INDEXER_KERNEL = True
 """CUDA: the scores through ``kernels.indexer_scores`` (one launch; no [B, S, nI, T] fp32 products) instead of
-the einsum / ReLU / weighting / head sum. The full-scale bench times the prefill toggled."""
+the einsum / ReLU / weighting / head sum -- when q and the keys share a dtype (fp32 models)."""
+INDEXER_KERNEL_FP32_KEYS = False
+"""The same for 16-bit q against the fp32 compressor entries (every bf16 model; the products in 3xTF32).
+Opt-in until timed: the session-5 A/B of INDEXER_KERNEL measured nothing because bf16 models never took the
+kernel (keys fp32); this path was written after the device time ran out. The bench times it toggled."""
 
 
 def _use_kernel(q: torch.Tensor) -> bool:
@@ -51,9 +55,11 @@ class Indexer(nn.Module):
             q = fake_quant_fp4(hadamard(q))
         w = hp(self.weights_proj(x)) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)   # [B, S, nI]
         thr = (pos + 1) // self.ratio                                       # [S]
-        if _use_kernel(q) and not self.lowp and keys.dtype == q.dtype:
+        if _use_kernel(q) and not self.lowp and (keys.dtype == q.dtype or INDEXER_KERNEL_FP32_KEYS):
             from dsv4lib.kernels.indexer_scores import indexer_scores
-            score = indexer_scores(q, keys, w.float().contiguous(), pos, self.ratio)   # [B, S, T]
+            kk = keys if keys.dtype in (q.dtype, torch.float32) else keys.float()
+            prec = "ieee" if q.dtype == torch.float32 else "tf32x3"     # fp32 models keep exact products
+            score = indexer_scores(q, kk, w.float().contiguous(), pos, self.ratio, fp32_precision=prec)   # [B, S, T]
         else:
             s = torch.einsum("bshd,btd->bsht", hp(q), hp(keys)).relu()  # [B, S, nI, T]
             score = (s * w.unsqueeze(-1)).sum(2)                            # [B, S, T]
