@@ -21,8 +21,8 @@ QUERY_CHUNK = 512
 
 PREFILL_ATTN_KERNEL = True
 """CUDA: each query chunk through the flash-style Triton kernel (kernels/prefill_attention.py) instead of
-the torch scores/softmax/product. H200, full-scale 2K prefill (bench A/B, bench/results/h200_fullscale_v7.json):
-4,239 tok/s with the torch chunk math, 4,619 with the kernel."""
+the torch scores/softmax/product. H200, full-scale 2K prefill, same-run A/B
+(bench/results/h200_fullscale_v7_prefill_final.json): 4,560 tok/s with the torch chunk math, 5,516 with the kernel."""
 
 
 PREFILL_NORM_ROPE_KERNEL = True
