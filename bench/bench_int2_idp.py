@@ -17,10 +17,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_kernels import Int2Layers, routing, timed  # noqa: E402
+from bench_kernels import Int2Layers, time_decode  # noqa: E402
 
 from dsv4lib.fullscale import copy_bandwidth  # noqa: E402
-from dsv4lib.kernels.int2_moe_decode import int2_moe_decode, int2_moe_reference  # noqa: E402
+from dsv4lib.kernels.int2_moe_decode import int2_moe_decode  # noqa: E402
 from dsv4lib.kernels.int2_moe_idp import idp_configs, idp_configs_many, int2_moe_idp  # noqa: E402
 
 
@@ -47,13 +47,8 @@ def main(argv=None) -> int:
     rows = []
 
     def case(T, shared, label, fn):
-        routes = [routing(T, E, 6, dev, 100 * T + l, shared) for l in range(L)]
-        distinct = sum(torch.unique(r[0]).numel() for r in routes)
-        ref = int2_moe_reference(xs[0, :T], *routes[0], *weights[0], 10.0)
-        y = fn(xs[0, :T], *routes[0], *weights[0], 10.0)
-        t = timed(lambda: [fn(xs[l, :T], *routes[l], *weights[l], 10.0) for l in range(L)], a.reps, graph=True)
-        r = dict(label=label, T=T, shared=shared, us_per_layer=t / L * 1e6,
-                 GBps=distinct * layers.expert_bytes() / t / 1e9, rel_err=((y - ref).norm() / ref.norm()).item())
+        r = dict(label=label, T=T, shared=shared,
+                 **time_decode(layers, weights, xs, T, shared, None, a.reps, 100 * T, fn=fn))
         r["pct_copy"] = 100 * r["GBps"] / res["copy_GBps"]
         print(f"  {label:34s} T={T:2d}{' shared' if shared else '       '} {r['us_per_layer']:8.2f} us/layer "
               f"{r['GBps']:6.0f} GB/s ({r['pct_copy']:4.1f} %) rel {r['rel_err']:.1e}", flush=True)

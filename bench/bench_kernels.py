@@ -93,16 +93,20 @@ def routing(T, E, k, dev, seed, shared=False):
     return idx.to(dev), (torch.rand(T, k, generator=g) + 0.25).to(dev)
 
 
-def time_decode(layers: Int2Layers, weights, xs, T, shared, cfg, reps, seed, use_dot=False, half=False) -> dict:
+def time_decode(layers: Int2Layers, weights, xs, T, shared, cfg, reps, seed, use_dot=False, half=False,
+                fn=None) -> dict:
     """One INT2 decode case over all L layers (CUDA-graph replay): us per layer, GB/s of the distinct
-    experts' bytes, and the layer-0 error against the fp32 torch reference."""
+    experts' bytes, and the layer-0 error against the fp32 torch reference. ``fn``: the kernel to time,
+    called as ``fn(x, idx, weight, *w1, *w3, *w2, limit)`` (default: ``int2_moe_decode`` with cfg / use_dot / half)."""
+    if fn is None:
+        def fn(*args):
+            return int2_moe_decode(*args, config=cfg, use_dot=use_dot, half=half)
     L, dev = layers.L, xs.device
     routes = [routing(T, layers.E, 6, dev, seed + l, shared) for l in range(L)]
     distinct = sum(torch.unique(r[0]).numel() for r in routes)
     ref = int2_moe_reference(xs[0, :T], *routes[0], *weights[0], 10.0)
-    y = int2_moe_decode(xs[0, :T], *routes[0], *weights[0], 10.0, config=cfg, use_dot=use_dot, half=half)
-    t = timed(lambda: [int2_moe_decode(xs[l, :T], *routes[l], *weights[l], 10.0, config=cfg, use_dot=use_dot,
-                                       half=half) for l in range(L)], reps, graph=True)
+    y = fn(xs[0, :T], *routes[0], *weights[0], 10.0)
+    t = timed(lambda: [fn(xs[l, :T], *routes[l], *weights[l], 10.0) for l in range(L)], reps, graph=True)
     return dict(us_per_layer=t / L * 1e6, GBps=distinct * layers.expert_bytes() / t / 1e9,
                 distinct_experts_per_layer=distinct / L, rel_err=((y - ref).norm() / ref.norm()).item())
 
