@@ -64,23 +64,7 @@ def _hc_pre_prefill_kernel_v1(x_ptr, fn_ptr, scale_ptr, base_ptr, nw_ptr, y_ptr,
     mix = acc * (1.0 / tl.sqrt(ssq / K + norm_eps))[:, None]
     i = tl.arange(0, HC)
     rc = i[:, None] * HC + i[None, :]
-    mpre = tl.sum(tl.where(n[None, None, :] == i[None, :, None], mix[:, None, :], 0.0), axis=2)
-    mpost = tl.sum(tl.where(n[None, None, :] == (HC + i)[None, :, None], mix[:, None, :], 0.0), axis=2)
-    pre = tl.sigmoid(mpre * tl.load(scale_ptr) + tl.load(base_ptr + i)[None, :]) + hc_eps
-    post = 2.0 * tl.sigmoid(mpost * tl.load(scale_ptr + 1) + tl.load(base_ptr + HC + i)[None, :])
-    s2 = tl.load(scale_ptr + 2)
-    b2 = tl.load(base_ptr + 2 * HC + rc)
-    m = tl.zeros([BM, HC, HC], tl.float32)
-    for a in tl.static_range(HC):
-        ca = tl.sum(tl.where(n[None, None, :] == (2 * HC + a * HC + i)[None, :, None], mix[:, None, :], 0.0), axis=2)
-        m = tl.where(i[None, :, None] == a, ca[:, None, :], m)
-    m = m * s2 + b2[None, :, :]
-    m = tl.exp(m - tl.max(m, axis=2)[:, :, None])
-    m = m / tl.sum(m, axis=2)[:, :, None] + hc_eps
-    m = m / (tl.sum(m, axis=1)[:, None, :] + hc_eps)
-    for _ in tl.static_range(ITERS - 1):
-        m = m / (tl.sum(m, axis=2)[:, :, None] + hc_eps)
-        m = m / (tl.sum(m, axis=1)[:, None, :] + hc_eps)
+    pre, post, m = mp.mix_gates(mix, n, scale_ptr, base_ptr, hc_eps, BM, HC, ITERS)   # (the same math as v1 had inline)
     tl.store(post_ptr + t64[:, None] * HC + i[None, :], post, mask=tm[:, None])
     tl.store(comb_ptr + t64[:, None, None] * (HC * HC) + rc[None, :, :], m, mask=tm[:, None, None])
     yss = tl.zeros([BM], tl.float32)

@@ -80,22 +80,9 @@ def _mix_partial_kernel(x_ptr, fnt_ptr, part_ptr, T, K, NM, KS,
 
 
 @triton.jit
-def _mix_finish_kernel(part_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, T, K, NM, SPLIT, norm_eps, hc_eps,
-                       BM: tl.constexpr, SP: tl.constexpr, NP: tl.constexpr, HC: tl.constexpr,
-                       ITERS: tl.constexpr):
-    # part [T, SPLIT, NP] -> pre (fp32 scratch) [T, HC], post [T, HC], comb [T, HC, HC] for BM tokens: their
-    # partials in one load ([BM, SP, NP], SP = SPLIT rounded up to a power of two), summed over the splits
-    # by tl.sum (a fixed reduction tree: the same bits on every run)
-    t = tl.program_id(0) * BM + tl.arange(0, BM)
-    tm = t < T
-    t64 = t.to(tl.int64)
-    sp = tl.arange(0, SP)
-    n = tl.arange(0, NP)
-    p = tl.load(part_ptr + ((t64[:, None, None] * SPLIT + sp[None, :, None]) * NP + n[None, None, :]),
-                mask=tm[:, None, None] & (sp < SPLIT)[None, :, None], other=0.0)
-    acc = tl.sum(p, axis=1)                                                                    # [BM, NP]
-    ssq = tl.sum(tl.where(n[None, :] == NM, acc, 0.0), axis=1)                                 # [BM]
-    mix = acc * (1.0 / tl.sqrt(ssq / K + norm_eps))[:, None]
+def mix_gates(mix, n, scale_ptr, base_ptr, hc_eps, BM: tl.constexpr, HC: tl.constexpr, ITERS: tl.constexpr):
+    """mHC gates of BM tokens from their normalised mixing rows ``mix [BM, NP]`` (columns ``n``):
+    ``pre``/``post`` [BM, HC] and the Sinkhorn-projected ``comb`` [BM, HC, HC] (dsv4lib.model.mhc.hc_pre)."""
     i = tl.arange(0, HC)
     rc = i[:, None] * HC + i[None, :]                                                          # [HC, HC]
     # columns of mix by masked sums (no register gather in Triton)
@@ -117,6 +104,29 @@ def _mix_finish_kernel(part_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_pt
     for _ in tl.static_range(ITERS - 1):
         m = m / (tl.sum(m, axis=2)[:, :, None] + hc_eps)
         m = m / (tl.sum(m, axis=1)[:, None, :] + hc_eps)
+    return pre, post, m
+
+
+@triton.jit
+def _mix_finish_kernel(part_ptr, scale_ptr, base_ptr, pre_ptr, post_ptr, comb_ptr, T, K, NM, SPLIT, norm_eps, hc_eps,
+                       BM: tl.constexpr, SP: tl.constexpr, NP: tl.constexpr, HC: tl.constexpr,
+                       ITERS: tl.constexpr):
+    # part [T, SPLIT, NP] -> pre (fp32 scratch) [T, HC], post [T, HC], comb [T, HC, HC] for BM tokens: their
+    # partials in one load ([BM, SP, NP], SP = SPLIT rounded up to a power of two), summed over the splits
+    # by tl.sum (a fixed reduction tree: the same bits on every run)
+    t = tl.program_id(0) * BM + tl.arange(0, BM)
+    tm = t < T
+    t64 = t.to(tl.int64)
+    sp = tl.arange(0, SP)
+    n = tl.arange(0, NP)
+    p = tl.load(part_ptr + ((t64[:, None, None] * SPLIT + sp[None, :, None]) * NP + n[None, None, :]),
+                mask=tm[:, None, None] & (sp < SPLIT)[None, :, None], other=0.0)
+    acc = tl.sum(p, axis=1)                                                                    # [BM, NP]
+    ssq = tl.sum(tl.where(n[None, :] == NM, acc, 0.0), axis=1)                                 # [BM]
+    mix = acc * (1.0 / tl.sqrt(ssq / K + norm_eps))[:, None]
+    i = tl.arange(0, HC)
+    rc = i[:, None] * HC + i[None, :]                                                          # [HC, HC]
+    pre, post, m = mix_gates(mix, n, scale_ptr, base_ptr, hc_eps, BM, HC, ITERS)
     tl.store(pre_ptr + t64[:, None] * HC + i[None, :], pre, mask=tm[:, None])
     tl.store(post_ptr + t64[:, None] * HC + i[None, :], post, mask=tm[:, None])
     tl.store(comb_ptr + t64[:, None, None] * (HC * HC) + rc[None, :, :], m, mask=tm[:, None, None])
