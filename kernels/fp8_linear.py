@@ -212,10 +212,11 @@ CHAINED_PREFILL = True
 H200 (bench/bench_fp8_prefill.py, 2048 rows): 1.2-1.4x the per-block kernel at the six prefill projections with
 128 x 256 tiles (wq_b 583 -> 463 us, wo_b 528 -> 393, shared w1|w3 296 -> 225), bit-identical to cuBLAS bf16 on
 the dequantised weights; the whole 2K prefill with the 128 x 128 tile: 5,409 -> 5,525 tok/s (bench A/B)."""
-CHAINED_GROUPED = False
+CHAINED_GROUPED = True
 """The chained GEMM for grouped projections too (V4's ``wo_a`` at prefill, ~19 ms of a 2K prefill with the per-block
-kernel). Opt-in until timed: written after the session's device time ran out; the full-scale bench times the
-prefill with it toggled."""
+kernel). Full-scale bench, same run (bench/results/h200_fullscale_v8_start.json): 2K prefill 5,611 tok/s off,
+5,644 on (+0.6 %, inside the ~1.5 % run-to-run spread; predicted -5 ms = +1.4 %). On: exact like the ungrouped
+chained GEMM and never slower."""
 CHAINED_CONFIG = (128, 256, 8, 3, 8)     # BLOCK_M, BLOCK_N, warps, stages, GROUP_M
 def scales_are_pow2(scale: torch.Tensor) -> bool:
     """Every block multiplier is a power of two (E8M0 scales always are); remembered on the tensor for its

@@ -20,10 +20,10 @@ from .rope import apply_rope
 INDEXER_KERNEL = True
 """CUDA: the scores through ``kernels.indexer_scores`` (one launch; no [B, S, nI, T] fp32 products) instead of
 the einsum / ReLU / weighting / head sum -- when q and the keys share a dtype (fp32 models)."""
-INDEXER_KERNEL_FP32_KEYS = False
+INDEXER_KERNEL_FP32_KEYS = True
 """The same for 16-bit q against the fp32 compressor entries (every bf16 model; the products in 3xTF32).
-Opt-in until timed: the session-5 A/B of INDEXER_KERNEL measured nothing because bf16 models never took the
-kernel (keys fp32); this path was written after the device time ran out. The bench times it toggled."""
+H200 full-scale bench, same run (bench/results/h200_fullscale_v8_start.json): 2K prefill 5,611 tok/s with it
+off, 5,829 on (+3.9 %); predicted -15 ms of ~365 (+4 %)."""
 
 
 def _use_kernel(q: torch.Tensor) -> bool:
