@@ -1,5 +1,6 @@
 """FP8 block-scaled prefill GEMMs at V4-Flash shapes (M = --tokens rows): the per-block kernel of
-``fp8_linear`` (one dot per 128-wide K block times its scale), the opt-in chained kernel (power-of-two scales
+``fp8_linear`` (one dot per 128-wide K block times its scale), dequant to bf16 + cuBLAS (``fp8_gemm_dequant``, the
+many-token default; the dequant pass is timed with it), the chained kernel (power-of-two scales
 folded into bf16 weight tiles, one accumulator; ``--configs``; grouped for wo_a), and cuBLAS bf16 on a pre-dequantised weight
 (what a plain GEMM reaches; not a usable path: it needs the bf16 weights resident). CUDA events, median of
 --reps; TFLOP/s per case; max relative error of each kernel against the bf16 GEMM.
@@ -24,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dsv4lib.fullscale import time_cuda  # noqa: E402
 
 from dsv4lib.kernels.fp8_linear import (FP8Config, dequantize_fp8_reference, fp8_gemm_chained,  # noqa: E402
-                                         fp8_linear, random_fp8)
+                                         fp8_gemm_dequant, fp8_linear, random_fp8)
 
 SHAPES = {"wq_a|wkv": (1536, 4096, 1), "wq_b": (32768, 1024, 1), "wo_b": (4096, 8192, 1),
           "shared w1|w3": (4096, 4096, 1), "shared w2": (4096, 2048, 1), "indexer wq_b": (8192, 1024, 1),
@@ -67,6 +68,8 @@ def main(argv=None) -> int:
         per_block = lambda: fp8_linear(x, w, s, config=FP8Config(128, 128, warps=8, stages=3), groups=G).reshape(a.tokens, N)  # noqa: E731
         row["per_block_us"] = _time(per_block, a.reps)
         row["per_block_rel"] = rel(per_block())
+        row["dequant_cublas_us"] = _time(lambda: fp8_gemm_dequant(x2, w, s, groups=G), a.reps)   # dequant included
+        row["dequant_cublas_rel"] = rel(fp8_gemm_dequant(x2, w, s, groups=G))
         for c in names:
             try:
                 row[c] = {"us": _time(lambda: fp8_gemm_chained(x2, w, s, CONFIGS[c], groups=G), a.reps),
@@ -78,12 +81,13 @@ def main(argv=None) -> int:
         res["cases"][name] = row
         Path(a.out).write_text(json.dumps(res, indent=1))
     print(f"M = {a.tokens} tokens; us per call (TFLOP/s)")
-    print("| projection (N x K) | bf16 cuBLAS | per-block | " + " | ".join(names) + " |")
-    print("|---|---|---|" + "---|" * len(names))
+    print("| projection (N x K) | bf16 cuBLAS | dequant + cuBLAS | per-block | " + " | ".join(names) + " |")
+    print("|---|---|---|---|" + "---|" * len(names))
     for name, row in res["cases"].items():
         t = row["tflops"]
         cells = [f"{row[c]['us']:.0f} ({t[c]:.0f})" if "us" in row[c] else "err" for c in names]
         print(f"| {name} {shapes[name][0]}x{shapes[name][1]} | {row['bf16_cublas_us']:.0f} ({t['bf16_cublas_us']:.0f}) | "
+              f"{row['dequant_cublas_us']:.0f} ({t['dequant_cublas_us']:.0f}) | "
               f"{row['per_block_us']:.0f} ({t['per_block_us']:.0f}) | " + " | ".join(cells) + " |")
     return 0
 

@@ -117,6 +117,7 @@ def kernel_resources() -> list[dict]:
 
     from triton.runtime.jit import JITFunction
     import dsv4lib.kernels as kpkg
+    from dsv4lib.kernels.ptxas_check import wgmma_serialized
     rows = []
     for info in pkgutil.iter_modules(kpkg.__path__):
         mod = importlib.import_module(f"dsv4lib.kernels.{info.name}")
@@ -129,11 +130,14 @@ def kernel_resources() -> list[dict]:
                     ttgir = (getattr(k, "asm", None) or {}).get("ttgir", "")
                     waits = [ln.split("pendings = ")[1].split()[0] for ln in ttgir.splitlines()
                              if "warp_group_dot_wait" in ln and "pendings = " in ln]
+                    serial = wgmma_serialized((getattr(k, "asm", None) or {}).get("ptx", "")) if waits else ""
                     rows.append({"kernel": f"{info.name}.{name}", "warps": getattr(md, "num_warps", None),
                                  "stages": getattr(md, "num_stages", None), "shared": getattr(md, "shared", None),
                                  "regs": getattr(k, "n_regs", None), "spills": getattr(k, "n_spills", None),
                                  # wgmma groups left in flight at each wait (0 everywhere: MMA never overlaps)
-                                 "wgmma_waits": ",".join(waits)})
+                                 "wgmma_waits": ",".join(waits),
+                                 # ptxas may still serialise them all (C7515): kernels/ptxas_check.py
+                                 "wgmma_serialized": serial})
     return rows
 
 
@@ -259,7 +263,8 @@ def main(argv=None) -> int:
         print("\n== kernel resources (registers, spills, shared bytes, warps, stages)")
         for r in sorted(res["kernel_resources"], key=lambda r: (-(r["spills"] or 0), -(r["regs"] or 0))):
             print(f"  {r['regs']!s:>4} regs {r['spills']!s:>5} spills {r['shared']!s:>7} B "
-                  f"{r['warps']!s:>2}w {r['stages']!s:>2}s  {r['kernel']}  wgmma waits [{r['wgmma_waits']}]")
+                  f"{r['warps']!s:>2}w {r['stages']!s:>2}s  {r['kernel']}  wgmma waits [{r['wgmma_waits']}]"
+                  + (f"  SERIALIZED by ptxas: {r['wgmma_serialized'][:80]}" if r.get("wgmma_serialized") else ""))
     for name, c in res["cases"].items():
         print(f"\n== {name}: GPU {c['gpu_us_per_step'] / 1e3:.2f} ms/step, {c['kernels_per_step']:.0f} kernels, "
               f"wall {c['wall_ms_per_step_profiled']:.2f} ms (profiled)")

@@ -291,6 +291,7 @@ def run_benchmark(opts: BenchOptions, write=lambda r: None, log=print) -> dict:
                                ("attn_kernel", attention, "PREFILL_ATTN_KERNEL"),
                                ("norm_rope_kernel", attention, "PREFILL_NORM_ROPE_KERNEL"),
                                ("indexer_fp32_keys", indexer, "INDEXER_KERNEL_FP32_KEYS"),
+                               ("fp8_dequant_gemm", fp8_mod, "DEQUANT_PREFILL"),
                                ("fp8_chained", fp8_mod, "CHAINED_PREFILL"),
                                ("fp8_chained_grouped", fp8_mod, "CHAINED_GROUPED")):
             saved = getattr(mod, flag)
@@ -386,6 +387,7 @@ def format_table(res: dict) -> str:
                            for key, label in (("fused_mhc", "mHC prefill kernel"), ("attn_kernel", "attention kernel"),
                                               ("norm_rope_kernel", "norm+RoPE kernel"),
                                               ("indexer_fp32_keys", "indexer kernel (fp32 keys)"),
+                                              ("fp8_dequant_gemm", "FP8 dequant + cuBLAS"),
                                               ("fp8_chained", "chained FP8 GEMM"),
                                               ("fp8_chained_grouped", "chained grouped wo_a"))
                            if key + "_toggled_tok_s" in p))

@@ -33,7 +33,8 @@ import triton.language as tl
 from . import pdl
 from .pdl import launch_args, pdl_wait
 
-from .workspace import split_workspace
+from .tf32 import tf32_matmuls
+from .workspace import split_workspace, weight_workspace
 
 BLOCK = 128
 SPLIT_K_EPILOGUE = "last"     # split-K epilogue of pick_config (bench/sweep_fp8.py: "last" won every split shape)
@@ -218,6 +219,53 @@ kernel). Full-scale bench, same run (bench/results/h200_fullscale_v8_start.json)
 5,644 on (+0.6 %, inside the ~1.5 % run-to-run spread; predicted -5 ms = +1.4 %). On: exact like the ungrouped
 chained GEMM and never slower."""
 CHAINED_CONFIG = (128, 256, 8, 3, 8)     # BLOCK_M, BLOCK_N, warps, stages, GROUP_M
+DEQUANT_PREFILL = True
+"""Many-token calls (M >= ``DEQUANT_PREFILL_MIN_M``) of bf16 activations (or fp32 ones holding 16-bit values, ``x16``:
+fp32 W and TF32 products) with power-of-two block scales: dequantise W to bf16 once per call (``dequantize_fp8_bf16``, exact: e4m3 x 2^k is a bf16 value) into a per-device workspace and
+run cuBLAS. The H200 prefill bench put cuBLAS bf16 at 2-3x the chained kernel at every 2048-row projection (wq_b
+231 vs 463 us, wo_b 200 vs 393) and the chained kernel's output equal to cuBLAS on the dequantised weights, so
+the result is the same GEMM; the dequant pass reads 1 and writes 2 bytes per weight (~25 us for 32M weights)."""
+DEQUANT_PREFILL_MIN_M = 512
+
+
+@triton.jit
+def _fp8_dequant_kernel(w_ptr, s_ptr, o_ptr, N, K, KB, BN: tl.constexpr, BK: tl.constexpr):
+    """One ``[BN, BK]`` tile of ``o = e4m3(w) * S[n // 128, k // 128]`` in o's dtype (bf16 or fp32)."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rk = tl.program_id(1) * BK + tl.arange(0, BK)
+    m = (rn < N)[:, None] & (rk < K)[None, :]
+    ofs = rn[:, None].to(tl.int64) * K + rk[None, :]
+    w = tl.load(w_ptr + ofs, mask=m, other=0.0).to(tl.float32)
+    sc = tl.load(s_ptr + (rn // 128)[:, None] * KB + (rk // 128)[None, :], mask=m, other=0.0)
+    tl.store(o_ptr + ofs, (w * sc).to(o_ptr.dtype.element_ty), mask=m)
+
+
+def dequantize_fp8_bf16(w: torch.Tensor, s: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[N, K]`` bf16 (or ``out``'s dtype, e.g. fp32) of ``e4m3(w) * S`` (fp32 block multipliers ``s``); exact
+    in bf16 when every multiplier is a power of two (``scales_are_pow2``), otherwise rounded once."""
+    N, K = w.shape
+    out = torch.empty((N, K), dtype=torch.bfloat16, device=w.device) if out is None else out
+    bn, bk = 64, 128
+    _fp8_dequant_kernel[(triton.cdiv(N, bn), triton.cdiv(K, bk))](w, s, out, N, K, triton.cdiv(K, BLOCK),
+                                                                 BN=bn, BK=bk, num_warps=4)
+    return out
+
+
+def fp8_gemm_dequant(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """As ``fp8_gemm_chained`` (same arguments and result layout) by dequantising W into the device's weight
+    workspace and calling torch's matmul (cuBLAS on the GPU); grouped: one batched matmul over the groups.
+    fp32 x must hold 16-bit values (the fp32 copy of a bf16 stream): W is dequantised to fp32 and the GEMM runs
+    in TF32, whose products of such operands are exact (fp32 sums, as the per-block kernel's IEEE dot)."""
+    N, K = w.shape
+    wb = dequantize_fp8_bf16(w, s, out=weight_workspace(w.device, N * K, x2.dtype)[:N * K].view(N, K))
+    with tf32_matmuls(x2.is_cuda and x2.dtype == torch.float32):
+        if groups == 1:
+            return x2 @ wb.t()
+        M, R = x2.shape[0] // groups, N // groups
+        y = torch.bmm(x2.view(M, groups, K).transpose(0, 1), wb.view(groups, R, K).transpose(1, 2))    # [G, M, R]
+    return y.transpose(0, 1).reshape(M, N)
+
+
 def scales_are_pow2(scale: torch.Tensor) -> bool:
     """Every block multiplier is a power of two (E8M0 scales always are); remembered on the tensor for its
     current version (one host sync per weight, not per call)."""
@@ -267,13 +315,15 @@ def decode_scale(scale: torch.Tensor) -> torch.Tensor:
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *,
                config: FP8Config | None = None, groups: int = 1,
-               norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+               norm: tuple[torch.Tensor, float] | None = None, x16: bool = False) -> torch.Tensor:
     """``x [..., K] @ dequant(w [N, K], scale)^T -> [..., N]`` in x's dtype.
 
     ``groups`` G > 1: a grouped projection (V4's ``wo_a``): x ``[..., G, K]``, output ``[..., N]`` whose
     rows ``[g N/G, (g+1) N/G)`` are ``x[..., g, :] @ W[rows]^T`` -- each weight byte read once, only the
     diagonal blocks computed. ``norm`` = (weight fp32 [K], eps): x's rows go through RMSNorm on load (with
-    its rounding to x's dtype), e.g. V4's ``wq_b(q_norm(qa))`` in one launch."""
+    its rounding to x's dtype), e.g. V4's ``wq_b(q_norm(qa))`` in one launch. ``x16``: fp32 x holds 16-bit
+    values (V4's compressor projects the fp32 copy of the bf16 stream), so many-token calls may use exact TF32
+    products (``fp8_gemm_dequant``) instead of the per-block kernel's IEEE fp32 dot."""
     if w.dtype != torch.float8_e4m3fn or w.dim() != 2:
         raise ValueError(f"kernels.fp8_linear: w must be float8_e4m3fn [N, K], got {w.dtype} {tuple(w.shape)}")
     N, K = w.shape
@@ -299,6 +349,11 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *,
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0] // groups
     e8m0 = scale.dtype == torch.uint8 or str(scale.dtype) == "torch.float8_e8m0fnu"     # powers of two by format
+    if (DEQUANT_PREFILL and config is None and norm is None and M >= DEQUANT_PREFILL_MIN_M
+            and (x.dtype == torch.bfloat16 or (x16 and x.dtype == torch.float32))
+            and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+            and (e8m0 or scales_are_pow2(s))):
+        return fp8_gemm_dequant(x2, w, s, groups=groups).reshape(*lead, N)
     if (CHAINED_PREFILL and config is None and norm is None and M > 64 and x.dtype == torch.bfloat16
             and (groups == 1 or (CHAINED_GROUPED and (N // groups) % 16 == 0)) and (e8m0 or scales_are_pow2(s))):
         return fp8_gemm_chained(x2, w, s, groups=groups).reshape(*lead, N)

@@ -197,6 +197,8 @@ def _gate_up_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr, SWAP: tl.constexpr,
     EXPAND: tl.constexpr, DEQ: tl.constexpr,
 ):
+    tl.assume(KW > 0)   # no zero-trip path around the K loop: LLVM would re-zero the accumulators there,
+    # and ptxas serialises every wgmma of a loop whose accumulators have such a second definition (C7515)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     e = tl.load(bexp_ptr + pid_m).to(tl.int64) - E0
@@ -293,6 +295,7 @@ def _down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
     SWAP: tl.constexpr, EXPAND: tl.constexpr, DEQ: tl.constexpr,
 ):
+    tl.assume(KW > 0)   # see _gate_up_kernel (ptxas C7515)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     e = tl.load(bexp_ptr + pid_m // R).to(tl.int64) - E0

@@ -24,3 +24,19 @@ def split_workspace(device: torch.device, n_partial: int, n_counters: int) -> tu
         bufs.append((torch.empty(p, dtype=torch.float32, device=device),
                      torch.zeros(t, dtype=torch.int32, device=device)))
     return bufs[-1]
+
+
+_WEIGHTS: dict = {}
+
+
+def weight_workspace(device: torch.device, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A flat ``dtype`` buffer of >= numel elements per (device, stream) for a weight dequantised right before its
+    GEMM (``fp8_linear``'s many-token path). Grown by replacement: only eager calls use it (never captured in a
+    graph), and each call finishes with the buffer before the next one on the same stream overwrites it."""
+    device = torch.device(device)
+    sid = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (str(device), sid, dtype)
+    buf = _WEIGHTS.get(key)
+    if buf is None or buf.numel() < numel:
+        _WEIGHTS[key] = buf = torch.empty(numel, dtype=dtype, device=device)
+    return buf

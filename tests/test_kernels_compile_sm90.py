@@ -195,6 +195,47 @@ for C, prec, dot16, p16 in ((512, "tf32", True, False), (512, "tf32", True, True
     check_plain(f"prefill attention C={C} {prec} p16={p16}", _prefill_attn_kernel, sig,
                 dict(C=C, BM=cfg.bm, BN=cfg.bn, PREC=prec, DOT16=dot16, P16=p16),
                 num_warps=cfg.warps, num_stages=cfg.stages)
+from dsv4lib.kernels.ptxas_check import wgmma_serialized
+from dsv4lib.kernels.int2_moe_prefill import _down_kernel as _pf_down, pick_prefill_config
+
+
+def check_async(name, fn, sig, cons, **options):
+    """Compiled with the runtime's divisibility-16 specialisation of pointers and sizes: ptxas must keep the
+    wgmma instructions asynchronous (no C7515 serialisation; kernels/ptxas_check.py)."""
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig)
+             if n.endswith("_ptr") or n in ("I", "D", "KW", "K", "N")}
+    try:
+        k = triton.compile(ASTSource(fn, sig, cons, attrs), target=GPUTarget("cuda", 90, 32), options=options)
+        why = wgmma_serialized(k.asm["ptx"])
+        out[name] = f"wgmma serialized: {why}" if why else "ok"
+    except Exception as e:  # noqa: BLE001 - reported per case
+        out[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
+
+
+gsig = {"x_ptr": "*fp16", "sorted_ptr": "*i32", "bexp_ptr": "*i32", "S": "i32", "TOPK": "i32", "rw_ptr": "*fp32",
+        "w1_ptr": "*i32", "s1_ptr": "*fp16", "z1_ptr": "*i8", "w3_ptr": "*i32", "s3_ptr": "*fp16", "z3_ptr": "*i8",
+        "h_ptr": "*fp16", "I": "i32", "D": "i32", "KW": "i32", "limit": "fp32", "E0": "i32", "EC": "i32",
+        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "W": "constexpr", "SWAP": "constexpr", "EXPAND": "constexpr",
+        "DEQ": "constexpr"}
+dsig = {"h_ptr": "*fp16", "sorted_ptr": "*i32", "bexp_ptr": "*i32", "S": "i32", "TOPK": "i32", "w2_ptr": "*i32",
+        "s2_ptr": "*fp16", "z2_ptr": "*i8", "y_ptr": "*fp32", "I": "i32", "D": "i32", "KW": "i32", "E0": "i32",
+        "EC": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "W": "constexpr", "R": "constexpr",
+        "SWAP": "constexpr", "EXPAND": "constexpr", "DEQ": "constexpr"}
+for T in (2048, 6144):   # the 2K prefill and the MMLU batch launch configs
+    c = pick_prefill_config(T, 6, 256)
+    g, d = c.gate_up, c.down
+    dbm = c.down_block_m or c.block_m
+    check_async(f"int2 prefill T={T} gate_up async", _pf_gate_up, gsig,
+                dict(BLOCK_M=c.block_m, BLOCK_N=g.block_n, W=g.w, SWAP=g.swap, EXPAND=g.expand, DEQ=False),
+                num_warps=g.warps, num_stages=g.stages)
+    check_async(f"int2 prefill T={T} down async", _pf_down, dsig,
+                dict(BLOCK_M=dbm, BLOCK_N=d.block_n, W=d.w, R=c.block_m // dbm, SWAP=d.swap, EXPAND=d.expand,
+                     DEQ=False), num_warps=d.warps, num_stages=d.stages)
+check_async("fp8 gemm chained async", _fp8_gemm_chained_kernel,
+            {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "y_ptr": "*bf16", "M": "i32", "N": "i32",
+             "K": "i32", "KB": "i32", "G": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "GROUP_M": "constexpr",
+             "DOT16": "constexpr"}, dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, DOT16=True), num_warps=warps,
+            num_stages=stages)
 print(json.dumps(out))
 '''
 
@@ -202,7 +243,8 @@ print(json.dumps(out))
 def test_kernels_compile_for_sm90():
     """fp8_linear: the fallback configs and every tuned one (TUNED), at M = 1 and M > 1; mHC pre; fused router;
     RMSNorm+RoPE scattered into the window; attention combine with the output RoPE; the mHC prefill kernels;
-    the INT2 idp decode kernels and the INT2 prefill gate/up (their inline PTX never runs in the interpreter)."""
+    the INT2 idp decode kernels and the INT2 prefill gate/up (their inline PTX never runs in the interpreter); and
+    the prefill GEMM kernels at their launch configs keep their wgmma instructions asynchronous in ptxas."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     p = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, env=env, cwd=ROOT,

@@ -173,15 +173,59 @@ def test_fp8_chained_grouped(tokens, G, R, K, monkeypatch):
     assert torch.equal(f8.fp8_linear(x, w, s, groups=G), got)        # the dispatch (opt-in CHAINED_GROUPED)
 
 
+def test_fp8_dequant_bf16_exact():
+    """The many-token path's dequant: bf16 W equal to the fp64 dequant for power-of-two multipliers (e4m3 x 2^k is
+    a bf16 value), ragged N and K tiles included."""
+    from dsv4lib.kernels.fp8_linear import dequantize_fp8_bf16, dequantize_fp8_reference
+    g = torch.Generator(device=DEV).manual_seed(5)
+    w, s = random_fp8(200, 320, DEV, g)
+    got = dequantize_fp8_bf16(w, s)
+    assert got.dtype == torch.bfloat16 and torch.equal(got.double(), dequantize_fp8_reference(w, s.double()))
+
+
+@pytest.mark.parametrize("M,G,R,K", [(40, 1, 96, 256), (36, 4, 64, 128)])
+def test_fp8_dequant_gemm_dispatch(M, G, R, K, monkeypatch):
+    """``fp8_linear`` sends bf16 x with >= DEQUANT_PREFILL_MIN_M rows and power-of-two scales to dequant + matmul
+    (plain and grouped): within bf16 output rounding of the fp64 reference; not for other scales, nor for fp32 x
+    unless the caller says it holds 16-bit values (``x16``: fp32 W, TF32 on the GPU, fp32-exact here)."""
+    import dsv4lib.kernels.fp8_linear as f8
+    g = torch.Generator(device=DEV).manual_seed(M * G)
+    w, s = random_fp8(G * R, K, DEV, g)
+    x = torch.randn(M, G, K, device=DEV, generator=g).to(torch.bfloat16)
+    xin = x if G > 1 else x[:, 0]
+    ref = fp8_linear_reference(xin.double(), w, s.double(), groups=G)
+    calls = []
+    real = f8.fp8_gemm_dequant
+    monkeypatch.setattr(f8, "fp8_gemm_dequant", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(f8, "DEQUANT_PREFILL_MIN_M", 32)
+    got = f8.fp8_linear(xin, w, s, groups=G)
+    assert calls == [1] and got.dtype == torch.bfloat16 and got.shape == (M, G * R)
+    assert _rel(got, ref) < 4e-3
+    if G > 1:   # each group's output block reads its own x rows
+        assert _rel(f8.fp8_linear(x[:, :1].expand(-1, G, -1).contiguous(), w, s, groups=G), ref) > 0.1
+    n = len(calls)
+    f8.fp8_linear(xin.float(), w, s, groups=G)                           # fp32 x: not this path ...
+    s2 = s.clone()
+    s2[0, 0] *= 1.5                                                      # not a power of two: not this path
+    f8.fp8_linear(xin, w, s2, groups=G)
+    assert len(calls) == n
+    y32 = f8.fp8_linear(xin.float(), w, s, groups=G, x16=True)           # ... unless it holds 16-bit values
+    assert len(calls) == n + 1 and y32.dtype == torch.float32 and _rel(y32, ref) < 1e-5   # exact products, fp32 sums
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("N,K", [(32768, 1024), (4096, 8192), (4096, 4096)])
 def test_fp8_chained_full_shapes_gpu(N, K):
+    """Both prefill GEMMs at V4 projection shapes: the chained kernel and dequant + cuBLAS (the same GEMM)."""
     g = torch.Generator(device=DEV).manual_seed(N)
     w, s = random_fp8(N, K, DEV, g)
     x = torch.randn(2048, K, device=DEV, generator=g, dtype=torch.bfloat16)
-    from dsv4lib.kernels.fp8_linear import fp8_gemm_chained
-    assert _rel(fp8_gemm_chained(x, w, s), fp8_linear_reference(x.double(), w, s.double())) < 4e-3
+    from dsv4lib.kernels.fp8_linear import fp8_gemm_chained, fp8_gemm_dequant
+    ref = fp8_linear_reference(x.double(), w, s.double())
+    chained = fp8_gemm_chained(x, w, s)
+    got = fp8_gemm_dequant(x, w, s)
+    assert _rel(chained, ref) < 4e-3 and _rel(got, ref) < 4e-3 and _rel(got, chained) < 1e-3
 
 
 @pytest.mark.parametrize("M,K,dtype", [(1, 256, torch.bfloat16), (3, 384, torch.float32), (8, 200, torch.bfloat16)])
