@@ -40,6 +40,8 @@ from .int2_dequant import as_int32, dequantize_int2, fit_w
 from .int2_moe_decode import _check_routing, check_moe_weights
 from .ptx import codes_f16x2
 
+HAS_ASSUME = tl.constexpr(hasattr(tl, "assume"))
+
 
 @dataclass(frozen=True)
 class GemmConfig:
@@ -197,8 +199,8 @@ def _gate_up_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr, SWAP: tl.constexpr,
     EXPAND: tl.constexpr, DEQ: tl.constexpr,
 ):
-    tl.assume(KW > 0)   # no zero-trip path around the K loop: LLVM would re-zero the accumulators there,
-    # and ptxas serialises every wgmma of a loop whose accumulators have such a second definition (C7515)
+    if HAS_ASSUME:   # no zero-trip path around the K loop: LLVM would re-zero the accumulators there, and
+        tl.assume(KW > 0)   # ptxas serialises every wgmma of a loop whose accumulators have a second definition (C7515)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     e = tl.load(bexp_ptr + pid_m).to(tl.int64) - E0
@@ -295,7 +297,8 @@ def _down_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
     SWAP: tl.constexpr, EXPAND: tl.constexpr, DEQ: tl.constexpr,
 ):
-    tl.assume(KW > 0)   # see _gate_up_kernel (ptxas C7515)
+    if HAS_ASSUME:
+        tl.assume(KW > 0)   # see _gate_up_kernel (ptxas C7515)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     e = tl.load(bexp_ptr + pid_m // R).to(tl.int64) - E0
