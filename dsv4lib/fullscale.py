@@ -1,7 +1,8 @@
 """Full-size DeepSeek-V4-Flash with synthetic weights, built directly on the device (spec §1.1, §3.2, §7).
 
 ``synthetic_model(cfg, device)`` constructs the model on ``meta`` and then allocates every tensor
-once on ``device`` in the loader's in-memory formats: FP8 e4m3 weights + fp32 block scales for the
+once on ``device`` in the loader's in-memory formats: FP8 e4m3 weights + fp32 block scales (powers of two, the
+values of the release's E8M0 scales) for the
 linears that are FP8 in the release (attention wq_a/wq_b/wkv/wo_a/wo_b, shared experts, indexer
 wq_b), routed experts as :class:`INT2Experts` (random codes, fp16 scales ~ in^-1/2, zeros 1..2),
 BF16/F32 for the rest, random ``tid2eid``. Nothing is written to disk and no dense expert stack
@@ -9,6 +10,7 @@ exists at any time. ``decode_bytes_per_token`` counts the bytes one decode step 
 """
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -77,7 +79,8 @@ def synthetic_model(cfg: ModelConfig, device: str | torch.device = "cuda", dtype
         if fp8 and isinstance(mod, Linear) and any(mname.endswith(k) for k in FP8_LINEARS):
             o, i = mod.out_features, mod.in_features
             w = torch.randn(o, i, device=device, generator=g, dtype=torch.bfloat16).to(torch.float8_e4m3fn)
-            sc = torch.full((-(-o // BLOCK), -(-i // BLOCK)), i ** -0.5, device=device)   # [o/128, i/128]
+            # power-of-two multipliers ~ i^-1/2, as the release's F8_E8M0 block scales (v4_arch.md section 3.2)
+            sc = torch.full((-(-o // BLOCK), -(-i // BLOCK)), 2.0 ** round(-0.5 * math.log2(i)), device=device)
             mod.set_fp8(w, sc)
         for pname, p in list(mod._parameters.items()):
             if p is not None and p.is_meta:

@@ -42,11 +42,10 @@ def int2_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, groups: int = 1,
-               norm: tuple[torch.Tensor, float] | None = None, x16: bool = False) -> torch.Tensor:
+               norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """FP8 e4m3 weight with 128x128 block scales (fp32 multiplier or E8M0) -> x's dtype; ``groups`` > 1:
-    x [..., G, K], block-diagonal (grouped) projection; ``norm`` = (weight, eps): RMSNorm of x's rows on load;
-    ``x16``: fp32 x holds 16-bit values (exact TF32 products allowed for many tokens)."""
-    return _fp8_linear(x, w, scale, groups=groups, norm=norm, x16=x16)
+    x [..., G, K], block-diagonal (grouped) projection; ``norm`` = (weight, eps): RMSNorm of x's rows on load."""
+    return _fp8_linear(x, w, scale, groups=groups, norm=norm)
 
 
 def mxfp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,

@@ -33,7 +33,6 @@ import triton.language as tl
 from . import pdl
 from .pdl import launch_args, pdl_wait
 
-from .tf32 import tf32_matmuls
 from .workspace import split_workspace, weight_workspace
 
 BLOCK = 128
@@ -220,8 +219,8 @@ kernel). Full-scale bench, same run (bench/results/h200_fullscale_v8_start.json)
 chained GEMM and never slower."""
 CHAINED_CONFIG = (128, 256, 8, 3, 8)     # BLOCK_M, BLOCK_N, warps, stages, GROUP_M
 DEQUANT_PREFILL = True
-"""Many-token calls (M >= ``DEQUANT_PREFILL_MIN_M``) of bf16 activations (or fp32 ones holding 16-bit values, ``x16``:
-fp32 W and TF32 products) with power-of-two block scales: dequantise W to bf16 once per call (``dequantize_fp8_bf16``, exact: e4m3 x 2^k is a bf16 value) into a per-device workspace and
+"""Many-token calls (M >= ``DEQUANT_PREFILL_MIN_M``) of bf16 activations with power-of-two block scales (the release's
+E8M0 scales): dequantise W to bf16 once per call (``dequantize_fp8_bf16``, exact: e4m3 x 2^k is a bf16 value) into a per-device workspace and
 run cuBLAS. The H200 prefill bench put cuBLAS bf16 at 2-3x the chained kernel at every 2048-row projection (wq_b
 231 vs 463 us, wo_b 200 vs 393) and the chained kernel's output equal to cuBLAS on the dequantised weights, so
 the result is the same GEMM; the dequant pass reads 1 and writes 2 bytes per weight (~25 us for 32M weights)."""
@@ -241,8 +240,8 @@ def _fp8_dequant_kernel(w_ptr, s_ptr, o_ptr, N, K, KB, BN: tl.constexpr, BK: tl.
 
 
 def dequantize_fp8_bf16(w: torch.Tensor, s: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``[N, K]`` bf16 (or ``out``'s dtype, e.g. fp32) of ``e4m3(w) * S`` (fp32 block multipliers ``s``); exact
-    in bf16 when every multiplier is a power of two (``scales_are_pow2``), otherwise rounded once."""
+    """``[N, K]`` bf16 of ``e4m3(w) * S`` (fp32 block multipliers ``s``); exact when every multiplier is a power
+    of two (``scales_are_pow2``), otherwise each weight is rounded to bf16 once."""
     N, K = w.shape
     out = torch.empty((N, K), dtype=torch.bfloat16, device=w.device) if out is None else out
     bn, bk = 64, 128
@@ -253,16 +252,13 @@ def dequantize_fp8_bf16(w: torch.Tensor, s: torch.Tensor, out: torch.Tensor | No
 
 def fp8_gemm_dequant(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor, groups: int = 1) -> torch.Tensor:
     """As ``fp8_gemm_chained`` (same arguments and result layout) by dequantising W into the device's weight
-    workspace and calling torch's matmul (cuBLAS on the GPU); grouped: one batched matmul over the groups.
-    fp32 x must hold 16-bit values (the fp32 copy of a bf16 stream): W is dequantised to fp32 and the GEMM runs
-    in TF32, whose products of such operands are exact (fp32 sums, as the per-block kernel's IEEE dot)."""
+    workspace and calling torch's matmul (cuBLAS on the GPU); grouped: one batched matmul over the groups."""
     N, K = w.shape
-    wb = dequantize_fp8_bf16(w, s, out=weight_workspace(w.device, N * K, x2.dtype)[:N * K].view(N, K))
-    with tf32_matmuls(x2.is_cuda and x2.dtype == torch.float32):
-        if groups == 1:
-            return x2 @ wb.t()
-        M, R = x2.shape[0] // groups, N // groups
-        y = torch.bmm(x2.view(M, groups, K).transpose(0, 1), wb.view(groups, R, K).transpose(1, 2))    # [G, M, R]
+    wb = dequantize_fp8_bf16(w, s, out=weight_workspace(w.device, N * K, torch.bfloat16)[:N * K].view(N, K))
+    if groups == 1:
+        return x2 @ wb.t()
+    M, R = x2.shape[0] // groups, N // groups
+    y = torch.bmm(x2.view(M, groups, K).transpose(0, 1), wb.view(groups, R, K).transpose(1, 2))    # [G, M, R]
     return y.transpose(0, 1).reshape(M, N)
 
 
@@ -315,15 +311,13 @@ def decode_scale(scale: torch.Tensor) -> torch.Tensor:
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *,
                config: FP8Config | None = None, groups: int = 1,
-               norm: tuple[torch.Tensor, float] | None = None, x16: bool = False) -> torch.Tensor:
+               norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """``x [..., K] @ dequant(w [N, K], scale)^T -> [..., N]`` in x's dtype.
 
     ``groups`` G > 1: a grouped projection (V4's ``wo_a``): x ``[..., G, K]``, output ``[..., N]`` whose
     rows ``[g N/G, (g+1) N/G)`` are ``x[..., g, :] @ W[rows]^T`` -- each weight byte read once, only the
     diagonal blocks computed. ``norm`` = (weight fp32 [K], eps): x's rows go through RMSNorm on load (with
-    its rounding to x's dtype), e.g. V4's ``wq_b(q_norm(qa))`` in one launch. ``x16``: fp32 x holds 16-bit
-    values (V4's compressor projects the fp32 copy of the bf16 stream), so many-token calls may use exact TF32
-    products (``fp8_gemm_dequant``) instead of the per-block kernel's IEEE fp32 dot."""
+    its rounding to x's dtype), e.g. V4's ``wq_b(q_norm(qa))`` in one launch."""
     if w.dtype != torch.float8_e4m3fn or w.dim() != 2:
         raise ValueError(f"kernels.fp8_linear: w must be float8_e4m3fn [N, K], got {w.dtype} {tuple(w.shape)}")
     N, K = w.shape
@@ -350,8 +344,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *,
     M = x2.shape[0] // groups
     e8m0 = scale.dtype == torch.uint8 or str(scale.dtype) == "torch.float8_e8m0fnu"     # powers of two by format
     if (DEQUANT_PREFILL and config is None and norm is None and M >= DEQUANT_PREFILL_MIN_M
-            and (x.dtype == torch.bfloat16 or (x16 and x.dtype == torch.float32))
-            and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
+            and x.dtype == torch.bfloat16 and not (x.is_cuda and torch.cuda.is_current_stream_capturing())
             and (e8m0 or scales_are_pow2(s))):
         return fp8_gemm_dequant(x2, w, s, groups=groups).reshape(*lead, N)
     if (CHAINED_PREFILL and config is None and norm is None and M > 64 and x.dtype == torch.bfloat16

@@ -46,9 +46,8 @@ class Compressor(nn.Module):
         exact16 = (x.dtype in (torch.bfloat16, torch.float16)
                    and all(m.weight.dtype in (torch.bfloat16, torch.float16) for m in (self.wkv, self.wgate)))
         with tf32_matmuls(x.is_cuda and exact16):
-            x16 = x.dtype in (torch.bfloat16, torch.float16)          # fp32 copy of a 16-bit stream
-            kv = self.wkv(hp(x), x16=x16)                              # [B, S, coff*hd]
-            gate = self.wgate(hp(x), x16=x16)
+            kv = self.wkv(hp(x))                                       # [B, S, coff*hd]
+            gate = self.wgate(hp(x))
         first = 0
         if state is not None:
             first = state.n_entries

@@ -56,13 +56,12 @@ class Linear(nn.Module):
             return dequant_fp8_block(self.weight, self.scale, dtype)
         return self.weight.to(dtype)
 
-    def forward(self, x: torch.Tensor, x16: bool = False) -> torch.Tensor:
-        """``x16``: fp32 x holds 16-bit values (lets the FP8 kernels use exact TF32 products for many tokens)."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.lowp and self.fp8_act:
             x = act_quant_fp8(x)
         elif x.is_cuda and self.weight.dtype == torch.float8_e4m3fn:   # Triton FP8 block-scaled GEMV/GEMM
             from dsv4lib.kernels.dispatch import fp8_linear
-            return fp8_linear(x, self.weight, self.scale, x16=x16)
+            return fp8_linear(x, self.weight, self.scale)
         w = self.dequantized_weight(x.dtype) if self.weight.dtype == torch.float8_e4m3fn else self.weight
         return F.linear(x, w.to(x.dtype))
 

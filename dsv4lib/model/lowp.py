@@ -9,11 +9,10 @@ All return the input dtype; math in fp32.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
-
-from ..kernels.tf32 import tf32_matmuls  # noqa: F401 - re-exported for the model modules
 
 FP8_MAX = 448.0
 FP4_MAX = 6.0
@@ -25,6 +24,35 @@ _FP4_TIE_UP = (False, True, False, True, False, True, False)  # round half to ev
 def hp(x: torch.Tensor) -> torch.Tensor:
     """Upcast to the math precision: fp32, or fp64 for a float64 model (exact-reference tests)."""
     return x if x.dtype == torch.float64 else x.float()
+
+
+@contextlib.contextmanager
+def tf32_matmuls(enabled: bool):
+    """Allow TF32 tensor-core matmuls inside the block (CUDA), restoring the previous setting after.
+
+    Used where the fp32 operands hold bf16/fp16 values (exactly representable in TF32's 10-bit
+    mantissa, products exact, fp32 accumulation), e.g. the attention scores of a bf16 model; an fp32
+    operand such as softmax probabilities is rounded to 11 significant bits, far below the bf16
+    rounding of the result. No-op when ``enabled`` is False.
+    """
+    if not enabled:
+        yield
+        return
+    m = torch.backends.cuda.matmul
+    if hasattr(m, "fp32_precision"):
+        old = m.fp32_precision
+        m.fp32_precision = "tf32"
+        try:
+            yield
+        finally:
+            m.fp32_precision = old
+    else:  # older torch
+        old = m.allow_tf32
+        m.allow_tf32 = True
+        try:
+            yield
+        finally:
+            m.allow_tf32 = old
 
 
 def _pow2_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
