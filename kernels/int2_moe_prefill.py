@@ -6,7 +6,9 @@ Math as ``int2_moe_decode`` (v4_arch.md section 2.7): ``h = silu(min(W1 x, L)) *
 Routing is turned into blocks with a sort (``align_pairs``, moe_align_block_size-style, torch ops
 only, no host sync): the ``S = T*k`` (token, slot) pairs are sorted by expert and each expert's run
 is padded to a multiple of BLOCK_M with the sentinel S; ``block_expert[b]`` is the expert of M-block
-b, or -1 past the end. Activations are converted to fp16 once (``x16 [T, D]``).
+b, or -1 past the end. Activations are converted to fp16 once (``x16 [T, D]``), in the weight tile's K order:
+the interleave-tree tiles (``EXPAND`` 2/3) are in *pair order* (``pair_order``: codes j and j + 8 of a word
+side by side), so x16 is permuted to match and the gate/up epilogue writes h in the down launch's order.
 
 1. ``_gate_up_kernel``, grid ``(cdiv(I, BLOCK_N), blocks)``: one expert's w1 and w3 ``[BLOCK_N, 16*W]``
    tiles are dequantised once per K step for BLOCK_M routed tokens (``_int2_tile_f16``) and fed to
@@ -103,11 +105,15 @@ def _sz_load(s_ptr, z_ptr, rows, row_mask, kw0, KW, W: tl.constexpr):
 
 @triton.jit
 def _tile_interleave(words, sc, zb, kw0, W: tl.constexpr):
-    """``[BN, 16W]`` fp16 tile from words / scales / zero bytes ``[BN, W]`` (see ``_int2_tile_f16``).
+    """``[BN, 16W]`` fp16 tile from words / scales / zero bytes ``[BN, W]`` in **pair order** (``pair_order``):
+    position ``16w + 2j + h`` holds code ``j + 8h`` of word w.
 
     Codes j and j + 8 of a word sit 16 bits apart, so ``words >> 2j`` holds both where one ``lop3`` makes
     them an fp16 pair ``(1024 + q)`` and ``sub/mul.f16x2`` finish both weights (``ptx.codes_f16x2``): about
-    2.6 instructions per weight instead of ~6 for one code at a time, bit-identical results."""
+    2.6 instructions per weight instead of ~6 for one code at a time, bit-identical results. Keeping each pair
+    next to itself in K lets the pair's 32-bit register go to shared memory as it is: the natural order needed
+    68 PRMT per K step to repack 16-bit halves (665 -> 604 SASS instructions per thread per step, Triton 3.8);
+    the activations are permuted to match once per call."""
     g = (kw0 + tl.arange(0, W)) // 4
     z = ((zb.to(tl.int32) & 0xFF) >> ((g % 2) * 4)[None, :]) & 0xF
     zz = (z | 0x6400) * 0x10001                                          # (1024 + z) in both fp16 halves
@@ -122,16 +128,11 @@ def _tile_interleave(words, sc, zb, kw0, W: tl.constexpr):
     c5, c13 = codes_f16x2(words >> 10, zz, ss)
     c3, c11 = codes_f16x2(words >> 6, zz, ss)
     c7, c15 = codes_f16x2(words >> 14, zz, ss)
-    a0 = tl.interleave(c0, c8)
-    a1 = tl.interleave(c4, c12)
-    a2 = tl.interleave(c2, c10)
-    a3 = tl.interleave(c6, c14)
-    a4 = tl.interleave(c1, c9)
-    a5 = tl.interleave(c5, c13)
-    a6 = tl.interleave(c3, c11)
-    a7 = tl.interleave(c7, c15)
-    return tl.interleave(tl.interleave(tl.interleave(a0, a1), tl.interleave(a2, a3)),
-                         tl.interleave(tl.interleave(a4, a5), tl.interleave(a6, a7)))   # [BN, 16W]
+    lo = tl.interleave(tl.interleave(tl.interleave(c0, c4), tl.interleave(c2, c6)),
+                       tl.interleave(tl.interleave(c1, c5), tl.interleave(c3, c7)))      # [BN, 8W] codes 0-7
+    hi = tl.interleave(tl.interleave(tl.interleave(c8, c12), tl.interleave(c10, c14)),
+                       tl.interleave(tl.interleave(c9, c13), tl.interleave(c11, c15)))   # codes 8-15
+    return tl.interleave(lo, hi)                                                          # [BN, 16W] pair order
 
 
 @triton.jit
@@ -144,7 +145,8 @@ def _int2_tile_f16(
     kw0, KW,
     W: tl.constexpr, EXPAND: tl.constexpr,
 ):
-    """Dequantised ``[BN, 16*W]`` fp16 tile, natural K order (see module docstring).
+    """Dequantised ``[BN, 16*W]`` fp16 tile (see module docstring): pair order for EXPAND >= 2, natural K order
+    for 0 and 1.
 
     EXPAND=0: expand the words to [BN, W, 16] and reshape; 1: load every channel's word (repeated
     addresses); 2: dequantise the 16 codes as 16 [BN, W] tensors in the words' own layout and merge
@@ -197,7 +199,7 @@ def _gate_up_kernel(
     # DEQ: w1/w3 are fp16 [EC, I, D] of experts E0..E0+EC-1 (other blocks exit)
     E0, EC,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr, SWAP: tl.constexpr,
-    EXPAND: tl.constexpr, DEQ: tl.constexpr,
+    EXPAND: tl.constexpr, DEQ: tl.constexpr, H_PAIRS: tl.constexpr,
 ):
     if HAS_ASSUME:   # no zero-trip path around the K loop: LLVM would re-zero the accumulators there, and
         tl.assume(KW > 0)   # ptxas serialises every wgmma of a loop whose accumulators have a second definition (C7515)
@@ -270,13 +272,17 @@ def _gate_up_kernel(
     rw = tl.load(rw_ptr + pair, mask=valid, other=0.0)                   # [BM]
     g = tl.minimum(acc1, limit)
     u = tl.minimum(tl.maximum(acc3, -limit), limit)
+    if H_PAIRS:   # h in the down kernel's pair order: column 16w + j + 8h -> 16w + 2j + h
+        cols = (rows // 16) * 16 + (rows % 8) * 2 + (rows % 16) // 8
+    else:
+        cols = rows
     if SWAP:
         h = g * tl.sigmoid(g) * u * rw[None, :]                          # [BN, BM]
-        tl.store(h_ptr + pos[None, :].to(tl.int64) * I + rows[:, None], h.to(tl.float16),
+        tl.store(h_ptr + pos[None, :].to(tl.int64) * I + cols[:, None], h.to(tl.float16),
                  mask=rmask[:, None])
     else:
         h = g * tl.sigmoid(g) * u * rw[:, None]                          # [BM, BN]
-        tl.store(h_ptr + pos[:, None].to(tl.int64) * I + rows[None, :], h.to(tl.float16),
+        tl.store(h_ptr + pos[:, None].to(tl.int64) * I + cols[None, :], h.to(tl.float16),
                  mask=rmask[None, :])
 
 
@@ -381,16 +387,29 @@ def align_pairs(idx: torch.Tensor, num_experts: int, block_m: int) -> tuple[torc
     return sorted_ids, bexp
 
 
-def launch_gate_up(x16, sorted_ids, bexp, k, rw, w1, w3, h, limit: float, block_m: int, c: GemmConfig):
+def pair_order(x: torch.Tensor) -> torch.Tensor:
+    """The last dim in pair order: within each 16-channel word, position ``2j + h`` holds channel ``j + 8h``."""
+    return x.unflatten(-1, (-1, 2, 8)).transpose(-1, -2).flatten(-3)
+
+
+def uses_pairs(c: GemmConfig) -> bool:
+    """The launch's weight tile (and so its activations) is in pair order."""
+    return c.expand >= 2 and not c.chunk
+
+
+def launch_gate_up(x16, sorted_ids, bexp, k, rw, w1, w3, h, limit: float, block_m: int, c: GemmConfig,
+                   h_pairs: bool = False):
     """``_gate_up_kernel`` over ``align_pairs`` blocks of ``block_m``: x16 [T, D] fp16 -> h [B*block_m, I].
 
-    With ``c.chunk`` the experts are dequantised to fp16 ``chunk`` at a time and the kernel reads them.
+    x16 must be in the launch's K order (``pair_order(x16)`` when ``uses_pairs(c)``); ``h_pairs`` writes h in
+    pair order for a down launch that uses it. With ``c.chunk`` the experts are dequantised to fp16 ``chunk``
+    at a time and the kernel reads them.
     """
     (p1, s1, z1), (p3, s3, z3) = w1, w3
     E, I, KW = p1.shape
     grid = (triton.cdiv(I, c.block_n), bexp.numel())
     meta = dict(BLOCK_M=block_m, BLOCK_N=c.block_n, W=fit_w(c.w, KW), SWAP=c.swap, EXPAND=c.expand,
-                num_warps=c.warps, num_stages=c.stages)
+                H_PAIRS=h_pairs, num_warps=c.warps, num_stages=c.stages)
     if not c.chunk:
         _gate_up_kernel[grid](x16, sorted_ids, bexp, rw.numel(), k, rw, as_int32(p1), s1, z1, as_int32(p3), s3, z3,
                               h, I, KW * 16, KW, limit, 0, E, DEQ=False, **meta)
@@ -404,7 +423,8 @@ def launch_gate_up(x16, sorted_ids, bexp, k, rw, w1, w3, h, limit: float, block_
 
 
 def launch_down(h, sorted_ids, bexp, k, w2, y, block_m: int, r: int, c: GemmConfig):
-    """``_down_kernel`` in M-blocks of ``block_m`` (``r`` per ``bexp`` block): h -> atomic adds into y [T, D]."""
+    """``_down_kernel`` in M-blocks of ``block_m`` (``r`` per ``bexp`` block): h -> atomic adds into y [T, D].
+    h must be in the launch's K order (pair order when ``uses_pairs(c)``)."""
     p2, s2, z2 = w2
     E, D, KW = p2.shape
     S = y.shape[0] * k
@@ -443,9 +463,11 @@ def int2_moe_prefill(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
     sorted_ids, bexp = align_pairs(idx, E, cfg.block_m)                 # [B*BM], [B]
     nb = bexp.numel()
     rw = weight.reshape(-1).to(torch.float32).contiguous()              # [S]
-    x16 = x.to(torch.float16).contiguous()                              # [T, D]
+    x16 = x.to(torch.float16)                                           # [T, D]
+    x16 = (pair_order(x16) if uses_pairs(cfg.gate_up) else x16).contiguous()
     h = torch.empty((nb * cfg.block_m, I), dtype=torch.float16, device=x.device)
     y = torch.zeros((T, D), dtype=torch.float32, device=x.device)
-    launch_gate_up(x16, sorted_ids, bexp, k, rw, w1, w3, h, float(limit), cfg.block_m, cfg.gate_up)
+    launch_gate_up(x16, sorted_ids, bexp, k, rw, w1, w3, h, float(limit), cfg.block_m, cfg.gate_up,
+                   h_pairs=uses_pairs(cfg.down))
     launch_down(h, sorted_ids, bexp, k, w2, y, dbm, cfg.block_m // dbm, cfg.down)
     return y

@@ -10,7 +10,7 @@ from dsv4lib.kernels.int2_dequant import random_int2, unpack_codes_reference, un
 from dsv4lib.kernels.int2_moe_decode import int2_moe_reference
 from dsv4lib.kernels.int2_moe_idp import (IdpConfig, IdpStage, idp_configs, int2_moe_idp,
                                           int2_moe_idp_reference, quantize_groups_reference)
-from dsv4lib.kernels.int2_moe_prefill import _sz_load, _tile_interleave, _words_load
+from dsv4lib.kernels.int2_moe_prefill import _sz_load, _tile_interleave, _words_load, pair_order
 from dsv4lib.kernels.ptx import dp2a_us, dp4a_us
 
 triton = pytest.importorskip("triton")
@@ -179,7 +179,8 @@ def _tile_kernel(w_ptr, s_ptr, z_ptr, out_ptr, BN: tl.constexpr, W: tl.constexpr
 
 def test_prefill_tile_codes_f16x2_bit_exact():
     """The INT2 prefill kernels' fp16 tile, built two codes per 32-bit op (ptx.codes_f16x2), equals
-    ``fp16(q - z) * fp16(s)`` rounded once -- bit for bit, incl. negative scales and every zero."""
+    ``fp16(q - z) * fp16(s)`` rounded once -- bit for bit, incl. negative scales and every zero -- in pair order
+    (codes j and j + 8 of a word side by side)."""
     g = torch.Generator().manual_seed(0)
     BN, W, KW = 16, 8, 16
     packed = torch.randint(-2**31, 2**31 - 1, (BN, KW), generator=g, dtype=torch.int64).to(torch.int32)
@@ -191,7 +192,7 @@ def test_prefill_tile_codes_f16x2_bit_exact():
     q = unpack_codes_reference(packed)[:, :16 * W].float()
     z = unpack_zeros_reference(zero).float().repeat_interleave(64, -1)[:, :16 * W]
     s = scale.float().repeat_interleave(64, -1)[:, :16 * W]
-    ref = ((q - z).half().float() * s).half()                           # one rounding of the exact product
+    ref = pair_order(((q - z).half().float() * s).half())              # one rounding of the exact product
     assert torch.equal(out.cpu().view(torch.int16), ref.view(torch.int16))
 
 
