@@ -52,7 +52,8 @@ class GemmConfig:
     tree with the next step's scales/zeros prefetched, 3 = the same without prefetch, 1 =
     repeated-address load, 0 = [BN, W, 16] expand + reshape; see ``_int2_tile_f16``); ``chunk > 0``:
     dequantise ``chunk`` experts at a time to fp16 (``dequantize_int2``, a ``[chunk, N, K]``
-    temporary) and run the dot on those instead."""
+    temporary) and run the dot on those instead; ``maxnreg`` caps the registers per thread (Triton's launch
+    option) to fit more CTAs on an SM."""
     block_n: int = 128
     w: int = 8
     warps: int = 8
@@ -60,6 +61,7 @@ class GemmConfig:
     swap: bool = True
     expand: int = 2
     chunk: int = 0
+    maxnreg: int = 0      # > 0: cap registers per thread (more CTAs per SM; ptxas may spill)
 
 
 @dataclass(frozen=True)
@@ -392,6 +394,10 @@ def pair_order(x: torch.Tensor) -> torch.Tensor:
     return x.unflatten(-1, (-1, 2, 8)).transpose(-1, -2).flatten(-3)
 
 
+def _reg_cap(c: GemmConfig) -> dict:
+    return {"maxnreg": c.maxnreg} if c.maxnreg else {}
+
+
 def uses_pairs(c: GemmConfig) -> bool:
     """The launch's weight tile (and so its activations) is in pair order."""
     return c.expand >= 2 and not c.chunk
@@ -409,7 +415,7 @@ def launch_gate_up(x16, sorted_ids, bexp, k, rw, w1, w3, h, limit: float, block_
     E, I, KW = p1.shape
     grid = (triton.cdiv(I, c.block_n), bexp.numel())
     meta = dict(BLOCK_M=block_m, BLOCK_N=c.block_n, W=fit_w(c.w, KW), SWAP=c.swap, EXPAND=c.expand,
-                H_PAIRS=h_pairs, num_warps=c.warps, num_stages=c.stages)
+                H_PAIRS=h_pairs, num_warps=c.warps, num_stages=c.stages, **_reg_cap(c))
     if not c.chunk:
         _gate_up_kernel[grid](x16, sorted_ids, bexp, rw.numel(), k, rw, as_int32(p1), s1, z1, as_int32(p3), s3, z3,
                               h, I, KW * 16, KW, limit, 0, E, DEQ=False, **meta)
@@ -430,7 +436,7 @@ def launch_down(h, sorted_ids, bexp, k, w2, y, block_m: int, r: int, c: GemmConf
     S = y.shape[0] * k
     grid = (triton.cdiv(D, c.block_n), bexp.numel() * r)
     meta = dict(BLOCK_M=block_m, BLOCK_N=c.block_n, W=fit_w(c.w, KW), R=r, SWAP=c.swap, EXPAND=c.expand,
-                num_warps=c.warps, num_stages=c.stages)
+                num_warps=c.warps, num_stages=c.stages, **_reg_cap(c))
     if not c.chunk:
         _down_kernel[grid](h, sorted_ids, bexp, S, k, as_int32(p2), s2, z2, y, KW * 16, D, KW, 0, E, DEQ=False, **meta)
         return
