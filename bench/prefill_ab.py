@@ -24,7 +24,8 @@ from dsv4lib.fullscale_bench import _wall, prefill_last_logits  # noqa: E402
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--switch", required=True, help="module.path.FLAG under dsv4lib, e.g. kernels.fp8_linear.DEQUANT_PREFILL")
+    ap.add_argument("--switch", required=True,
+                    help="module.path.FLAG under dsv4lib, e.g. kernels.fp8_linear.DEQUANT_PREFILL")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--out", default="prefill_ab.json")
@@ -33,7 +34,8 @@ def main(argv=None) -> int:
     mod = importlib.import_module(f"dsv4lib.{mod_name}")
     dev = torch.device("cuda")
     model = synthetic_model(without_mtp(ModelConfig.v4_flash()), dev)
-    ids = torch.randint(0, model.config.vocab_size, (1, a.tokens), device=dev, generator=torch.Generator(dev).manual_seed(0))
+    ids = torch.randint(0, model.config.vocab_size, (1, a.tokens), device=dev,
+                        generator=torch.Generator(dev).manual_seed(0))
     default = getattr(mod, flag)
     times = {"default": [], "toggled": []}
     with torch.no_grad():
@@ -47,7 +49,8 @@ def main(argv=None) -> int:
     setattr(mod, flag, default)
     med = {k: statistics.median(v) for k, v in times.items()}
     res = {"switch": a.switch, "default_value": default, "tokens": a.tokens, "times_s": times,
-           "median_tok_s": {k: a.tokens / v for k, v in med.items()}, "toggled_over_default": med["toggled"] / med["default"]}
+           "median_tok_s": {k: a.tokens / v for k, v in med.items()},
+           "toggled_over_default": med["toggled"] / med["default"]}
     Path(a.out).write_text(json.dumps(res, indent=1))
     for k, v in times.items():
         print(f"{k:8s} " + " ".join(f"{t * 1e3:7.1f}" for t in v) + f"   median {a.tokens / med[k]:7.0f} tok/s")
