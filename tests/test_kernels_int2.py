@@ -132,7 +132,9 @@ _SMALL = GemmConfig(32, 4, 4, 2)
 
 @pytest.mark.parametrize("T,cfg", [
     (50, PrefillConfig(16, _SMALL, _SMALL)),                                      # weights on the left
-    (20, PrefillConfig(16, GemmConfig(32, 4, 4, 2, maxnreg=168), GemmConfig(32, 4, 4, 2, expand=3, maxnreg=168))),
+    # natural-order gate/up (expand=1) writing h in the pair order of the down launch; a register cap
+    (20, PrefillConfig(16, GemmConfig(32, 4, 4, 2, expand=1, maxnreg=168), GemmConfig(32, 4, 4, 2, maxnreg=168))),
+    (24, PrefillConfig(16, GemmConfig(32, 4, 4, 2, expand=3), GemmConfig(32, 4, 4, 2, expand=1))),   # and back
     (7, PrefillConfig(32, GemmConfig(32, 8, 4, 2, swap=False), GemmConfig(64, 4, 4, 2, swap=False), 16)),
     (40, PrefillConfig(32, GemmConfig(16, 4, 4, 2, expand=1), GemmConfig(32, 8, 4, 2, expand=1), 16)),
     (33, PrefillConfig(16, GemmConfig(32, 4, 4, 2, False, chunk=3), GemmConfig(32, 4, 4, 2, True, chunk=5))),
