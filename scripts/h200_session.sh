@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The measured state on the lent H200 in device calls of < 10 min: the full-scale bench (with its A/B columns
-# and the prefill switches toggled) and a 2K-prefill profile by module with kernel resources (~5 min cold), then
+# and the prefill switches toggled), a 2K-prefill profile by module with kernel resources and the INT2 prefill
+# launch sweep (~6 min cold), then
 # the GPU tests (a cold machine compiles every kernel first: ~5-7 min; their own call). Each phase has its own
 # time limit. Results under $OUT (or ./h200_out): fullscale.json + bench.log, prof_prefill.json + prof.log,
-# gpu_tests.log.
+# int2_prefill_sweep.json + .log, gpu_tests.log.
 #   run on the device:  bash scripts/h200_session.sh bench     then:  bash scripts/h200_session.sh tests
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +18,10 @@ if [ "$PHASE" = bench ]; then
   timeout 150 python3 bench/profile_step.py --batches "" --prefill 2048 --mmlu 32x192 --top 40 --by-module --resources \
       --out "$OUT/prof_prefill.json" > "$OUT/prof.log" 2>&1
   grep -A 14 "== kernel resources" "$OUT/prof.log"; grep "==" "$OUT/prof.log"
+  # INT2 prefill launch sweep (incl. the untimed register-capped configs) -> the per-launch table
+  timeout 120 python3 bench/bench_kernels.py --prefill-only --reps 5 --out "$OUT/int2_prefill_sweep.json" \
+      > "$OUT/int2_prefill_sweep.log" 2>&1
+  grep -E "^T=|maxnreg=168" "$OUT/int2_prefill_sweep.log"
 else
   timeout 560 python3 -m pytest -q -m gpu tests/ --ignore=tests/test_notebooks.py > "$OUT/gpu_tests.log" 2>&1
   grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -15
