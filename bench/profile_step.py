@@ -108,6 +108,16 @@ def _module_table(prof, steps: int) -> dict:
             for n in sorted(tot, key=tot.get, reverse=True)}
 
 
+def ctas_per_sm(regs: int, warps: int, shared: int, *, sm_regs: int = 65536, sm_shared: int = 233472,
+                max_warps: int = 64, max_ctas: int = 32) -> int:
+    """Resident CTAs of one kernel per Hopper SM (H100/H200 limits by default): registers are allocated per warp
+    in units of 256 (8 per thread), each CTA reserves 1 KB of shared memory on top of its own."""
+    per_warp = -(-max(regs, 1) * 32 // 256) * 256
+    by_regs = sm_regs // (per_warp * warps)
+    by_shared = sm_shared // (shared + 1024) if shared else max_ctas
+    return max(0, min(by_regs, by_shared, max_warps // warps, max_ctas))
+
+
 def kernel_resources() -> list[dict]:
     """Registers, spills, shared memory and warps of every Triton kernel specialisation launched so far in
     this process (the JIT caches of ``dsv4lib.kernels``; GPU only -- register counts come from the loaded
@@ -131,7 +141,11 @@ def kernel_resources() -> list[dict]:
                     waits = [ln.split("pendings = ")[1].split()[0] for ln in ttgir.splitlines()
                              if "warp_group_dot_wait" in ln and "pendings = " in ln]
                     serial = wgmma_serialized((getattr(k, "asm", None) or {}).get("ptx", "")) if waits else ""
+                    regs, warps = getattr(k, "n_regs", None), getattr(md, "num_warps", None)
+                    shared = getattr(md, "shared", None)
+                    occ = ctas_per_sm(regs, warps, shared) if None not in (regs, warps, shared) else None
                     rows.append({"kernel": f"{info.name}.{name}", "warps": getattr(md, "num_warps", None),
+                                 "ctas_per_sm": occ,
                                  "stages": getattr(md, "num_stages", None), "shared": getattr(md, "shared", None),
                                  "regs": getattr(k, "n_regs", None), "spills": getattr(k, "n_spills", None),
                                  # wgmma groups left in flight at each wait (0 everywhere: MMA never overlaps)
@@ -260,10 +274,11 @@ def main(argv=None) -> int:
     if a.resources and dev.type == "cuda":
         res["kernel_resources"] = kernel_resources()
         save()
-        print("\n== kernel resources (registers, spills, shared bytes, warps, stages)")
+        print("\n== kernel resources (registers, spills, shared bytes, warps, stages, resident CTAs per SM)")
         for r in sorted(res["kernel_resources"], key=lambda r: (-(r["spills"] or 0), -(r["regs"] or 0))):
             print(f"  {r['regs']!s:>4} regs {r['spills']!s:>5} spills {r['shared']!s:>7} B "
-                  f"{r['warps']!s:>2}w {r['stages']!s:>2}s  {r['kernel']}  wgmma waits [{r['wgmma_waits']}]"
+                  f"{r['warps']!s:>2}w {r['stages']!s:>2}s {r['ctas_per_sm']!s:>2} CTA/SM  {r['kernel']}  "
+                  f"wgmma waits [{r['wgmma_waits']}]"
                   + (f"  SERIALIZED by ptxas: {r['wgmma_serialized'][:80]}" if r.get("wgmma_serialized") else ""))
     for name, c in res["cases"].items():
         print(f"\n== {name}: GPU {c['gpu_us_per_step'] / 1e3:.2f} ms/step, {c['kernels_per_step']:.0f} kernels, "

@@ -59,3 +59,16 @@ def test_profile_step_tiny(tmp_path, monkeypatch):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_ctas_per_sm_hopper_limits():
+    """The profiler's occupancy column: the INT2 prefill gate/up launch (215 registers, 4 warps, 58 KB shared)
+    fits 2 CTAs per H200 SM by registers, 3 with a 168-register cap (then shared memory allows 3 too); 8-warp
+    tiles at 255 registers fit one; shared memory alone can be the limit."""
+    sys.modules.pop("bench.profile_step", None)
+    from bench.profile_step import ctas_per_sm
+    assert ctas_per_sm(215, 4, 59392) == 2
+    assert ctas_per_sm(168, 4, 59392) == 3
+    assert ctas_per_sm(168, 4, 79872) == 2                     # 4 stages: 80 KB each -> shared-limited
+    assert ctas_per_sm(255, 8, 212992) == 1
+    assert ctas_per_sm(32, 1, 128) == 32                       # the per-SM CTA cap
