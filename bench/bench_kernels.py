@@ -248,13 +248,17 @@ PREFILL_GATE_UP = {
            (64, _G(64, 8, 4, 3, expand=0)), (64, _G(128, 4, 4, 4, False, chunk=32)),
            # 168 registers: 3 CTAs of 4 warps per SM instead of 2 with 3 stages (58 KB shared each; with 4 stages,
            # 78 KB, shared memory keeps it at 2); offline ptxas: ~36 spill stores; untimed
-           (64, _G(64, 8, 4, 3, maxnreg=168)), (64, _G(64, 8, 4, 4, maxnreg=168))],
+           (64, _G(64, 8, 4, 3, maxnreg=168)), (64, _G(64, 8, 4, 4, maxnreg=168)),
+           # 4 words per step: no longer serialised by ptxas since tl.assume (offline, Triton 3.8); 168-184
+           # registers without spills, 30-40 KB shared -> 3 CTAs per SM with expand=3 or the cap; untimed
+           (64, _G(64, 4, 4, 3, expand=3)), (64, _G(64, 4, 4, 4, expand=3)), (64, _G(64, 4, 4, 3, maxnreg=168))],
     6144: [(256, _G(64, 8, 8, 3)), (128, _G(64, 8, 4, 3)), (256, _G(64, 8, 8, 3, expand=0)),
            (256, _G(64, 8, 8, 3, expand=3)), (128, _G(128, 4, 8, 3, False, chunk=32))]}
 PREFILL_DOWN = {
     2048: [(64, _G(64, 8, 4, 3)), (64, _G(128, 8, 8, 3)), (128, _G(64, 8, 8, 3)), (64, _G(64, 8, 4, 3, expand=0)),
            (64, _G(64, 8, 4, 3, expand=3)), (64, _G(128, 4, 4, 4, False, chunk=32)),
-           (64, _G(64, 8, 4, 3, maxnreg=168))],
+           (64, _G(64, 8, 4, 3, maxnreg=168)),
+           (64, _G(64, 4, 4, 3)), (64, _G(64, 4, 4, 4, expand=3))],                  # 4 CTAs per SM (offline)
     6144: [(256, _G(128, 8, 8, 2)), (256, _G(64, 8, 8, 3)), (128, _G(64, 8, 4, 3)), (256, _G(128, 8, 8, 2, expand=0)),
            (128, _G(128, 4, 8, 3, False, chunk=32))]}
 
