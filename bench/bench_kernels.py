@@ -253,7 +253,8 @@ PREFILL_GATE_UP = {
            # registers without spills, 30-40 KB shared -> 3 CTAs per SM with expand=3 or the cap; untimed
            (64, _G(64, 4, 4, 3, expand=3)), (64, _G(64, 4, 4, 4, expand=3)), (64, _G(64, 4, 4, 3, maxnreg=168))],
     6144: [(256, _G(64, 8, 8, 3)), (128, _G(64, 8, 4, 3)), (256, _G(64, 8, 8, 3, expand=0)),
-           (256, _G(64, 8, 8, 3, expand=3)), (128, _G(128, 4, 8, 3, False, chunk=32))]}
+           (256, _G(64, 8, 8, 3, expand=3)), (128, _G(128, 4, 8, 3, False, chunk=32)),
+           (128, _G(64, 4, 4, 3)), (128, _G(64, 4, 4, 3, expand=3))]}   # 4 words: no spills offline (8: ~38); untimed
 PREFILL_DOWN = {
     2048: [(64, _G(64, 8, 4, 3)), (64, _G(128, 8, 8, 3)), (128, _G(64, 8, 8, 3)), (64, _G(64, 8, 4, 3, expand=0)),
            (64, _G(64, 8, 4, 3, expand=3)), (64, _G(128, 4, 4, 4, False, chunk=32)),
