@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dsv4lib.config import ModelConfig  # noqa: E402
 from dsv4lib.fullscale import synthetic_model, without_mtp  # noqa: E402
-from dsv4lib.fullscale_bench import _wall, prefill_last_logits  # noqa: E402
+from dsv4lib.fullscale_bench import ab_rounds, prefill_last_logits  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -37,16 +37,12 @@ def main(argv=None) -> int:
     ids = torch.randint(0, model.config.vocab_size, (1, a.tokens), device=dev,
                         generator=torch.Generator(dev).manual_seed(0))
     default = getattr(mod, flag)
-    times = {"default": [], "toggled": []}
     with torch.no_grad():
         for value in (default, not default):        # compile / warm both sides
             setattr(mod, flag, value)
             prefill_last_logits(model, ids)
-        for _ in range(a.rounds):
-            for key, value in (("default", default), ("toggled", not default)):
-                setattr(mod, flag, value)
-                times[key].append(_wall(lambda: prefill_last_logits(model, ids), dev, 1))
-    setattr(mod, flag, default)
+        setattr(mod, flag, default)
+        times = ab_rounds(lambda: prefill_last_logits(model, ids), mod, flag, dev, a.rounds)
     med = {k: statistics.median(v) for k, v in times.items()}
     res = {"switch": a.switch, "default_value": default, "tokens": a.tokens, "times_s": times,
            "median_tok_s": {k: a.tokens / v for k, v in med.items()},

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 
 import datetime
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -43,6 +44,7 @@ class BenchOptions:
     prefill_len: int = 2048
     mmlu_batch: int = 32
     mmlu_len: int = 192
+    ab_rounds: int = 3                        # prefill switch A/B: alternating default / toggled rounds
     components: bool = True
     fused: bool = True                        # static step with the Triton step kernels (graphed.py)
     seed: int = 0
@@ -70,6 +72,21 @@ def _wall(fn, dev, reps: int = 1) -> float:
 
 
 @torch.no_grad()
+def ab_rounds(run, mod, flag: str, dev, rounds: int) -> dict[str, list[float]]:
+    """Seconds of ``run()`` with ``mod.flag`` at its value ("default") and negated ("toggled"), measured alternately
+    for ``rounds`` rounds so that drift and one-off stalls hit both sides; the flag is restored afterwards."""
+    saved = getattr(mod, flag)
+    times = {"default": [], "toggled": []}
+    try:
+        for _ in range(rounds):
+            for key, value in (("default", saved), ("toggled", not saved)):
+                setattr(mod, flag, value)
+                times[key].append(_wall(run, dev, 1))
+    finally:
+        setattr(mod, flag, saved)
+    return times
+
+
 def prefill_last_logits(model, ids: torch.Tensor, cache=None) -> torch.Tensor:
     """Prefill ``ids [B,S]`` (optionally into ``cache``) -> fp32 logits of the last position [B, V]."""
     X = model.forward_hidden(ids, cache)
@@ -295,11 +312,14 @@ def run_benchmark(opts: BenchOptions, write=lambda r: None, log=print) -> dict:
                                ("fp8_chained", fp8_mod, "CHAINED_PREFILL"),
                                ("fp8_chained_grouped", fp8_mod, "CHAINED_GROUPED")):
             saved = getattr(mod, flag)
-            setattr(mod, flag, not saved)
             try:
-                other = prefill_last_logits(model, ids)
-                t2 = _wall(lambda: prefill_last_logits(model, ids), dev, 2)
+                setattr(mod, flag, not saved)
+                other = prefill_last_logits(model, ids)                 # compiles / warms the toggled path
+                setattr(mod, flag, saved)
+                ts = ab_rounds(lambda: prefill_last_logits(model, ids), mod, flag, dev, opts.ab_rounds)
+                t1, t2 = statistics.median(ts["default"]), statistics.median(ts["toggled"])
                 res["prefill"].update({f"{key}_toggled_s": t2, f"{key}_toggled_tok_s": S / t2,
+                                       f"{key}_default_s": t1, f"{key}_default_tok_s": S / t1,
                                        f"{key}_toggled_max_abs": float((other - default).abs().max())})
             except Exception as e:  # noqa: BLE001 - the A/B must not lose the run
                 res["prefill"][f"{key}_toggled_error"] = repr(e)[:300]
@@ -383,7 +403,8 @@ def format_table(res: dict) -> str:
                      f"{d.get('graphed_tok_s', float('nan')):.1f} | {d['bytes_per_token'] / GB:.3f} |")
     p = res["prefill"]
     lines.append(f"prefill b1 x {p['tokens']}: {p['tok_s']:.0f} tok/s"
-                 + "".join(f" ({label} toggled: {p[key + '_toggled_tok_s']:.0f} tok/s)"
+                 + "".join(f" ({label} toggled: {p[key + '_toggled_tok_s']:.0f} vs "
+                           f"{p.get(key + '_default_tok_s', p['tok_s']):.0f} tok/s)"
                            for key, label in (("fused_mhc", "mHC prefill kernel"), ("attn_kernel", "attention kernel"),
                                               ("norm_rope_kernel", "norm+RoPE kernel"),
                                               ("indexer_fp32_keys", "indexer kernel (fp32 keys)"),

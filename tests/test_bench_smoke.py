@@ -72,3 +72,26 @@ def test_ctas_per_sm_hopper_limits():
     assert ctas_per_sm(168, 4, 79872) == 2                     # 4 stages: 80 KB each -> shared-limited
     assert ctas_per_sm(255, 8, 212992) == 1
     assert ctas_per_sm(32, 1, 128) == 32                       # the per-SM CTA cap
+
+
+def test_ab_rounds_alternates_and_restores():
+    """The prefill switch A/B (fullscale_bench.ab_rounds, also bench/prefill_ab.py): default and toggled runs
+    alternate round by round, each timed side sees its own flag value, and the flag is restored -- also when the
+    timed function raises."""
+    import types
+
+    import torch
+
+    from dsv4lib.fullscale_bench import ab_rounds
+    mod = types.SimpleNamespace(FLAG=True)
+    seen = []
+    times = ab_rounds(lambda: seen.append(mod.FLAG), mod, "FLAG", torch.device("cpu"), 3)
+    assert seen == [True, False] * 3 and mod.FLAG is True
+    assert {k: len(v) for k, v in times.items()} == {"default": 3, "toggled": 3}
+
+    def boom():
+        if not mod.FLAG:
+            raise RuntimeError("toggled path failed")
+    with pytest.raises(RuntimeError):
+        ab_rounds(boom, mod, "FLAG", torch.device("cpu"), 2)
+    assert mod.FLAG is True
