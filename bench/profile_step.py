@@ -144,10 +144,9 @@ def kernel_resources() -> list[dict]:
                     regs, warps = getattr(k, "n_regs", None), getattr(md, "num_warps", None)
                     shared = getattr(md, "shared", None)
                     occ = ctas_per_sm(regs, warps, shared) if None not in (regs, warps, shared) else None
-                    rows.append({"kernel": f"{info.name}.{name}", "warps": getattr(md, "num_warps", None),
-                                 "ctas_per_sm": occ,
-                                 "stages": getattr(md, "num_stages", None), "shared": getattr(md, "shared", None),
-                                 "regs": getattr(k, "n_regs", None), "spills": getattr(k, "n_spills", None),
+                    rows.append({"kernel": f"{info.name}.{name}", "warps": warps, "ctas_per_sm": occ,
+                                 "stages": getattr(md, "num_stages", None), "shared": shared,
+                                 "regs": regs, "spills": getattr(k, "n_spills", None),
                                  # wgmma groups left in flight at each wait (0 everywhere: MMA never overlaps)
                                  "wgmma_waits": ",".join(waits),
                                  # ptxas may still serialise them all (C7515): kernels/ptxas_check.py

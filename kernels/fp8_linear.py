@@ -229,7 +229,7 @@ DEQUANT_PREFILL_MIN_M = 512
 
 @triton.jit
 def _fp8_dequant_kernel(w_ptr, s_ptr, o_ptr, N, K, KB, BN: tl.constexpr, BK: tl.constexpr):
-    """One ``[BN, BK]`` tile of ``o = e4m3(w) * S[n // 128, k // 128]`` in o's dtype (bf16 or fp32)."""
+    """One ``[BN, BK]`` tile of ``o = e4m3(w) * S[n // 128, k // 128]`` in o's dtype."""
     rn = tl.program_id(0) * BN + tl.arange(0, BN)
     rk = tl.program_id(1) * BK + tl.arange(0, BK)
     m = (rn < N)[:, None] & (rk < K)[None, :]

@@ -158,12 +158,12 @@ for a16 in (True, False):
               dict(BLOCK_N=d.block_n, W=d.w, SPLIT_K=d.split, PREFETCH=d.prefetch, **q2), num_warps=d.warps)
 from dsv4lib.kernels.int2_moe_prefill import _gate_up_kernel as _pf_gate_up
 # INT2 prefill gate/up (inline lop3 + f16x2 in the tile dequant), the T=2048 launch config
-sig = {"x_ptr": "*fp16", "sorted_ptr": "*i32", "bexp_ptr": "*i32", "S": "i32", "TOPK": "i32", "rw_ptr": "*fp32",
-       "w1_ptr": "*i32", "s1_ptr": "*fp16", "z1_ptr": "*i8", "w3_ptr": "*i32", "s3_ptr": "*fp16", "z3_ptr": "*i8",
-       "h_ptr": "*fp16", "I": "i32", "D": "i32", "KW": "i32", "limit": "fp32", "E0": "i32", "EC": "i32",
-       "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "W": "constexpr", "SWAP": "constexpr", "EXPAND": "constexpr",
-       "DEQ": "constexpr", "H_PAIRS": "constexpr"}
-check_plain("int2 prefill gate_up", _pf_gate_up, sig, dict(BLOCK_M=64, BLOCK_N=64, W=8, SWAP=True, EXPAND=3, DEQ=False,
+gsig = {"x_ptr": "*fp16", "sorted_ptr": "*i32", "bexp_ptr": "*i32", "S": "i32", "TOPK": "i32", "rw_ptr": "*fp32",
+        "w1_ptr": "*i32", "s1_ptr": "*fp16", "z1_ptr": "*i8", "w3_ptr": "*i32", "s3_ptr": "*fp16", "z3_ptr": "*i8",
+        "h_ptr": "*fp16", "I": "i32", "D": "i32", "KW": "i32", "limit": "fp32", "E0": "i32", "EC": "i32",
+        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "W": "constexpr", "SWAP": "constexpr", "EXPAND": "constexpr",
+        "DEQ": "constexpr", "H_PAIRS": "constexpr"}
+check_plain("int2 prefill gate_up", _pf_gate_up, gsig, dict(BLOCK_M=64, BLOCK_N=64, W=8, SWAP=True, EXPAND=3, DEQ=False,
                                                           H_PAIRS=True),
             num_warps=4, num_stages=3)
 from dsv4lib.kernels.indexer_scores import _indexer_scores_kernel
@@ -178,10 +178,10 @@ for kdt, dot16, prec in (("*bf16", True, "ieee"), ("*fp32", False, "tf32x3")):
 from dsv4lib.kernels.fp8_linear import CHAINED_CONFIG, _fp8_gemm_chained_kernel
 # chained FP8 prefill GEMM (opt-in): bf16 operands, the default tile
 bm, bn, warps, stages, group_m = CHAINED_CONFIG
-check_plain("fp8 gemm chained", _fp8_gemm_chained_kernel,
-            {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "y_ptr": "*bf16", "M": "i32", "N": "i32",
-             "K": "i32", "KB": "i32", "G": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "GROUP_M": "constexpr",
-             "DOT16": "constexpr"},
+csig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "y_ptr": "*bf16", "M": "i32", "N": "i32",
+        "K": "i32", "KB": "i32", "G": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "GROUP_M": "constexpr",
+        "DOT16": "constexpr"}
+check_plain("fp8 gemm chained", _fp8_gemm_chained_kernel, csig,
             dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, DOT16=True), num_warps=warps, num_stages=stages)
 import torch
 from dsv4lib.kernels.prefill_attention import _prefill_attn_kernel, pick_attn_config
@@ -213,11 +213,6 @@ def check_async(name, fn, sig, cons, **options):
         out[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
 
 
-gsig = {"x_ptr": "*fp16", "sorted_ptr": "*i32", "bexp_ptr": "*i32", "S": "i32", "TOPK": "i32", "rw_ptr": "*fp32",
-        "w1_ptr": "*i32", "s1_ptr": "*fp16", "z1_ptr": "*i8", "w3_ptr": "*i32", "s3_ptr": "*fp16", "z3_ptr": "*i8",
-        "h_ptr": "*fp16", "I": "i32", "D": "i32", "KW": "i32", "limit": "fp32", "E0": "i32", "EC": "i32",
-        "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "W": "constexpr", "SWAP": "constexpr", "EXPAND": "constexpr",
-        "DEQ": "constexpr", "H_PAIRS": "constexpr"}
 dsig = {"h_ptr": "*fp16", "sorted_ptr": "*i32", "bexp_ptr": "*i32", "S": "i32", "TOPK": "i32", "w2_ptr": "*i32",
         "s2_ptr": "*fp16", "z2_ptr": "*i8", "y_ptr": "*fp32", "I": "i32", "D": "i32", "KW": "i32", "E0": "i32",
         "EC": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "W": "constexpr", "R": "constexpr",
@@ -233,11 +228,8 @@ for T in (2048, 6144):   # the 2K prefill and the MMLU batch launch configs
     check_async(f"int2 prefill T={T} down async", _pf_down, dsig,
                 dict(BLOCK_M=dbm, BLOCK_N=d.block_n, W=d.w, R=c.block_m // dbm, SWAP=d.swap, EXPAND=d.expand,
                      DEQ=False), num_warps=d.warps, num_stages=d.stages)
-check_async("fp8 gemm chained async", _fp8_gemm_chained_kernel,
-            {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "y_ptr": "*bf16", "M": "i32", "N": "i32",
-             "K": "i32", "KB": "i32", "G": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "GROUP_M": "constexpr",
-             "DOT16": "constexpr"}, dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, DOT16=True), num_warps=warps,
-            num_stages=stages)
+check_async("fp8 gemm chained async", _fp8_gemm_chained_kernel, csig,
+            dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, DOT16=True), num_warps=warps, num_stages=stages)
 print(json.dumps(out))
 '''
 
