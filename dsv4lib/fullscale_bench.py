@@ -152,7 +152,10 @@ def component_times(model, cache, dev, reps: int = 10, fused: bool = False) -> d
     return out
 
 
-VARIANTS = ("single_stream", "pdl", "int2_idp", "q_norm_prologue")
+VARIANTS = ("single_stream", "pdl", "int2_idp", "fp8_prefetch1", "fp8_prefetch2")
+VARIANT_LABELS = {"single_stream": "1-stream", "pdl": "PDL toggled", "int2_idp": "INT2 idp toggled",
+                  "fp8_prefetch1": "FP8 prefetch 1", "fp8_prefetch2": "FP8 prefetch 2",
+                  "q_norm_prologue": "q_norm prologue toggled"}
 
 
 @contextlib.contextmanager
@@ -160,11 +163,13 @@ def _variant(name: str):
     """The fused step's A/B switches, each against the default: ``single_stream`` (no concurrent
     side-stream branches), ``pdl`` (programmatic dependent launch of the step's Triton kernels,
     kernels/pdl.py, toggled), ``int2_idp`` (the integer-dot-product INT2 decode kernel,
-    kernels.dispatch.DECODE_IDP, toggled), ``q_norm_prologue`` (q_norm inside the wq_b GEMV,
-    model.graphed.Q_NORM_PROLOGUE, toggled)."""
-    from .kernels import dispatch, pdl
+    kernels.dispatch.DECODE_IDP, toggled), ``fp8_prefetchN`` (the FP8 GEMVs prefetch their first N K blocks
+    to L2 before the PDL wait, kernels.fp8_linear.PREFETCH_STEPS = N; 0 if N is the default),
+    ``q_norm_prologue`` (q_norm inside the wq_b GEMV, model.graphed.Q_NORM_PROLOGUE, toggled; measured
+    no gain in session 6 and no longer in ``VARIANTS``)."""
+    from .kernels import dispatch, fp8_linear, pdl
     from .model import graphed
-    saved = graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE
+    saved = graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE, fp8_linear.PREFETCH_STEPS
     if name == "single_stream":
         graphed.CONCURRENT = False
     elif name == "pdl":
@@ -173,12 +178,16 @@ def _variant(name: str):
         dispatch.DECODE_IDP = not dispatch.DECODE_IDP
     elif name == "q_norm_prologue":
         graphed.Q_NORM_PROLOGUE = not graphed.Q_NORM_PROLOGUE
+    elif name.startswith("fp8_prefetch") and name[len("fp8_prefetch"):].isdigit():
+        n = int(name[len("fp8_prefetch"):])
+        fp8_linear.PREFETCH_STEPS = 0 if fp8_linear.PREFETCH_STEPS == n else n
     else:
         raise ValueError(f"unknown bench variant {name!r}")
     try:
         yield
     finally:
-        graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE = saved
+        (graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE,
+         fp8_linear.PREFETCH_STEPS) = saved
 
 
 def _decode_case(model, B: int, ctx: int, opts: BenchOptions, dev, res: dict) -> None:
@@ -385,22 +394,22 @@ def targets(res: dict, opts: BenchOptions) -> dict:
 
 
 def format_table(res: dict) -> str:
+    variants = [v for v in VARIANT_LABELS if any(f"graphed_{v}_ms" in d for d in res["decode"])]
     lines = [f"device {res['device']}  torch {res['torch']}  triton {res.get('triton', '-')}  {res['date']}",
              f"resident {res['resident_GB']['total']:.2f} GB  peak {res.get('peak_allocated_GB', 0):.2f} GB  "
              f"copy {res.get('copy_GBps', 0):.0f} GB/s  bytes/token(b1,1K) "
              f"{res['bytes_per_token_b1_1k']['per_token'] / GB:.3f} GB  roofline {res.get('roofline_b1_tok_s', 0):.0f} tok/s",
-             "| batch | context | fill | eager tok/s | static ms | graphed ms | 1-stream ms | PDL toggled ms | INT2 idp toggled ms | q_norm prologue toggled ms | graphed tok/s | GB/token |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| batch | context | fill | eager tok/s | static ms | graphed ms | "
+             + "".join(f"{VARIANT_LABELS.get(v, v)} ms | " for v in variants) + "graphed tok/s | GB/token |",
+             "|---|---|---|---|---|---|" + "---|" * len(variants) + "---|---|"]
     for d in res["decode"]:
         if "error" in d:
-            lines.append(f"| {d['batch']} | {d['context']} | ERROR {d['error'][:60]} |||||||||")
+            lines.append(f"| {d['batch']} | {d['context']} | ERROR {d['error'][:60]} |" + "|" * (len(variants) + 6))
             continue
         lines.append(f"| {d['batch']} | {d['context']} | {d['context_fill']} | {d.get('eager_tok_s', float('nan')):.1f} | "
                      f"{d.get('static_uncaptured_ms', float('nan')):.2f} | {d.get('graphed_ms', float('nan')):.2f} | "
-                     f"{d.get('graphed_single_stream_ms', float('nan')):.2f} | {d.get('graphed_pdl_ms', float('nan')):.2f} | "
-                     f"{d.get('graphed_int2_idp_ms', float('nan')):.2f} | "
-                     f"{d.get('graphed_q_norm_prologue_ms', float('nan')):.2f} | "
-                     f"{d.get('graphed_tok_s', float('nan')):.1f} | {d['bytes_per_token'] / GB:.3f} |")
+                     + "".join(f"{d.get(f'graphed_{v}_ms', float('nan')):.2f} | " for v in variants)
+                     + f"{d.get('graphed_tok_s', float('nan')):.1f} | {d['bytes_per_token'] / GB:.3f} |")
     p = res["prefill"]
     lines.append(f"prefill b1 x {p['tokens']}: {p['tok_s']:.0f} tok/s"
                  + "".join(f" ({label} toggled: {p[key + '_toggled_tok_s']:.0f} vs "

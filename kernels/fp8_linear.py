@@ -6,7 +6,9 @@ launcher; the caller should keep them fp32 to save that launch). ``W[n, k] = e4m
 
 Kernel: one program per ``[BLOCK_M, BLOCK_N]`` output tile and K-split; the K loop steps one
 128-wide scale block at a time: e4m3 -> fp16 in registers (exact), ``tl.dot`` with the fp16
-activation tile (fp32 accumulation), times the block's scale column. Split-K (fp32 atomics) gives
+activation tile (fp32 accumulation), times the block's scale column; fp32 activations go in as two
+fp16 terms (``hi + lo``, ~22 mantissa bits, two dots) so an fp32 model keeps fp32-accurate products (one
+fp16 rounding cost 5e-4 relative: tests/test_fullscale_static.py on the H200). Split-K gives
 the small layers (wq_a 1024 rows, wkv 512 rows) enough programs for 132 SMs. Activations must stay
 below 65504 in magnitude (fp16 operands; the CPU interpreter's bf16 dot is broken).
 
@@ -31,11 +33,15 @@ import triton
 import triton.language as tl
 
 from . import pdl
-from .pdl import launch_args, pdl_wait
+from .pdl import launch_args, pdl_wait, prefetch_l2
 
 from .workspace import split_workspace, weight_workspace
 
 BLOCK = 128
+# Decode GEMVs (<= 64 rows) under PDL: L2 prefetch of each program's first PREFETCH_STEPS 128-wide K blocks
+# before ``griddepcontrol.wait`` (bounded: the whole-slice prefetch measured slower, kernels/pdl.py). Opt-in until
+# the full-scale bench's "FP8 prefetch toggled" column says otherwise.
+PREFETCH_STEPS = 0
 SPLIT_K_EPILOGUE = "last"     # split-K epilogue of pick_config (bench/sweep_fp8.py: "last" won every split shape)
 
 
@@ -107,7 +113,8 @@ def _fp8_linear_kernel(
     # NORM: x rows RMS-normalised on load, ``(nw * (x * rsqrt(mean(x^2) + eps))).to(x dtype)`` (nw fp32 [K])
     nw_ptr, eps,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_K: tl.constexpr, LAST: tl.constexpr,
-    GROUPED: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr = False,
+    GROUPED: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr = False, X32: tl.constexpr = False,
+    PREFETCH: tl.constexpr = 0,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -120,6 +127,10 @@ def _fp8_linear_kernel(
     per = tl.cdiv(KB, SPLIT_K)
     kb_lo = pid_k * per
     kb_hi = tl.minimum(kb_lo + per, KB)
+    if PDL and PREFETCH > 0:   # the first K blocks of this program's weight tile to L2 before the wait:
+        wrow = w_ptr + tl.where(nm, rn, 0).to(tl.int64) * K             # one address per 128-byte line
+        for i in tl.static_range(PREFETCH):
+            prefetch_l2(wrow + tl.minimum(kb_lo + i, KB - 1) * 128)
     pdl_wait(PDL)
     if GROUPED:   # the launcher keeps each N tile inside one group
         xrow = rm.to(tl.int64) * G + (pid_n * BLOCK_N) // (N // G)
@@ -141,11 +152,16 @@ def _fp8_linear_kernel(
         if NORM:
             nw = tl.load(nw_ptr + k, mask=km, other=0.0)
             a = (nw[None, :] * (a.to(tl.float32) * rs[:, None])).to(a.dtype)   # RMSNorm's rounding
-        a = a.to(tl.float16)                                             # [BM, 128]
         b = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + k[None, :], mask=nm[:, None] & km[None, :],
                     other=0.0).to(tl.float16)                            # [BN, 128]
         sc = tl.load(s_ptr + (rn // 128) * KB + kb, mask=nm, other=0.0)  # [BN]
-        acc += tl.dot(a, tl.trans(b)) * sc[None, :]
+        if X32:   # fp32 activations as two fp16 terms (hi + lo, ~22 bits): fp32 models keep fp32 products
+            ah = a.to(tl.float16)
+            al = (a - ah.to(tl.float32)).to(tl.float16)
+            d = tl.dot(al, tl.trans(b), tl.dot(ah, tl.trans(b)))
+        else:
+            d = tl.dot(a.to(tl.float16), tl.trans(b))                    # [BM, BN]
+        acc += d * sc[None, :]
     ptrs = y_ptr + rm[:, None].to(tl.int64) * N + rn[None, :]
     om = mm[:, None] & nm[None, :]
     if SPLIT_K == 1:
@@ -372,7 +388,9 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *,
     nw, eps = (norm[0].contiguous(), float(norm[1])) if norm is not None else (s, 0.0)
     _fp8_linear_kernel[grid](x2, w, s, y, ws, cnt, M, N, K, KB, groups, nw, eps,
                              BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLIT_K=cfg.split_k, LAST=last,
-                             GROUPED=groups > 1, NORM=norm is not None, num_warps=cfg.warps,
+                             GROUPED=groups > 1, NORM=norm is not None, X32=x.dtype == torch.float32,
+                             PREFETCH=PREFETCH_STEPS if M <= 64 else 0,
+                             num_warps=cfg.warps,
                              num_stages=cfg.stages, **launch_args(x.device))
     return y.to(x.dtype).reshape(*lead, N)
 

@@ -95,3 +95,27 @@ def test_ab_rounds_alternates_and_restores():
     with pytest.raises(RuntimeError):
         ab_rounds(boom, mod, "FLAG", torch.device("cpu"), 2)
     assert mod.FLAG is True
+
+
+def test_decode_variants_toggle_restore_and_tabulate():
+    """The full-scale bench's decode A/B switches: ``fp8_prefetchN`` sets kernels.fp8_linear.PREFETCH_STEPS to N
+    (0 when N is already the default) only inside the block, an unknown name is an error, and the table has one
+    column per variant the results hold (old result files with other variants still format)."""
+    from dsv4lib.fullscale_bench import _variant, format_table
+    from dsv4lib.kernels import fp8_linear
+    base = fp8_linear.PREFETCH_STEPS
+    with _variant("fp8_prefetch2"):
+        assert fp8_linear.PREFETCH_STEPS == (0 if base == 2 else 2)
+    assert fp8_linear.PREFETCH_STEPS == base
+    with pytest.raises(ValueError, match="unknown bench variant"):
+        with _variant("fp8_prefetchX"):
+            pass
+    case = {"batch": 1, "context": 64, "context_fill": "x", "graphed_ms": 2.0, "graphed_fp8_prefetch2_ms": 1.5,
+            "graphed_q_norm_prologue_ms": 2.5, "bytes_per_token": 1e9}
+    res = {"device": "d", "torch": "t", "date": "now", "resident_GB": {"total": 1.0},
+           "bytes_per_token_b1_1k": {"per_token": 1e9}, "decode": [case],
+           "prefill": {"tokens": 8, "tok_s": 1.0}, "targets": {},
+           "mmlu": {"batch": 2, "prompt_len": 8, "tok_s": 1.0, "tokens": 10, "est_minutes": 1.0}}
+    head, sep, row = format_table(res).splitlines()[2:5]
+    assert "FP8 prefetch 2 ms" in head and "q_norm prologue toggled ms" in head and "1-stream" not in head
+    assert head.count("|") == sep.count("|") == row.count("|") and "| 1.50 | 2.50 |" in row

@@ -52,14 +52,18 @@ for bm, bn, split_k, warps, stages, last, grouped in cases:
                "M": "constexpr" if m == 1 else "i32", "N": "i32", "K": "i32", "KB": "i32", "G": "i32",
                "nw_ptr": "*fp32", "eps": "fp32",
                "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "SPLIT_K": "constexpr", "LAST": "constexpr",
-               "GROUPED": "constexpr", "NORM": "constexpr"}
+               "GROUPED": "constexpr", "NORM": "constexpr", "X32": "constexpr", "PREFETCH": "constexpr"}
         cons = {"BLOCK_M": bm, "BLOCK_N": bn, "SPLIT_K": split_k, "LAST": last, "GROUPED": grouped,
-                "NORM": (bm, bn, split_k) == (16, 128, 1)}   # the wq_b tile also with the RMSNorm prologue
+                "NORM": (bm, bn, split_k) == (16, 128, 1),   # the wq_b tile also with the RMSNorm prologue
+                "X32": False, "PREFETCH": 2 if bm == 16 else 0}   # decode tiles with the L2 prefetch before the wait
         if m == 1:
             cons["M"] = 1
         name = (f"fp8_linear M={m} tile={bm}x{bn} split_k={split_k} warps={warps} stages={stages} last={last} "
                 f"grouped={grouped} norm={cons['NORM']}")
         check(name, _fp8_linear_kernel, sig, cons, num_warps=warps, num_stages=stages)
+        if m == 16 and not grouped:   # an fp32 model's activations (hi + lo fp16 dots)
+            check(name + " fp32 x", _fp8_linear_kernel, dict(sig, x_ptr="*fp32", y_ptr=sig["y_ptr"].replace("bf16", "fp32")),
+                  dict(cons, X32=True), num_warps=warps, num_stages=stages)
 from dsv4lib.kernels.mhc_step import _hc_pre_kernel
 for has_norm, post in ((False, False), (True, False), (True, True)):
     sig = {"x_ptr": "*bf16", "fn_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32", "scale_ptr": "*fp32",

@@ -32,6 +32,20 @@ def test_fp8_linear_matches_reference(M, N, K, cfg):
     assert _rel(y, fp8_linear_reference(x.double(), w, s.double())) < 1e-3
 
 
+@pytest.mark.parametrize("M,N,K,cfg", [(1, 200, 384, None), (5, 96, 512, FP8Config(16, 32, 2, epilogue="last"))])
+def test_fp8_linear_fp32_activations_keep_fp32_accuracy(M, N, K, cfg):
+    """fp32 x goes in as fp16 hi + lo terms: the result is fp32-accurate (a single fp16 rounding of x gave
+    ~3e-4 relative -- the fused step of an fp32 model missed its 1e-4 bound on the GPU by that)."""
+    g = torch.Generator(device=DEV).manual_seed(11)
+    w, s = random_fp8(N, K, DEV, g)
+    x = torch.randn(M, K, device=DEV, generator=g) * 3
+    from dsv4lib.kernels.fp8_linear import fp8_linear as kernel
+    y = kernel(x, w, s, config=cfg)
+    ref = fp8_linear_reference(x.double(), w, s.double())
+    assert y.dtype == torch.float32 and _rel(y, ref) < 2e-6
+    assert _rel(kernel(x.half().float(), w, s, config=cfg), ref) > 1e-4     # what one fp16 rounding costs
+
+
 def test_fp8_linear_e8m0_scale_and_batch_dims():
     g = torch.Generator(device=DEV).manual_seed(7)
     w, s = random_fp8(96, 256, DEV, g)
