@@ -307,7 +307,8 @@ def run_benchmark(opts: BenchOptions, write=lambda r: None, log=print) -> dict:
     S = opts.prefill_len
     ids = torch.randint(0, cfg.vocab_size, (1, S), device=dev)
     prefill_last_logits(model, ids)   # compile / warm
-    t = _wall(lambda: prefill_last_logits(model, ids), dev, 2)
+    runs = [_wall(lambda: prefill_last_logits(model, ids), dev) for _ in range(2)]
+    t = max(runs)
     res["prefill"] = {"batch": 1, "tokens": S, "s": t, "tok_s": S / t}
     if dev.type == "cuda":   # A/B of the prefill switches, each toggled alone against the default
         from .kernels import fp8_linear as fp8_mod
@@ -326,6 +327,7 @@ def run_benchmark(opts: BenchOptions, write=lambda r: None, log=print) -> dict:
                 other = prefill_last_logits(model, ids)                 # compiles / warms the toggled path
                 setattr(mod, flag, saved)
                 ts = ab_rounds(lambda: prefill_last_logits(model, ids), mod, flag, dev, opts.ab_rounds)
+                runs += ts["default"]
                 t1, t2 = statistics.median(ts["default"]), statistics.median(ts["toggled"])
                 res["prefill"].update({f"{key}_toggled_s": t2, f"{key}_toggled_tok_s": S / t2,
                                        f"{key}_default_s": t1, f"{key}_default_tok_s": S / t1,
@@ -334,6 +336,10 @@ def run_benchmark(opts: BenchOptions, write=lambda r: None, log=print) -> dict:
                 res["prefill"][f"{key}_toggled_error"] = repr(e)[:300]
             finally:
                 setattr(mod, flag, saved)
+    # every timed run of the default path (the first two and each switch's default rounds): the target is judged
+    # on their median -- one stall in the first two runs moved the headline by 4 % (2026-11-29, session 7)
+    res["prefill"].update({"default_runs": len(runs), "median_s": statistics.median(runs),
+                           "median_tok_s": S / statistics.median(runs)})
     # bf16 sensitivity of the synthetic network: the same tokens through two mathematically equal eager
     # paths (one forward vs chunked prefill into a Cache) -- the scale of path-to-path logit differences
     full = prefill_last_logits(model, ids)
@@ -384,7 +390,7 @@ def targets(res: dict, opts: BenchOptions) -> dict:
         out["decode_b1_1k_tok_s"] = {"value": b1, "target": tg["decode_b1_1k_tok_s"], "met": b1 >= tg["decode_b1_1k_tok_s"]}
     if b1 and b8:
         out["b8_over_b1"] = {"value": b8 / b1, "target": tg["b8_over_b1"], "met": b8 / b1 >= tg["b8_over_b1"]}
-    p = res["prefill"]["tok_s"]
+    p = res["prefill"].get("median_tok_s", res["prefill"]["tok_s"])
     out["prefill_2k_tok_s"] = {"value": p, "target": tg["prefill_2k_tok_s"], "met": p >= tg["prefill_2k_tok_s"]}
     m = res["mmlu"]["est_minutes"]
     out["mmlu_minutes"] = {"value": m, "target": tg["mmlu_minutes"], "met": m <= tg["mmlu_minutes"]}
@@ -412,6 +418,7 @@ def format_table(res: dict) -> str:
                      + f"{d.get('graphed_tok_s', float('nan')):.1f} | {d['bytes_per_token'] / GB:.3f} |")
     p = res["prefill"]
     lines.append(f"prefill b1 x {p['tokens']}: {p['tok_s']:.0f} tok/s"
+                 + (f" (median of all {p['default_runs']} default runs {p['median_tok_s']:.0f})" if "median_tok_s" in p else "")
                  + "".join(f" ({label} toggled: {p[key + '_toggled_tok_s']:.0f} vs "
                            f"{p.get(key + '_default_tok_s', p['tok_s']):.0f} tok/s)"
                            for key, label in (("fused_mhc", "mHC prefill kernel"), ("attn_kernel", "attention kernel"),
