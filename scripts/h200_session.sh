@@ -13,7 +13,7 @@ mkdir -p "$OUT"
 PHASE="${1:-bench}"
 nvidia-smi --query-gpu=name,clocks.max.sm,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 if [ "$PHASE" = bench ]; then
-  timeout 330 python3 -m dsv4lib bench --steps 32 --eager-steps 2 --out "$OUT/fullscale.json" > "$OUT/bench.log" 2>&1
+  timeout 330 python3 -m dsv4lib bench --steps 32 --eager-steps 5 --out "$OUT/fullscale.json" > "$OUT/bench.log" 2>&1
   tail -16 "$OUT/bench.log"
   timeout 150 python3 bench/profile_step.py --batches "" --prefill 2048 --mmlu 32x192 --top 40 --by-module --resources \
       --out "$OUT/prof_prefill.json" > "$OUT/prof.log" 2>&1

@@ -12,7 +12,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode", default="1x1024,8x1024,1x16384,8x16384",
                    help="decode cases BATCHxCONTEXT, comma-separated")
     p.add_argument("--steps", type=int, default=64, help="timed graphed decode steps per case")
-    p.add_argument("--eager-steps", type=int, default=4)
+    p.add_argument("--eager-steps", type=int, default=5)
     p.add_argument("--prefill-ctx-max", type=int, default=1024,
                    help="contexts up to this are prefilled eagerly, longer ones filled synthetically")
     p.add_argument("--prefill-len", type=int, default=2048)
