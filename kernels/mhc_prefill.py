@@ -11,7 +11,9 @@ tokens that would re-read ``fn`` per token. Here, for X ``[T, hc, D]`` flattened
    own dtype; the K loop software-pipelined), plus the tokens' partial sum of squares, carried in column NM
    of the fp32 partials ``part [T, SPLIT, NP]`` (NP > NM). ``fn`` comes transposed and zero-padded,
    ``fnt [K, NP]`` (made once per weight tensor, ``fn_transposed``), so that the dot's B tile sits in
-   shared memory with NP contiguous;
+   shared memory with NP contiguous. bf16 streams (``MIX_PLANES``): ``fn`` is kept as three bf16 planes
+   with ``hi + mid + lo == fn`` exactly (``fp32_planes``) and the mixing is three bf16 tensor-core dots --
+   bf16 x bf16 products are exact in fp32, so the products are the fp32 ones and the SIMT FMA work goes;
 2. ``_mix_finish_kernel``, grid ``cdiv(T, BMF)``: sums each token's SPLIT partials with ``tl.sum`` (a fixed
    reduction tree: deterministic), ``mix *= rsqrt(mean(x^2) + eps)`` (a scalar per token), then ``pre``,
    ``post`` and ``comb = sinkhorn(.)`` for BMF tokens at once ([BMF, hc, hc] tiles, one warp: no
@@ -29,6 +31,7 @@ finish is ~10 us of dependent latency whatever T.
 """
 from __future__ import annotations
 
+import os
 import weakref
 
 import torch
@@ -44,6 +47,10 @@ MIX_STAGES = 3
 MIX_TARGET = 4 * 132   # aim for about this many mixing programs (H200: 132 SMs) ...
 MIX_MIN_STEPS = 8      # ... but give each at least this many BK steps of its K slice ...
 MIX_MAX_SPLIT = 64     # ... and at most this many (the finish loads a token's SPLIT x NP partials at once)
+# bf16 streams on the GPU: the mixing as three bf16 tensor-core dots against fn split into exact bf16 planes
+# (``fp32_planes``) instead of fp32 FMAs -- same fp32 products, the SIMT FMA work (~70 % of the pre) gone.
+MIX_PLANES = True
+MIX_BK_PLANES = 64
 FINISH_BM = 8          # tokens per finishing (Sinkhorn) program
 FINISH_WARPS = 1
 COLLAPSE_WARPS = 8
@@ -52,7 +59,8 @@ COLLAPSE_MAX_BD = 8192  # D up to this (after rounding to a power of two): the c
 
 @triton.jit
 def _mix_partial_kernel(x_ptr, fnt_ptr, part_ptr, T, K, NM, KS,
-                        BM: tl.constexpr, NP: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr):
+                        BM: tl.constexpr, NP: tl.constexpr, BK: tl.constexpr, STAGES: tl.constexpr,
+                        PLANES: tl.constexpr = False, DOT16: tl.constexpr = False):
     # x [T, K] (any float dtype), fnt [K, NP] fp32 (fn transposed, columns >= NM zero) -> part [T, SPLIT, NP]
     # fp32: columns < NM the partial mixing dots of K slice program_id(1) (KS channels), column NM its partial
     # sum of squares. fn comes transposed so that the dot's B tile sits in shared memory with NP contiguous:
@@ -68,13 +76,25 @@ def _mix_partial_kernel(x_ptr, fnt_ptr, part_ptr, T, K, NM, KS,
     k_hi = tl.minimum(k_lo + KS, K)
     acc = tl.zeros([BM, NP], tl.float32)
     ssq = tl.zeros([BM, BK], tl.float32)
+    # PLANES: x is bf16 and fnt is [3, K, NP] bf16 with fn = hi + mid + lo exactly (``fn_planes``): three bf16
+    # tensor-core dots give the fp32 products (bf16 x bf16 is exact in fp32) -- DOT16 on the GPU; the
+    # interpreter (whose bf16 dot is wrong) multiplies the same planes in fp32.
     for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
         k = k0 + tl.arange(0, BK)
         km = k < k_hi
-        xv = tl.load(x_ptr + t64[:, None] * K + k[None, :], mask=tm[:, None] & km[None, :], other=0.0).to(tl.float32)
-        w = tl.load(fnt_ptr + k[:, None] * NP + n[None, :], mask=km[:, None], other=0.0)            # [BK, NP]
+        xr = tl.load(x_ptr + t64[:, None] * K + k[None, :], mask=tm[:, None] & km[None, :], other=0.0)
+        xv = xr.to(tl.float32)
         ssq += xv * xv
-        acc += tl.dot(xv, w, input_precision="ieee")                                           # [BM, NP]
+        if PLANES:
+            for i in tl.static_range(3):
+                w = tl.load(fnt_ptr + i * K * NP + k[:, None] * NP + n[None, :], mask=km[:, None], other=0.0)
+                if DOT16:
+                    acc = tl.dot(xr, w, acc)                                                   # [BM, NP]
+                else:
+                    acc = tl.dot(xv, w.to(tl.float32), acc, input_precision="ieee")
+        else:
+            w = tl.load(fnt_ptr + k[:, None] * NP + n[None, :], mask=km[:, None], other=0.0)        # [BK, NP]
+            acc += tl.dot(xv, w, input_precision="ieee")                                       # [BM, NP]
     acc = tl.where(n[None, :] == NM, tl.sum(ssq, axis=1)[:, None], acc)     # fn rows >= NM are zero: free slot
     tl.store(part_ptr + (t64[:, None] * tl.num_programs(1) + sp) * NP + n[None, :], acc, mask=tm[:, None])
 
@@ -168,20 +188,32 @@ def _collapse_kernel(x_ptr, pre_ptr, nw_ptr, y_ptr, K, D, out_eps,
 _FNT: dict[int, tuple] = {}   # id(fn) -> ((fn's version, address, NP), fnt); dropped when fn is freed
 
 
-def fn_transposed(fn: torch.Tensor, NP: int) -> torch.Tensor:
-    """fn [NM, K] -> fnt [K, NP] fp32, columns >= NM zero. Kept per mixing weight (2 MB at V4 shapes) while
-    that tensor lives and is not modified in place (its version counter): made per call it cost 10-17 us
-    of GPU time (a strided copy) on the H200."""
-    key, tag = id(fn), (fn._version, fn.data_ptr(), fn.device, tuple(fn.shape), NP)
+def fn_transposed(fn: torch.Tensor, NP: int, planes: bool = False) -> torch.Tensor:
+    """fn [NM, K] -> fnt [K, NP] fp32, columns >= NM zero; ``planes``: [3, K, NP] bf16 (``fp32_planes``). Kept
+    per mixing weight (2 / 3 MB at V4 shapes) while that tensor lives and is not modified in place (its version
+    counter): made per call it cost 10-17 us of GPU time (a strided copy) on the H200."""
+    key, tag = (id(fn), planes), (fn._version, fn.data_ptr(), fn.device, tuple(fn.shape), NP)
     hit = _FNT.get(key)
     if hit is not None and hit[0] == tag:
         return hit[1]
     fnt = torch.zeros(fn.shape[1], NP, dtype=torch.float32, device=fn.device)
     fnt[:, :fn.shape[0]] = fn.detach().t()
+    if planes:
+        fnt = fp32_planes(fnt)
     if hit is None:
         weakref.finalize(fn, _FNT.pop, key, None)
     _FNT[key] = (tag, fnt)
     return fnt
+
+
+def fp32_planes(w: torch.Tensor) -> torch.Tensor:
+    """fp32 w -> [3, *w.shape] bf16 (hi, mid, lo) with ``hi + mid + lo == w`` exactly for finite normal w: each
+    plane takes the next 8 significant bits of the remainder (bf16 keeps fp32's exponent range)."""
+    hi = w.to(torch.bfloat16)
+    r = w - hi.float()                                                   # exact in fp32
+    mid = r.to(torch.bfloat16)
+    lo = (r - mid.float()).to(torch.bfloat16)
+    return torch.stack([hi, mid, lo])
 
 
 def mix_split(T: int, K: int, block_m: int, block_k: int, split: int | None = None) -> tuple[int, int]:
@@ -215,13 +247,15 @@ def hc_pre_prefill(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base:
     if T == 0:
         return y.reshape(*lead, D), post.reshape(*lead, hc), comb.reshape(*lead, hc, hc)
     x = X.reshape(T, K).contiguous()
-    bm, bk = block_m or MIX_BM, block_k or MIX_BK
+    planes = MIX_PLANES and X.dtype == torch.bfloat16
+    bm, bk = block_m or MIX_BM, block_k or (MIX_BK_PLANES if planes else MIX_BK)
     NP = max(16, triton.next_power_of_2(NM + 1))          # column NM carries the sum of squares
     SPLIT, KS = mix_split(T, K, bm, bk, split)
     part = torch.empty(T, SPLIT, NP, dtype=torch.float32, device=dev)
     pre = torch.empty(T, hc, dtype=torch.float32, device=dev)
     _mix_partial_kernel[(triton.cdiv(T, bm), SPLIT)](
-        x, fn_transposed(fn, NP), part, T, K, NM, KS, BM=bm, NP=NP, BK=bk, STAGES=num_stages or MIX_STAGES,
+        x, fn_transposed(fn, NP, planes), part, T, K, NM, KS, BM=bm, NP=NP, BK=bk, STAGES=num_stages or MIX_STAGES,
+        PLANES=planes, DOT16=planes and x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1",
         num_warps=num_warps or MIX_WARPS)
     _mix_finish_kernel[(triton.cdiv(T, FINISH_BM),)](
         part, scale.float().contiguous(), base.float().contiguous(), pre, post, comb, T, K, NM, SPLIT,

@@ -188,3 +188,35 @@ def test_model_forward_with_fused_mhc_prefill(monkeypatch):
         monkeypatch.setattr(tr, "_use_fused_mhc", lambda X: True)
     got = m(ids)
     assert (got - ref).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+
+def test_fp32_planes_are_exact():
+    """fn split into three bf16 planes sums back to the fp32 value exactly (normal range, both signs, values
+    whose low bits are set) -- so three bf16 tensor-core dots against bf16 streams give fp32 products."""
+    from dsv4lib.kernels.mhc_prefill import fp32_planes
+    g = torch.Generator().manual_seed(12)
+    w = torch.randn(4096, generator=g) * torch.exp2(torch.randint(-60, 60, (4096,), generator=g).float())
+    w = torch.cat([w, torch.tensor([1 + 2 ** -23, -(1 - 2 ** -24), 3.0, 0.0])])
+    p = fp32_planes(w)
+    assert p.dtype == torch.bfloat16 and p.shape == (3, w.numel())
+    assert torch.equal(p[0].float() + p[1].float() + p[2].float(), w)
+    assert not torch.equal(p[0].float(), w)                             # the low planes carry real bits
+
+
+@pytest.mark.parametrize("planes", [True, False])
+def test_hc_pre_prefill_bf16_planes_match_fp32_mixing(planes, monkeypatch):
+    """bf16 streams: the three-plane mixing (MIX_PLANES, the default) and the fp32 FMA mixing agree to fp32
+    rounding in post / comb (their only difference is the summation order of the same products), and both match
+    the eager reference."""
+    import dsv4lib.kernels.mhc_prefill as mp
+    X, fn, scale, base = _inputs(torch.bfloat16, B=3, D=160, seed=13)
+    X = (X.expand(3, 9, *X.shape[2:]) + torch.randn(3, 9, *X.shape[2:], generator=torch.Generator().manual_seed(14))
+         .to(DEV, torch.bfloat16)).contiguous()
+    monkeypatch.setattr(mp, "MIX_PLANES", planes)
+    y, post, comb = mp.hc_pre_prefill(X, fn, scale, base, 20, 1e-6, 1e-6, block_m=16)
+    monkeypatch.setattr(mp, "MIX_PLANES", not planes)
+    y2, post2, comb2 = mp.hc_pre_prefill(X, fn, scale, base, 20, 1e-6, 1e-6, block_m=16)
+    assert (post - post2).abs().max() <= 2e-6 and (comb - comb2).abs().max() <= 2e-6
+    ry, rpost, rcomb = hc_pre_reference(X, fn, scale, base, 20, 1e-6, 1e-6)
+    assert (post - rpost).abs().max() <= 1e-5 and (comb - rcomb).abs().max() <= 1e-5
+    assert (y.float() - ry.float()).abs().max() <= 1e-2 * ry.float().abs().max()
