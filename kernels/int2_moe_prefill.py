@@ -469,8 +469,11 @@ def int2_moe_prefill(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
     sorted_ids, bexp = align_pairs(idx, E, cfg.block_m)                 # [B*BM], [B]
     nb = bexp.numel()
     rw = weight.reshape(-1).to(torch.float32).contiguous()              # [S]
-    x16 = x.to(torch.float16)                                           # [T, D]
-    x16 = (pair_order(x16) if uses_pairs(cfg.gate_up) else x16).contiguous()
+    if uses_pairs(cfg.gate_up):   # cast and permute in one copy
+        x16 = torch.empty((T, D), dtype=torch.float16, device=x.device)
+        x16.view(T, -1, 8, 2).copy_(x.reshape(T, -1, 2, 8).transpose(-1, -2))
+    else:
+        x16 = x.reshape(T, D).to(torch.float16).contiguous()           # [T, D]
     h = torch.empty((nb * cfg.block_m, I), dtype=torch.float16, device=x.device)
     y = torch.zeros((T, D), dtype=torch.float32, device=x.device)
     launch_gate_up(x16, sorted_ids, bexp, k, rw, w1, w3, h, float(limit), cfg.block_m, cfg.gate_up,
