@@ -189,18 +189,21 @@ def parts_us(X, fn, scale, base, nw, iters, hc_eps, norm_eps, out_eps, warmup, r
     K, NM = hc * D, (2 + hc) * hc
     x = X.reshape(T, K)
     NP = max(16, triton.next_power_of_2(NM + 1))
-    SPLIT, KS = mp.mix_split(T, K, mp.MIX_BM, mp.MIX_BK)
+    planes = mp.MIX_PLANES and X.dtype == torch.bfloat16            # as the launcher decides
+    bm, bk, st, target = ((mp.MIX_BM_PLANES, mp.MIX_BK_PLANES, mp.MIX_STAGES_PLANES, mp.MIX_TARGET_PLANES) if planes
+                          else (mp.MIX_BM, mp.MIX_BK, mp.MIX_STAGES, mp.MIX_TARGET))
+    SPLIT, KS = mp.mix_split(T, K, bm, bk, None, target)
     part = torch.empty(T, SPLIT, NP, device="cuda")
-    fnt = mp.fn_transposed(fn, NP)
+    fnt = mp.fn_transposed(fn, NP, planes)
     pre = torch.rand(T, hc, device="cuda")
     y = torch.empty(T, D, dtype=X.dtype, device="cuda")
     post = torch.empty(T, hc, device="cuda")
     comb = torch.empty(T, hc, hc, device="cuda")
 
     def mix(_):
-        mp._mix_partial_kernel[(triton.cdiv(T, mp.MIX_BM), SPLIT)](
-            x, fnt, part, T, K, NM, KS, BM=mp.MIX_BM, NP=NP, BK=mp.MIX_BK, STAGES=mp.MIX_STAGES,
-            num_warps=mp.MIX_WARPS)
+        mp._mix_partial_kernel[(triton.cdiv(T, bm), SPLIT)](
+            x, fnt, part, T, K, NM, KS, BM=bm, NP=NP, BK=bk, STAGES=st,
+            PLANES=planes, DOT16=planes, num_warps=mp.MIX_WARPS)
 
     def finish(_):
         mp._mix_finish_kernel[(triton.cdiv(T, mp.FINISH_BM),)](
@@ -226,10 +229,12 @@ def sweep(T, X, fn, scale, base, iters, warmup, reps) -> list:
     K, NM = hc * D, (2 + hc) * hc
     x = X.reshape(T, K)
     NP = max(16, triton.next_power_of_2(NM + 1))
-    fnt = mp.fn_transposed(fn, NP)
+    planes = mp.MIX_PLANES and X.dtype == torch.bfloat16
+    fnt = mp.fn_transposed(fn, NP, planes)
     rows = []
     # (block_m, block_k, warps, stages): offline SASS (Triton 3.6, sm_90) without spills
-    base_cfgs = [(128, 32, 4, 3), (128, 16, 4, 3), (256, 16, 8, 3), (128, 64, 8, 3)]
+    base_cfgs = ([(128, 64, 4, 3), (128, 32, 4, 3), (128, 128, 4, 3), (64, 64, 4, 4), (128, 64, 8, 3)] if planes else
+                 [(128, 32, 4, 3), (128, 16, 4, 3), (256, 16, 8, 3), (128, 64, 8, 3)])
     for bm, bk, w, st in base_cfgs:
         d_split, _ = mp.mix_split(T, K, bm, bk)
         for split in sorted({max(1, d_split // 2), d_split, d_split * 2}):
@@ -238,13 +243,15 @@ def sweep(T, X, fn, scale, base, iters, warmup, reps) -> list:
 
             def mix(_):
                 mp._mix_partial_kernel[(triton.cdiv(T, bm), SPLIT)](
-                    x, fnt, part, T, K, NM, KS, BM=bm, NP=NP, BK=bk, STAGES=st, num_warps=w)
+                    x, fnt, part, T, K, NM, KS, BM=bm, NP=NP, BK=bk, STAGES=st, PLANES=planes, DOT16=planes,
+                    num_warps=w)
             try:
                 us = graph_us(mix, 1, warmup, reps)
             except Exception as e:  # noqa: BLE001 - reported per config
                 print(f"  sweep T={T} {bm}/{bk}/{w}/{st} split {SPLIT}: {type(e).__name__}: {str(e)[:200]}")
                 continue
-            rows.append({"T": T, "block_m": bm, "block_k": bk, "warps": w, "stages": st, "split": SPLIT, "mix_us": us})
+            rows.append({"T": T, "block_m": bm, "block_k": bk, "warps": w, "stages": st, "split": SPLIT, "mix_us": us,
+                         "planes": planes})
             print(f"  sweep T={T:5d} bm={bm:3d} bk={bk:3d} w={w} st={st} split={SPLIT:3d}: {us:8.1f} us", flush=True)
     SPLIT, _ = mp.mix_split(T, K, mp.MIX_BM, mp.MIX_BK)
     part = torch.randn(T, SPLIT, NP, device="cuda")
@@ -283,8 +290,12 @@ def main() -> None:
     ap.add_argument("--no-old", action="store_true", help="skip the first version")
     ap.add_argument("--parts", action="store_true", help="time each launch of the new version alone")
     ap.add_argument("--sweep", action="store_true", help="mixing-kernel config sweep")
+    ap.add_argument("--fp32-mixing", action="store_true",
+                    help="the mixing as fp32 FMAs (mhc_prefill.MIX_PLANES off) instead of three bf16 planes")
     ap.add_argument("--out", help="write the results as JSON here")
     a = ap.parse_args()
+    if a.fp32_mixing:
+        mp.MIX_PLANES = False
     if not torch.cuda.is_available():
         sys.exit("bench_mhc_prefill.py: needs a CUDA GPU (none visible to torch); nothing was timed")
     warnings.filterwarnings("ignore", message="The CUDA Graph is empty")      # the empty-graph floor (--parts)
@@ -293,7 +304,9 @@ def main() -> None:
     res = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "torch": torch.__version__,
            "hc": hc, "D": D, "iters": a.iters, "dtype": "bf16", "warmup": a.warmup, "reps": a.reps,
            "config": {"MIX_BM": mp.MIX_BM, "MIX_BK": mp.MIX_BK, "MIX_WARPS": mp.MIX_WARPS,
-                      "MIX_STAGES": mp.MIX_STAGES, "MIX_TARGET": mp.MIX_TARGET, "FINISH_BM": mp.FINISH_BM,
+                      "MIX_STAGES": mp.MIX_STAGES, "MIX_PLANES": mp.MIX_PLANES,
+                      "planes_launch": [mp.MIX_BM_PLANES, mp.MIX_BK_PLANES, mp.MIX_STAGES_PLANES, mp.MIX_TARGET_PLANES],
+                      "MIX_TARGET": mp.MIX_TARGET, "FINISH_BM": mp.FINISH_BM,
                       "FINISH_WARPS": mp.FINISH_WARPS},
            "rows": [], "sweep": []}
     print(f"{res['device']}  triton {triton.__version__}  torch {torch.__version__}  hc={hc} D={D} bf16, "
@@ -309,7 +322,9 @@ def main() -> None:
         def old(i):
             return hc_pre_prefill_v1(Xs[i], fn, scale, base, a.iters, hc_eps, norm_eps, nw, out_eps)
         ref = reference(Xs[0], fn, scale, base, nw, a.iters, hc_eps, norm_eps, out_eps)
-        row = {"T": T, "n_sets": n_sets, "split": mp.mix_split(T, hc * D, mp.MIX_BM, mp.MIX_BK)[0]}
+        row = {"T": T, "n_sets": n_sets,
+               "split": (mp.mix_split(T, hc * D, mp.MIX_BM_PLANES, mp.MIX_BK_PLANES, None, mp.MIX_TARGET_PLANES)[0]
+                         if mp.MIX_PLANES else mp.mix_split(T, hc * D, mp.MIX_BM, mp.MIX_BK)[0])}
         row["new"] = diffs(new(0), ref)
         nd = row["new"]
         row["new"]["ok"] = (nd["y_max_abs"] <= 1e-2 * nd["y_ref_max"] and nd["post_max_abs"] <= 1e-4

@@ -50,7 +50,9 @@ MIX_MAX_SPLIT = 64     # ... and at most this many (the finish loads a token's S
 # bf16 streams on the GPU: the mixing as three bf16 tensor-core dots against fn split into exact bf16 planes
 # (``fp32_planes``) instead of fp32 FMAs -- same fp32 products, the SIMT FMA work (~70 % of the pre) gone.
 MIX_PLANES = True
-MIX_BK_PLANES = 64
+# its launch (H200 sweep, bench/bench_mhc_prefill.py --sweep, 2026-11-29 session 7): 64 tokens x 64 channels, 4 stages,
+# ~384 programs -- T=2048 29 us (split 8), T=6144 62 us (split 4); the fp32 mixing took 78 / 222 us
+MIX_BM_PLANES, MIX_BK_PLANES, MIX_STAGES_PLANES, MIX_TARGET_PLANES = 64, 64, 4, 384
 FINISH_BM = 8          # tokens per finishing (Sinkhorn) program
 FINISH_WARPS = 1
 COLLAPSE_WARPS = 8
@@ -216,13 +218,14 @@ def fp32_planes(w: torch.Tensor) -> torch.Tensor:
     return torch.stack([hi, mid, lo])
 
 
-def mix_split(T: int, K: int, block_m: int, block_k: int, split: int | None = None) -> tuple[int, int]:
+def mix_split(T: int, K: int, block_m: int, block_k: int, split: int | None = None,
+              target: int | None = None) -> tuple[int, int]:
     """(SPLIT, KS): K slices of the mixing and channels per slice (a multiple of block_k; the last slice
-    may be shorter), at most MIX_MAX_SPLIT. Default: a power of two, about MIX_TARGET programs (rounded
-    down), at least MIX_MIN_STEPS K steps each."""
+    may be shorter), at most MIX_MAX_SPLIT. Default: a power of two, about ``target`` (MIX_TARGET) programs
+    (rounded down), at least MIX_MIN_STEPS K steps each."""
     steps = triton.cdiv(K, block_k)
     if split is None:
-        want = triton.cdiv(MIX_TARGET, triton.cdiv(T, block_m))
+        want = triton.cdiv(target or MIX_TARGET, triton.cdiv(T, block_m))
         split = min(triton.next_power_of_2(want + 1) // 2, MIX_MAX_SPLIT, max(1, steps // MIX_MIN_STEPS))
     split = max(1, min(int(split), steps, MIX_MAX_SPLIT))
     ks = triton.cdiv(steps, split) * block_k
@@ -248,13 +251,16 @@ def hc_pre_prefill(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base:
         return y.reshape(*lead, D), post.reshape(*lead, hc), comb.reshape(*lead, hc, hc)
     x = X.reshape(T, K).contiguous()
     planes = MIX_PLANES and X.dtype == torch.bfloat16
-    bm, bk = block_m or MIX_BM, block_k or (MIX_BK_PLANES if planes else MIX_BK)
+    if planes:
+        bm, bk, stages, target = block_m or MIX_BM_PLANES, block_k or MIX_BK_PLANES, MIX_STAGES_PLANES, MIX_TARGET_PLANES
+    else:
+        bm, bk, stages, target = block_m or MIX_BM, block_k or MIX_BK, MIX_STAGES, MIX_TARGET
     NP = max(16, triton.next_power_of_2(NM + 1))          # column NM carries the sum of squares
-    SPLIT, KS = mix_split(T, K, bm, bk, split)
+    SPLIT, KS = mix_split(T, K, bm, bk, split, target)
     part = torch.empty(T, SPLIT, NP, dtype=torch.float32, device=dev)
     pre = torch.empty(T, hc, dtype=torch.float32, device=dev)
     _mix_partial_kernel[(triton.cdiv(T, bm), SPLIT)](
-        x, fn_transposed(fn, NP, planes), part, T, K, NM, KS, BM=bm, NP=NP, BK=bk, STAGES=num_stages or MIX_STAGES,
+        x, fn_transposed(fn, NP, planes), part, T, K, NM, KS, BM=bm, NP=NP, BK=bk, STAGES=num_stages or stages,
         PLANES=planes, DOT16=planes and x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1",
         num_warps=num_warps or MIX_WARPS)
     _mix_finish_kernel[(triton.cdiv(T, FINISH_BM),)](

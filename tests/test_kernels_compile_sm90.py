@@ -124,7 +124,8 @@ for T in (1, 2048):
                 **({"T": 1} if T == 1 else {}))
     check_plain(f"hc_pre_prefill mix T={T}", mp._mix_partial_kernel, sig, cons, num_warps=mp.MIX_WARPS)
     check_plain(f"hc_pre_prefill mix bf16 planes T={T}", mp._mix_partial_kernel, dict(sig, fnt_ptr="*bf16"),
-                dict(cons, BK=mp.MIX_BK_PLANES, PLANES=True, DOT16=True), num_warps=mp.MIX_WARPS)
+                dict(cons, BM=mp.MIX_BM_PLANES, BK=mp.MIX_BK_PLANES, STAGES=mp.MIX_STAGES_PLANES, PLANES=True,
+                     DOT16=True), num_warps=mp.MIX_WARPS)
     for split in (1, 8, 64):
         sig = {"part_ptr": "*fp32", "scale_ptr": "*fp32", "base_ptr": "*fp32", "pre_ptr": "*fp32", "post_ptr": "*fp32",
                "comb_ptr": "*fp32", "T": "constexpr" if T == 1 else "i32", "K": "i32", "NM": "i32",
