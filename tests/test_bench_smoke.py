@@ -117,8 +117,10 @@ def test_decode_variants_toggle_restore_and_tabulate():
             "graphed_q_norm_prologue_ms": 2.5, "bytes_per_token": 1e9}
     res = {"device": "d", "torch": "t", "date": "now", "resident_GB": {"total": 1.0},
            "bytes_per_token_b1_1k": {"per_token": 1e9}, "decode": [case],
-           "prefill": {"tokens": 8, "tok_s": 1.0}, "targets": {},
+           "prefill": {"tokens": 8, "tok_s": 1.0, "mhc_planes_toggled_tok_s": 2.0, "mhc_planes_default_tok_s": 1.0,
+                       "mhc_planes_toggled_min_s": 2.0, "mhc_planes_default_min_s": 4.0}, "targets": {},
            "mmlu": {"batch": 2, "prompt_len": 8, "tok_s": 1.0, "tokens": 10, "est_minutes": 1.0}}
+    assert "(mHC mixing as bf16 planes toggled: 2 vs 1 tok/s; fastest rounds 4 vs 2)" in format_table(res)
     head, sep, row = format_table(res).splitlines()[2:5]
     assert "FP8 prefetch 2 ms" in head and "q_norm prologue toggled ms" in head and "1-stream" not in head
     assert head.count("|") == sep.count("|") == row.count("|") and "| 1.50 | 2.50 |" in row
