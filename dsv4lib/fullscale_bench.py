@@ -314,6 +314,7 @@ def run_benchmark(opts: BenchOptions, write=lambda r: None, log=print) -> dict:
     res["prefill"] = {"batch": 1, "tokens": S, "s": t, "tok_s": S / t}
     if dev.type == "cuda":   # A/B of the prefill switches, each toggled alone against the default
         from .kernels import fp8_linear as fp8_mod
+        from .kernels import int2_moe_prefill as int2_prefill
         from .kernels import mhc_prefill
         from .model import attention, indexer, transformer
         default = prefill_last_logits(model, ids)
@@ -324,7 +325,8 @@ def run_benchmark(opts: BenchOptions, write=lambda r: None, log=print) -> dict:
                                ("fp8_dequant_gemm", fp8_mod, "DEQUANT_PREFILL"),
                                ("fp8_chained", fp8_mod, "CHAINED_PREFILL"),
                                ("fp8_chained_grouped", fp8_mod, "CHAINED_GROUPED"),
-                               ("mhc_planes", mhc_prefill, "MIX_PLANES")):
+                               ("mhc_planes", mhc_prefill, "MIX_PLANES"),
+                               ("align_kernel", int2_prefill, "ALIGN_KERNEL")):
             saved = getattr(mod, flag)
             try:
                 setattr(mod, flag, not saved)
@@ -437,7 +439,8 @@ def format_table(res: dict) -> str:
                                               ("fp8_dequant_gemm", "FP8 dequant + cuBLAS"),
                                               ("fp8_chained", "chained FP8 GEMM"),
                                               ("fp8_chained_grouped", "chained grouped wo_a"),
-                                              ("mhc_planes", "mHC mixing as bf16 planes"))
+                                              ("mhc_planes", "mHC mixing as bf16 planes"),
+                                              ("align_kernel", "INT2 align kernel"))
                            if key + "_toggled_tok_s" in p))
     m = res["mmlu"]
     lines.append(f"MMLU: {m['batch']}x{m['prompt_len']} batches {m['tok_s']:.0f} tok/s -> {m['tokens']} tokens "

@@ -389,6 +389,93 @@ def align_pairs(idx: torch.Tensor, num_experts: int, block_m: int) -> tuple[torc
     return sorted_ids, bexp
 
 
+# Opt-in, untimed (written after session 7's device time ran out): ``align_pairs`` in three Triton launches
+# (+ one fill) instead of ~25 torch ops per layer; same output bits. The full-scale bench toggles it.
+ALIGN_KERNEL = False
+ALIGN_CHUNK = 256      # pairs per program of the histogram / scatter launches
+
+
+@triton.jit
+def _align_hist_kernel(idx_ptr, hist_ptr, tot_ptr, S, E, CH: tl.constexpr, EP: tl.constexpr):
+    """hist[p, e] = how many of chunk p's pairs (CH of them) route to expert e; tot[e] += that (tot zeroed)."""
+    p = tl.program_id(0)
+    i = p * CH + tl.arange(0, CH)
+    ex = tl.load(idx_ptr + i, mask=i < S, other=-1).to(tl.int32)
+    for e0 in tl.static_range(0, EP, 32):                                 # [CH, 32] compares at a time
+        e = e0 + tl.arange(0, 32)
+        cnt = tl.sum((ex[:, None] == e[None, :]).to(tl.int32), axis=0)
+        tl.store(hist_ptr + p * EP + e, cnt, mask=e < E)
+        tl.atomic_add(tot_ptr + e, cnt, mask=(e < E) & (cnt > 0), sem="relaxed")
+
+
+@triton.jit
+def _align_plan_kernel(hist_ptr, tot_ptr, base_ptr, bexp_ptr, P, E, NB, NBP,
+                       BM: tl.constexpr, EP: tl.constexpr, EC: tl.constexpr, PP: tl.constexpr, NBC: tl.constexpr):
+    """Program c (of EP / EC): the runs of all experts padded to BM and laid out in expert order; for its EC
+    experts base[p, e] = starts[e] + pairs of expert e in chunks before p (no loop-carried loads); and
+    bexp[b] = expert of M-block b (-1 past the used blocks) for its NBP blocks."""
+    c = tl.program_id(0)
+    e_all = tl.arange(0, EP)
+    tot = tl.load(tot_ptr + e_all, mask=e_all < E, other=0)
+    padded = (tot + BM - 1) // BM * BM
+    ends = tl.cumsum(padded, axis=0)                                      # [EP] inclusive
+    total = tl.sum(padded, axis=0)
+    ec = c * EC + tl.arange(0, EC)
+    starts_c = tl.sum(tl.where(e_all[None, :] < ec[:, None], padded[None, :], 0), axis=1)    # [EC]
+    pr = tl.arange(0, PP)
+    m2 = (pr < P)[:, None] & (ec < E)[None, :]
+    h = tl.load(hist_ptr + pr[:, None] * EP + ec[None, :], mask=m2, other=0)                # [PP, EC]
+    base = tl.cumsum(h, axis=0) - h + starts_c[None, :]
+    tl.store(base_ptr + pr[:, None] * EP + ec[None, :], base, mask=m2)
+    ends_m = tl.where(e_all < E, ends, 2147483647)
+    for b0 in range(c * NBP, tl.minimum(c * NBP + NBP, NB), NBC):
+        b = b0 + tl.arange(0, NBC)
+        pos = b * BM
+        ex = tl.sum((ends_m[None, :] <= pos[:, None]).to(tl.int32), axis=1)   # experts ending at or before pos
+        tl.store(bexp_ptr + b, tl.where(pos < total, ex, -1), mask=(b < NB) & (b < c * NBP + NBP))
+
+
+@triton.jit
+def _align_scatter_kernel(idx_ptr, base_ptr, sorted_ptr, S, CH: tl.constexpr, EP: tl.constexpr):
+    """sorted[base[p, e] + rank] = pair id, rank = earlier pairs of the chunk with the same expert (stable)."""
+    p = tl.program_id(0)
+    r = tl.arange(0, CH)
+    i = p * CH + r
+    im = i < S
+    ex = tl.load(idx_ptr + i, mask=im, other=-1).to(tl.int32)
+    rank = tl.zeros([CH], tl.int32)
+    for j0 in tl.static_range(0, CH, 32):                                 # [CH (i), 32 (j)] at a time: j before i
+        j = j0 + tl.arange(0, 32)
+        exj = tl.load(idx_ptr + p * CH + j, mask=p * CH + j < S, other=-2).to(tl.int32)
+        rank += tl.sum(((exj[None, :] == ex[:, None]) & (j[None, :] < r[:, None])).to(tl.int32), axis=1)
+    dest = tl.load(base_ptr + p * EP + tl.where(im, ex, 0), mask=im, other=0) + rank
+    tl.store(sorted_ptr + dest, i.to(tl.int32), mask=im)
+
+
+def align_pairs_fused(idx: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``align_pairs`` (same outputs, bit for bit) in two fills + three Triton launches, no host sync."""
+    flat = idx.reshape(-1).contiguous()
+    S, E = flat.numel(), num_experts
+    dev = flat.device
+    max_blocks = triton.cdiv(S + min(E, S) * (block_m - 1), block_m)
+    sorted_ids = torch.full((max_blocks * block_m,), S, dtype=torch.int32, device=dev)
+    bexp = torch.empty(max_blocks, dtype=torch.int32, device=dev)
+    if S == 0:
+        return sorted_ids, bexp.fill_(-1)
+    EP = max(32, triton.next_power_of_2(E))
+    EC = 32
+    P = triton.cdiv(S, ALIGN_CHUNK)
+    hist = torch.empty(P, EP, dtype=torch.int32, device=dev)
+    base = torch.empty(P, EP, dtype=torch.int32, device=dev)
+    tot = torch.zeros(EP, dtype=torch.int32, device=dev)
+    nprog = EP // EC
+    _align_hist_kernel[(P,)](flat, hist, tot, S, E, CH=ALIGN_CHUNK, EP=EP)
+    _align_plan_kernel[(nprog,)](hist, tot, base, bexp, P, E, max_blocks, triton.cdiv(max_blocks, nprog),
+                                 BM=block_m, EP=EP, EC=EC, PP=triton.next_power_of_2(P), NBC=16)
+    _align_scatter_kernel[(P,)](flat, base, sorted_ids, S, CH=ALIGN_CHUNK, EP=EP)
+    return sorted_ids, bexp
+
+
 def pair_order(x: torch.Tensor) -> torch.Tensor:
     """The last dim in pair order: within each 16-channel word, position ``2j + h`` holds channel ``j + 8h``."""
     return x.unflatten(-1, (-1, 2, 8)).transpose(-1, -2).flatten(-3)
@@ -466,7 +553,7 @@ def int2_moe_prefill(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
     if cfg.block_m % dbm:
         raise ValueError(f"kernels.int2_moe_prefill: down_block_m={dbm} must divide block_m={cfg.block_m}")
     S = T * k
-    sorted_ids, bexp = align_pairs(idx, E, cfg.block_m)                 # [B*BM], [B]
+    sorted_ids, bexp = (align_pairs_fused if ALIGN_KERNEL else align_pairs)(idx, E, cfg.block_m)
     nb = bexp.numel()
     rw = weight.reshape(-1).to(torch.float32).contiguous()              # [S]
     if uses_pairs(cfg.gate_up):   # cast and permute in one copy

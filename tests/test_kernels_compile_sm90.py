@@ -114,6 +114,18 @@ def check_plain(name, fn, sig, cons, **options):
     except Exception as e:  # noqa: BLE001 - reported per case
         out[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
 
+# INT2 prefill routing align (opt-in ALIGN_KERNEL): histogram, one planning program, stable scatter
+from dsv4lib.kernels import int2_moe_prefill as ip
+check_plain("int2 align hist", ip._align_hist_kernel, {"idx_ptr": "*i64", "hist_ptr": "*i32", "tot_ptr": "*i32",
+            "S": "i32", "E": "i32", "CH": "constexpr", "EP": "constexpr"}, dict(CH=ip.ALIGN_CHUNK, EP=256), num_warps=4)
+for pp in (64, 256):   # T = 2048 and 6144 at top-6: 48 and 144 chunks of 256 pairs
+    check_plain(f"int2 align plan PP={pp}", ip._align_plan_kernel, {"hist_ptr": "*i32", "tot_ptr": "*i32", "base_ptr": "*i32",
+                "bexp_ptr": "*i32", "P": "i32", "E": "i32", "NB": "i32", "NBP": "i32", "BM": "constexpr", "EP": "constexpr",
+                "EC": "constexpr", "PP": "constexpr", "NBC": "constexpr"},
+                dict(BM=64, EP=256, EC=32, PP=pp, NBC=16), num_warps=4)
+check_plain("int2 align scatter", ip._align_scatter_kernel, {"idx_ptr": "*i64", "base_ptr": "*i32", "sorted_ptr": "*i32",
+            "S": "i32", "CH": "constexpr", "EP": "constexpr"}, dict(CH=ip.ALIGN_CHUNK, EP=256), num_warps=4)
+
 # mHC prefill (the launcher's configs): split-K mixing, finish (Sinkhorn), collapse (+ RMSNorm); T = 1 and SPLIT = 1
 # are specialised to constexprs at run time
 for T in (1, 2048):
