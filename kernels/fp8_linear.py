@@ -39,8 +39,8 @@ from .workspace import split_workspace, weight_workspace
 
 BLOCK = 128
 # Decode GEMVs (<= 64 rows) under PDL: L2 prefetch of each program's first PREFETCH_STEPS 128-wide K blocks
-# before ``griddepcontrol.wait`` (bounded: the whole-slice prefetch measured slower, kernels/pdl.py). Opt-in until
-# the full-scale bench's "FP8 prefetch toggled" column says otherwise.
+# before ``griddepcontrol.wait`` (bounded: the whole-slice prefetch measured slower, kernels/pdl.py). Measured on the
+# H200 (2026-11-29, session 7, bench columns "FP8 prefetch 1 / 2"): b1 +0.06 / +0.24 ms, b8 -0.06 / -0.01 ms -- off.
 PREFETCH_STEPS = 0
 SPLIT_K_EPILOGUE = "last"     # split-K epilogue of pick_config (bench/sweep_fp8.py: "last" won every split shape)
 
