@@ -326,7 +326,8 @@ def run_benchmark(opts: BenchOptions, write=lambda r: None, log=print) -> dict:
                                ("fp8_chained", fp8_mod, "CHAINED_PREFILL"),
                                ("fp8_chained_grouped", fp8_mod, "CHAINED_GROUPED"),
                                ("mhc_planes", mhc_prefill, "MIX_PLANES"),
-                               ("align_kernel", int2_prefill, "ALIGN_KERNEL")):
+                               ("align_kernel", int2_prefill, "ALIGN_KERNEL"),
+                               ("side_stream", attention, "PREFILL_SIDE_STREAM")):
             saved = getattr(mod, flag)
             try:
                 setattr(mod, flag, not saved)
@@ -440,7 +441,8 @@ def format_table(res: dict) -> str:
                                               ("fp8_chained", "chained FP8 GEMM"),
                                               ("fp8_chained_grouped", "chained grouped wo_a"),
                                               ("mhc_planes", "mHC mixing as bf16 planes"),
-                                              ("align_kernel", "INT2 align kernel"))
+                                              ("align_kernel", "INT2 align kernel"),
+                                              ("side_stream", "compressors on a side stream"))
                            if key + "_toggled_tok_s" in p))
     m = res["mmlu"]
     lines.append(f"MMLU: {m['batch']}x{m['prompt_len']} batches {m['tok_s']:.0f} tok/s -> {m['tokens']} tokens "

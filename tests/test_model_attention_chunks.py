@@ -48,3 +48,29 @@ def test_apply_rope_inplace_equals_copy():
     out = apply_rope(x, cos, sin, inplace=True)
     out.sum().backward()
     assert out.data_ptr() != x.data_ptr() and x.grad is not None
+
+
+@torch.no_grad()
+def test_prefill_side_stream_branch_is_bit_identical(monkeypatch):
+    """attention.PREFILL_SIDE_STREAM (opt-in): the compressor steps and the indexer's x-only parts run before the
+    query path (on CUDA on a second stream) and are joined before use -- the same operations on the same inputs,
+    so a full forward, a chunked prefill into a cache (windows / entries / indexer states crossing chunk ends) and
+    the decode steps after it give the same bits as the default order; on CUDA the stream is really used."""
+    torch.set_num_threads(1)
+    cfg = ModelConfig.tiny()
+    torch.manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m = DeepseekV4(cfg).eval().to(dev)
+    ids = torch.randint(0, cfg.vocab_size, (2, 70), generator=torch.Generator().manual_seed(3)).to(dev)
+
+    def run():
+        full = m(ids)
+        c = m.new_cache(2, 80)
+        pre = torch.cat([m(ids[:, :23], c), m(ids[:, 23:50], c)], 1)
+        dec = torch.cat([m(ids[:, i:i + 1], c) for i in range(50, 70)], 1)
+        return full, pre, dec
+    ref = run()
+    monkeypatch.setattr(attention, "PREFILL_SIDE_STREAM", True)
+    got = run()
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    assert (dev == "cuda") == bool(attention._SIDE)

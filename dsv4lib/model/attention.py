@@ -4,6 +4,8 @@ RoPE on the output, grouped output projection (wo_a per group, then wo_b).
 """
 from __future__ import annotations
 
+from contextlib import nullcontext as _nullcontext
+
 import torch
 from torch import nn
 
@@ -29,6 +31,34 @@ PREFILL_NORM_ROPE_KERNEL = True
 """CUDA, eager forward: q_norm, the per-head q norm + RoPE (in place) and kv_norm + RoPE through
 ``kernels.rmsnorm_rope`` (one launch each, the torch path's roundings) instead of ~6-10 torch kernels each;
 the q path alone moved ~1.6 GB per layer at 2K tokens. The full-scale bench times the prefill toggled."""
+
+
+PREFILL_SIDE_STREAM = False
+"""Opt-in, untimed (written after session 7's device time ran out): in a prefill (S > 1) of a compressed layer,
+the compressor steps (and the indexer's compressor and head weights), which read only x, run first -- on CUDA
+on a second stream, concurrently with the query / key path -- and are joined before the attention needs them.
+The same operations on the same inputs: bit-identical results. The full-scale bench times the prefill toggled."""
+
+_SIDE: dict = {}
+
+
+def _side_stream(x: torch.Tensor):
+    """A second stream on x's CUDA device (None off CUDA: the branch then runs in place, first)."""
+    if not x.is_cuda:
+        return None
+    if x.device not in _SIDE:
+        _SIDE[x.device] = torch.cuda.Stream(x.device)
+    return _SIDE[x.device]
+
+
+def _record_state(st, stream) -> None:
+    """Tensors of a compressor state that the side stream reads (and may replace): the caching allocator must not
+    hand their blocks to the main stream before the side stream is done with them."""
+    if st is None or stream is None:
+        return
+    for t in (st.buf_kv, st.buf_gate, st.prev_kv, st.prev_gate, st.entries):
+        if t is not None:
+            t.record_stream(stream)
 
 
 def _use_norm_rope_kernel(x: torch.Tensor) -> bool:
@@ -68,6 +98,18 @@ class Attention(nn.Module):
         H, c = self.n_heads, self.head_dim
         pos = start_pos + torch.arange(S, device=x.device)                 # [S]
         cos, sin = cos_sin(self.freqs, pos)                                 # [S, r/2]
+        pre = side = None
+        if PREFILL_SIDE_STREAM and self.ratio and S > 1:   # x-only work first, on a side stream on CUDA
+            side = _side_stream(x)
+            comp_st = lc.comp if lc is not None else None
+            idx_st = lc.index if lc is not None else None
+            if side is not None:
+                side.wait_stream(torch.cuda.current_stream(x.device))
+                _record_state(comp_st, side)
+                _record_state(idx_st, side)
+            with torch.cuda.stream(side) if side is not None else _nullcontext():
+                pre = (self.compressor(x, comp_st),
+                       self.indexer.precompute(x, idx_st) if self.indexer is not None else None)
         if _use_norm_rope_kernel(x) and not self.lowp:
             # the same roundings in one launch each (kernels/rmsnorm_rope.py), q normalised + rotated in place
             from dsv4lib.kernels.rmsnorm_rope import rmsnorm_rope
@@ -98,16 +140,19 @@ class Attention(nn.Module):
         kpos = base + torch.arange(Nw, device=x.device)                     # [Nw]
         ent = cb = None
         T = 0
+        if side is not None:                                                # join the x-only branch
+            torch.cuda.current_stream(x.device).wait_stream(side)
         if self.ratio:
-            new = self.compressor(x, lc.comp if lc is not None else None)
+            new = self.compressor(x, lc.comp if lc is not None else None) if pre is None else pre[0]
             ent = lc.comp.entries if lc is not None else new                # [B, T, c]
             T = 0 if ent is None else ent.shape[1]
-            if not T and self.indexer is not None and lc is not None:
+            if not T and self.indexer is not None and lc is not None and pre is None:
                 self.indexer.compressor(x, lc.index)   # keep the indexer's stream in step with the main one
             if T:
                 thr = (pos + 1) // self.ratio                               # [S]
                 if self.indexer is not None:
-                    idx = self.indexer(x, qr, pos, cos, sin, lc.index if lc is not None else None)  # [B,S,k]
+                    idx = self.indexer(x, qr, pos, cos, sin, lc.index if lc is not None else None,
+                                       pre=None if pre is None else pre[1])                   # [B,S,k]
                     idx = torch.where(idx < 0, torch.full_like(idx, T), idx)
                     cb = torch.full((B, S, T + 1), float("-inf"), device=x.device)
                     cb = cb.scatter(-1, idx, 0.0)[..., :T]                  # [B, S, T]

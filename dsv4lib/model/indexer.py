@@ -40,11 +40,21 @@ class Indexer(nn.Module):
         self.weights_proj = Linear(cfg.hidden_size, self.n_heads, dtype, device)
         self.compressor = Compressor(cfg, 4, self.head_dim, index=True, dtype=dtype, device=device)
 
+    def precompute(self, x: torch.Tensor, state: CompressorState | None) -> tuple:
+        """The parts that read only x: the compressor step (new entries, state advanced) and the head weights
+        ``weights_proj(x)`` scaled -- for a caller that runs them concurrently with the query path; pass the
+        result to :meth:`forward` as ``pre``."""
+        return self.compressor(x, state), self._head_weights(x)
+
+    def _head_weights(self, x: torch.Tensor) -> torch.Tensor:
+        return hp(self.weights_proj(x)) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)   # [B, S, nI]
+
     def forward(self, x: torch.Tensor, qr: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor, state: CompressorState | None) -> torch.Tensor:
-        """Selected entry indices [B, S, k] (int64, −1 = nothing valid); k = min(topk, #entries)."""
+                sin: torch.Tensor, state: CompressorState | None, pre: tuple | None = None) -> torch.Tensor:
+        """Selected entry indices [B, S, k] (int64, −1 = nothing valid); k = min(topk, #entries).
+        ``pre``: :meth:`precompute` of the same x and state, already run (the compressor is not stepped again)."""
         B, S, _ = x.shape
-        new = self.compressor(x, state)
+        new = self.compressor(x, state) if pre is None else pre[0]
         keys = state.entries if state is not None else new                 # [B, T, cI]
         T = 0 if keys is None else keys.shape[1]
         if T == 0:
@@ -53,7 +63,7 @@ class Indexer(nn.Module):
         q = apply_rope(q, cos, sin)
         if self.lowp:
             q = fake_quant_fp4(hadamard(q))
-        w = hp(self.weights_proj(x)) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)   # [B, S, nI]
+        w = self._head_weights(x) if pre is None else pre[1]                # [B, S, nI]
         thr = (pos + 1) // self.ratio                                       # [S]
         if _use_kernel(q) and not self.lowp and (keys.dtype == q.dtype or INDEXER_KERNEL_FP32_KEYS):
             from dsv4lib.kernels.indexer_scores import indexer_scores
