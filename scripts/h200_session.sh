@@ -6,6 +6,7 @@
 # time limit. Results under $OUT (or ./h200_out): fullscale.json + bench.log, prof_prefill.json + prof.log,
 # int2_prefill_sweep.json + .log, gpu_tests.log.
 #   run on the device:  bash scripts/h200_session.sh bench     then:  bash scripts/h200_session.sh tests
+#   (and bash scripts/h200_session.sh ab: interleaved A/B of the opt-in prefill switches, ~2 min)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-h200_out}"
@@ -22,6 +23,11 @@ if [ "$PHASE" = bench ]; then
   timeout 120 python3 bench/bench_kernels.py --prefill-only --reps 5 --out "$OUT/int2_prefill_sweep.json" \
       > "$OUT/int2_prefill_sweep.log" 2>&1
   grep -E "^T=|maxnreg=168" "$OUT/int2_prefill_sweep.log"
+elif [ "$PHASE" = ab ]; then
+  # interleaved A/B (8 rounds each) of the prefill switches that are still opt-in (untimed when written)
+  for sw in kernels.int2_moe_prefill.ALIGN_KERNEL model.attention.PREFILL_SIDE_STREAM; do
+    timeout 200 python3 bench/prefill_ab.py --switch "$sw" --rounds 8 --out "$OUT/ab_${sw##*.}.json" 2>&1 | tail -3
+  done
 else
   timeout 560 python3 -m pytest -q -m gpu tests/ --ignore=tests/test_notebooks.py > "$OUT/gpu_tests.log" 2>&1
   grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -15
