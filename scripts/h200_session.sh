@@ -29,6 +29,10 @@ elif [ "$PHASE" = ab ]; then
     timeout 200 python3 bench/prefill_ab.py --switch "$sw" --rounds 8 --out "$OUT/ab_${sw##*.}.json" 2>&1 | tail -3
   done
 else
-  timeout 560 python3 -m pytest -q -m gpu tests/ --ignore=tests/test_notebooks.py > "$OUT/gpu_tests.log" 2>&1
+  timeout 480 python3 -m pytest -q -m gpu tests/ --ignore=tests/test_notebooks.py > "$OUT/gpu_tests.log" 2>&1
   grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -15
+  # device-independent tests of the opt-in switches, here on CUDA (the side stream really forks there)
+  timeout 90 python3 -m pytest -q tests/test_model_attention_chunks.py tests/test_kernels_int2.py -k "side_stream or align" \
+      > "$OUT/optin_tests.log" 2>&1
+  tail -2 "$OUT/optin_tests.log"
 fi
