@@ -189,9 +189,7 @@ def parts_us(X, fn, scale, base, nw, iters, hc_eps, norm_eps, out_eps, warmup, r
     K, NM = hc * D, (2 + hc) * hc
     x = X.reshape(T, K)
     NP = max(16, triton.next_power_of_2(NM + 1))
-    planes = mp.MIX_PLANES and X.dtype == torch.bfloat16            # as the launcher decides
-    bm, bk, st, target = ((mp.MIX_BM_PLANES, mp.MIX_BK_PLANES, mp.MIX_STAGES_PLANES, mp.MIX_TARGET_PLANES) if planes
-                          else (mp.MIX_BM, mp.MIX_BK, mp.MIX_STAGES, mp.MIX_TARGET))
+    planes, bm, bk, st, target = mp.mix_launch(X)                   # as the launcher decides
     SPLIT, KS = mp.mix_split(T, K, bm, bk, None, target)
     part = torch.empty(T, SPLIT, NP, device="cuda")
     fnt = mp.fn_transposed(fn, NP, planes)
@@ -229,7 +227,7 @@ def sweep(T, X, fn, scale, base, iters, warmup, reps) -> list:
     K, NM = hc * D, (2 + hc) * hc
     x = X.reshape(T, K)
     NP = max(16, triton.next_power_of_2(NM + 1))
-    planes = mp.MIX_PLANES and X.dtype == torch.bfloat16
+    planes = mp.mix_launch(X)[0]
     fnt = mp.fn_transposed(fn, NP, planes)
     rows = []
     # (block_m, block_k, warps, stages): offline SASS (Triton 3.6, sm_90) without spills
@@ -322,9 +320,8 @@ def main() -> None:
         def old(i):
             return hc_pre_prefill_v1(Xs[i], fn, scale, base, a.iters, hc_eps, norm_eps, nw, out_eps)
         ref = reference(Xs[0], fn, scale, base, nw, a.iters, hc_eps, norm_eps, out_eps)
-        row = {"T": T, "n_sets": n_sets,
-               "split": (mp.mix_split(T, hc * D, mp.MIX_BM_PLANES, mp.MIX_BK_PLANES, None, mp.MIX_TARGET_PLANES)[0]
-                         if mp.MIX_PLANES else mp.mix_split(T, hc * D, mp.MIX_BM, mp.MIX_BK)[0])}
+        _, bm, bk, _, target = mp.mix_launch(Xs[0])
+        row = {"T": T, "n_sets": n_sets, "split": mp.mix_split(T, hc * D, bm, bk, None, target)[0]}
         row["new"] = diffs(new(0), ref)
         nd = row["new"]
         row["new"]["ok"] = (nd["y_max_abs"] <= 1e-2 * nd["y_ref_max"] and nd["post_max_abs"] <= 1e-4

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
+from collections import Counter
 import json
 import os
 import pstats
@@ -28,11 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from dsv4lib.config import ModelConfig  # noqa: E402
 from dsv4lib.fullscale import synthetic_model, without_mtp  # noqa: E402
-
-
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
+from dsv4lib.fullscale_bench import _sync  # noqa: E402
 
 
 def compiled_kernels() -> list[str]:
@@ -77,11 +74,7 @@ def main(argv=None) -> int:
         _sync(dev)
         res["step_s"].append(time.perf_counter() - t)
         print(f"eager step {len(res['step_s'])}: {res['step_s'][-1] * 1e3:.1f} ms", flush=True)
-    after = compiled_kernels()
-    new = list(after)
-    for k in before:
-        if k in new:
-            new.remove(k)
+    new = sorted((Counter(compiled_kernels()) - Counter(before)).elements())
     res["compiled_during_steps"] = new
     prof = cProfile.Profile()
     _sync(dev)
@@ -92,7 +85,7 @@ def main(argv=None) -> int:
     prof.disable()
     res["profiled_step_s"] = time.perf_counter() - t
     s = io.StringIO()
-    pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(a.top)
+    pstats.Stats(prof, stream=s).strip_dirs().sort_stats("cumulative").print_stats(a.top)   # no machine paths
     res["cprofile_top"] = s.getvalue()
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)

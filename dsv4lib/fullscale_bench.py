@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 
 import datetime
+import importlib
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -152,6 +153,18 @@ def component_times(model, cache, dev, reps: int = 10, fused: bool = False) -> d
     return out
 
 
+# The prefill A/B switches (each toggled alone against the default): (result key, module under dsv4lib, flag, label)
+PREFILL_SWITCHES = (("fused_mhc", "model.transformer", "FUSED_MHC_PREFILL", "mHC prefill kernel"),
+                    ("attn_kernel", "model.attention", "PREFILL_ATTN_KERNEL", "attention kernel"),
+                    ("norm_rope_kernel", "model.attention", "PREFILL_NORM_ROPE_KERNEL", "norm+RoPE kernel"),
+                    ("indexer_fp32_keys", "model.indexer", "INDEXER_KERNEL_FP32_KEYS", "indexer kernel (fp32 keys)"),
+                    ("fp8_dequant_gemm", "kernels.fp8_linear", "DEQUANT_PREFILL", "FP8 dequant + cuBLAS"),
+                    ("fp8_chained", "kernels.fp8_linear", "CHAINED_PREFILL", "chained FP8 GEMM"),
+                    ("fp8_chained_grouped", "kernels.fp8_linear", "CHAINED_GROUPED", "chained grouped wo_a"),
+                    ("mhc_planes", "kernels.mhc_prefill", "MIX_PLANES", "mHC mixing as bf16 planes"),
+                    ("align_kernel", "kernels.int2_moe_prefill", "ALIGN_KERNEL", "INT2 align kernel"),
+                    ("side_stream", "model.attention", "PREFILL_SIDE_STREAM", "compressors on a side stream"))
+
 VARIANTS = ("single_stream", "pdl", "int2_idp", "fp8_prefetch1", "fp8_prefetch2")
 VARIANT_LABELS = {"single_stream": "1-stream", "pdl": "PDL toggled", "int2_idp": "INT2 idp toggled",
                   "fp8_prefetch1": "FP8 prefetch 1", "fp8_prefetch2": "FP8 prefetch 2",
@@ -216,10 +229,10 @@ def _decode_case(model, B: int, ctx: int, opts: BenchOptions, dev, res: dict) ->
             t_.copy_(v)
     if ecache is not None and opts.eager_steps:   # eager model + growing Cache, from the same state
         ref = model(tok, ecache)[:, -1]
-        ts = sorted(_wall(lambda: model(tok, ecache), dev) for _ in range(opts.eager_steps))
-        t = ts[(len(ts) - 1) // 2]   # median: the first steps after the warm-up still compile Triton specialisations
-        case["eager_ms"] = t * 1e3   # for the growing cache (19 s and 6.9 s at b1 on the H200, then 0.22 s)
-        case["eager_max_ms"] = ts[-1] * 1e3
+        ts = [_wall(lambda: model(tok, ecache), dev) for _ in range(opts.eager_steps)]
+        t = statistics.median_low(ts)   # the first steps after the warm-up still compile Triton specialisations
+        case["eager_ms"] = t * 1e3      # for the growing cache (19 s and 6.9 s at b1 on the H200, then 0.22 s)
+        case["eager_max_ms"] = max(ts) * 1e3
         case["eager_tok_s"] = B / t
     st = static_decode_step(model, cache, tok, opts.fused)
     if ecache is not None and opts.eager_steps:
@@ -313,21 +326,9 @@ def run_benchmark(opts: BenchOptions, write=lambda r: None, log=print) -> dict:
     t = max(runs)
     res["prefill"] = {"batch": 1, "tokens": S, "s": t, "tok_s": S / t}
     if dev.type == "cuda":   # A/B of the prefill switches, each toggled alone against the default
-        from .kernels import fp8_linear as fp8_mod
-        from .kernels import int2_moe_prefill as int2_prefill
-        from .kernels import mhc_prefill
-        from .model import attention, indexer, transformer
         default = prefill_last_logits(model, ids)
-        for key, mod, flag in (("fused_mhc", transformer, "FUSED_MHC_PREFILL"),
-                               ("attn_kernel", attention, "PREFILL_ATTN_KERNEL"),
-                               ("norm_rope_kernel", attention, "PREFILL_NORM_ROPE_KERNEL"),
-                               ("indexer_fp32_keys", indexer, "INDEXER_KERNEL_FP32_KEYS"),
-                               ("fp8_dequant_gemm", fp8_mod, "DEQUANT_PREFILL"),
-                               ("fp8_chained", fp8_mod, "CHAINED_PREFILL"),
-                               ("fp8_chained_grouped", fp8_mod, "CHAINED_GROUPED"),
-                               ("mhc_planes", mhc_prefill, "MIX_PLANES"),
-                               ("align_kernel", int2_prefill, "ALIGN_KERNEL"),
-                               ("side_stream", attention, "PREFILL_SIDE_STREAM")):
+        for key, path, flag, _ in PREFILL_SWITCHES:
+            mod = importlib.import_module(f"dsv4lib.{path}")
             saved = getattr(mod, flag)
             try:
                 setattr(mod, flag, not saved)
@@ -434,16 +435,7 @@ def format_table(res: dict) -> str:
                            + (f"; fastest rounds {p['tokens'] / p[key + '_toggled_min_s']:.0f} vs "
                               f"{p['tokens'] / p[key + '_default_min_s']:.0f}" if key + "_toggled_min_s" in p else "")
                            + ")"
-                           for key, label in (("fused_mhc", "mHC prefill kernel"), ("attn_kernel", "attention kernel"),
-                                              ("norm_rope_kernel", "norm+RoPE kernel"),
-                                              ("indexer_fp32_keys", "indexer kernel (fp32 keys)"),
-                                              ("fp8_dequant_gemm", "FP8 dequant + cuBLAS"),
-                                              ("fp8_chained", "chained FP8 GEMM"),
-                                              ("fp8_chained_grouped", "chained grouped wo_a"),
-                                              ("mhc_planes", "mHC mixing as bf16 planes"),
-                                              ("align_kernel", "INT2 align kernel"),
-                                              ("side_stream", "compressors on a side stream"))
-                           if key + "_toggled_tok_s" in p))
+                           for key, _, _, label in PREFILL_SWITCHES if key + "_toggled_tok_s" in p))
     m = res["mmlu"]
     lines.append(f"MMLU: {m['batch']}x{m['prompt_len']} batches {m['tok_s']:.0f} tok/s -> {m['tokens']} tokens "
                  f"in {m['est_minutes']:.1f} min")

@@ -476,9 +476,11 @@ def align_pairs_fused(idx: torch.Tensor, num_experts: int, block_m: int) -> tupl
     return sorted_ids, bexp
 
 
-def pair_order(x: torch.Tensor) -> torch.Tensor:
-    """The last dim in pair order: within each 16-channel word, position ``2j + h`` holds channel ``j + 8h``."""
-    return x.unflatten(-1, (-1, 2, 8)).transpose(-1, -2).flatten(-3)
+def pair_order(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The last dim in pair order: within each 16-channel word, position ``2j + h`` holds channel ``j + 8h``; a new
+    contiguous tensor, cast to ``dtype`` in the same copy."""
+    v = x.unflatten(-1, (-1, 2, 8)).transpose(-1, -2)
+    return torch.empty(v.shape, dtype=dtype or x.dtype, device=x.device).copy_(v).flatten(-3)
 
 
 def _reg_cap(c: GemmConfig) -> dict:
@@ -556,11 +558,8 @@ def int2_moe_prefill(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
     sorted_ids, bexp = (align_pairs_fused if ALIGN_KERNEL else align_pairs)(idx, E, cfg.block_m)
     nb = bexp.numel()
     rw = weight.reshape(-1).to(torch.float32).contiguous()              # [S]
-    if uses_pairs(cfg.gate_up):   # cast and permute in one copy
-        x16 = torch.empty((T, D), dtype=torch.float16, device=x.device)
-        x16.view(T, -1, 8, 2).copy_(x.reshape(T, -1, 2, 8).transpose(-1, -2))
-    else:
-        x16 = x.reshape(T, D).to(torch.float16).contiguous()           # [T, D]
+    x16 = (pair_order(x, torch.float16) if uses_pairs(cfg.gate_up)   # [T, D], cast and permuted in one copy
+           else x.to(torch.float16).contiguous())
     h = torch.empty((nb * cfg.block_m, I), dtype=torch.float16, device=x.device)
     y = torch.zeros((T, D), dtype=torch.float32, device=x.device)
     launch_gate_up(x16, sorted_ids, bexp, k, rw, w1, w3, h, float(limit), cfg.block_m, cfg.gate_up,

@@ -31,7 +31,6 @@ finish is ~10 us of dependent latency whatever T.
 """
 from __future__ import annotations
 
-import os
 import weakref
 
 import torch
@@ -53,6 +52,13 @@ MIX_PLANES = True
 # its launch (H200 sweep, bench/bench_mhc_prefill.py --sweep, 2026-11-29 session 7): 64 tokens x 64 channels, 4 stages,
 # ~384 programs -- T=2048 29 us (split 8), T=6144 62 us (split 4); the fp32 mixing took 78 / 222 us
 MIX_BM_PLANES, MIX_BK_PLANES, MIX_STAGES_PLANES, MIX_TARGET_PLANES = 64, 64, 4, 384
+
+
+def mix_launch(X: torch.Tensor) -> tuple[bool, int, int, int, int]:
+    """(planes, block_m, block_k, stages, target programs) of the mixing launch for streams X."""
+    if MIX_PLANES and X.dtype == torch.bfloat16:
+        return True, MIX_BM_PLANES, MIX_BK_PLANES, MIX_STAGES_PLANES, MIX_TARGET_PLANES
+    return False, MIX_BM, MIX_BK, MIX_STAGES, MIX_TARGET
 FINISH_BM = 8          # tokens per finishing (Sinkhorn) program
 FINISH_WARPS = 1
 COLLAPSE_WARPS = 8
@@ -78,7 +84,7 @@ def _mix_partial_kernel(x_ptr, fnt_ptr, part_ptr, T, K, NM, KS,
     k_hi = tl.minimum(k_lo + KS, K)
     acc = tl.zeros([BM, NP], tl.float32)
     ssq = tl.zeros([BM, BK], tl.float32)
-    # PLANES: x is bf16 and fnt is [3, K, NP] bf16 with fn = hi + mid + lo exactly (``fn_planes``): three bf16
+    # PLANES: x is bf16 and fnt is [3, K, NP] bf16 with fn = hi + mid + lo exactly (``fp32_planes``): three bf16
     # tensor-core dots give the fp32 products (bf16 x bf16 is exact in fp32) -- DOT16 on the GPU; the
     # interpreter (whose bf16 dot is wrong) multiplies the same planes in fp32.
     for k0 in tl.range(k_lo, k_hi, BK, num_stages=STAGES):
@@ -250,18 +256,15 @@ def hc_pre_prefill(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base:
     if T == 0:
         return y.reshape(*lead, D), post.reshape(*lead, hc), comb.reshape(*lead, hc, hc)
     x = X.reshape(T, K).contiguous()
-    planes = MIX_PLANES and X.dtype == torch.bfloat16
-    if planes:
-        bm, bk, stages, target = block_m or MIX_BM_PLANES, block_k or MIX_BK_PLANES, MIX_STAGES_PLANES, MIX_TARGET_PLANES
-    else:
-        bm, bk, stages, target = block_m or MIX_BM, block_k or MIX_BK, MIX_STAGES, MIX_TARGET
+    planes, bm, bk, stages, target = mix_launch(X)
+    bm, bk = block_m or bm, block_k or bk
     NP = max(16, triton.next_power_of_2(NM + 1))          # column NM carries the sum of squares
     SPLIT, KS = mix_split(T, K, bm, bk, split, target)
     part = torch.empty(T, SPLIT, NP, dtype=torch.float32, device=dev)
     pre = torch.empty(T, hc, dtype=torch.float32, device=dev)
     _mix_partial_kernel[(triton.cdiv(T, bm), SPLIT)](
         x, fn_transposed(fn, NP, planes), part, T, K, NM, KS, BM=bm, NP=NP, BK=bk, STAGES=num_stages or stages,
-        PLANES=planes, DOT16=planes and x.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1",
+        PLANES=planes, DOT16=planes and x.is_cuda,
         num_warps=num_warps or MIX_WARPS)
     _mix_finish_kernel[(triton.cdiv(T, FINISH_BM),)](
         part, scale.float().contiguous(), base.float().contiguous(), pre, post, comb, T, K, NM, SPLIT,

@@ -42,13 +42,13 @@ The same operations on the same inputs: bit-identical results. The full-scale be
 _SIDE: dict = {}
 
 
-def _side_stream(x: torch.Tensor):
-    """A second stream on x's CUDA device (None off CUDA: the branch then runs in place, first)."""
-    if not x.is_cuda:
-        return None
-    if x.device not in _SIDE:
-        _SIDE[x.device] = torch.cuda.Stream(x.device)
-    return _SIDE[x.device]
+def side_stream(device) -> torch.cuda.Stream:
+    """One second stream per CUDA device, shared by this prefill branch and the fused decode step's concurrent
+    branches (model/graphed.py: its warm-up, capture and uncaptured steps)."""
+    key = torch.device(device)
+    if key not in _SIDE:
+        _SIDE[key] = torch.cuda.Stream(key)
+    return _SIDE[key]
 
 
 def _record_state(st, stream) -> None:
@@ -100,7 +100,7 @@ class Attention(nn.Module):
         cos, sin = cos_sin(self.freqs, pos)                                 # [S, r/2]
         pre = side = None
         if PREFILL_SIDE_STREAM and self.ratio and S > 1:   # x-only work first, on a side stream on CUDA
-            side = _side_stream(x)
+            side = side_stream(x.device) if x.is_cuda else None   # off CUDA: in place, first
             comp_st = lc.comp if lc is not None else None
             idx_st = lc.index if lc is not None else None
             if side is not None:

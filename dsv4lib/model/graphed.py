@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import grouped_output_a
+from .attention import grouped_output_a, side_stream
 from .compressor import Compressor
 from .lowp import hp
 from .mhc import _mix, hc_post
@@ -54,17 +54,6 @@ class StepContext:
 CONCURRENT = True
 """Fused CUDA step: run the independent pieces of a layer on a second stream (see :func:`_branch`).
 A CUDA graph captures the fork/join as parallel branches. False: one stream (the bench's A/B switch)."""
-
-_SIDE_STREAMS: dict = {}
-
-
-def _side_stream(device: torch.device):
-    """One side stream per device (reused by warm-up, capture and uncaptured steps)."""
-    key = torch.device(device)
-    if key not in _SIDE_STREAMS:
-        _SIDE_STREAMS[key] = torch.cuda.Stream(key)
-    return _SIDE_STREAMS[key]
-
 
 class _branch:
     """``with _branch(ctx): ...`` runs the block on ``ctx.side`` after everything issued so far on the
@@ -128,7 +117,7 @@ def step_context(model, cache: StaticCache, fused: bool) -> StepContext:
                     ent_bias[r] = torch.where(torch.arange(T, device=dev) < idx_thr, zero, ninf)   # [T]
     W = cache.layers[0].window.shape[1]
     win_bias = torch.where(torch.arange(W, device=dev) <= pos, zero, ninf)   # [W]
-    side = _side_stream(dev) if fused and CONCURRENT and pos.is_cuda else None
+    side = side_stream(dev) if fused and CONCURRENT and pos.is_cuda else None
     return StepContext(pos, fused, rot, rot_inv, cs, comp_cs, (pos % W).view(1), win_bias, ent_bias, ent_thr,
                        idx_thr, idx_future, zero, ninf, side)
 
