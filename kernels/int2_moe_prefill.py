@@ -389,9 +389,10 @@ def align_pairs(idx: torch.Tensor, num_experts: int, block_m: int) -> tuple[torc
     return sorted_ids, bexp
 
 
-# Opt-in, untimed (written after session 7's device time ran out): ``align_pairs`` in three Triton launches
-# (+ one fill) instead of ~25 torch ops per layer; same output bits. The full-scale bench toggles it.
-ALIGN_KERNEL = False
+# ``align_pairs`` in three Triton launches (+ one fill) instead of ~25 torch ops per layer; same output bits.
+# On by default since session 8: interleaved 8-round A/B of a 2K prefill on the H200, fastest rounds 311.1 ->
+# 305.1 ms (predicted -2 ms; bench/results/h200_prefill_ab_align_kernel.json). The full-scale bench toggles it.
+ALIGN_KERNEL = True
 ALIGN_CHUNK = 256      # pairs per program of the histogram / scatter launches
 
 

@@ -209,13 +209,14 @@ def test_align_pairs_fused_equals_torch(T, E, k, bm, seed):
 
 
 def test_prefill_with_align_kernel_matches_default(monkeypatch):
-    """int2_moe_prefill with ALIGN_KERNEL (the Triton align) gives the default path's output: the blocks are
-    identical, so only the down launch's fp32 atomic order may differ (exact on one thread)."""
+    """int2_moe_prefill with ALIGN_KERNEL (the Triton align, the default) gives the torch align's output: the
+    blocks are identical, so only the down launch's fp32 atomic order may differ (exact on one thread)."""
     import dsv4lib.kernels.int2_moe_prefill as P
     E, D, I, k, T = 8, 256, 128, 3, 90
     w = _experts(E, D, I, seed=21)
     x = torch.randn(T, D, device=DEV)
     idx, wt = _routing(T, E, k, seed=22)
+    monkeypatch.setattr(P, "ALIGN_KERNEL", False)
     y0 = int2_moe_prefill(x, idx, wt, *w, LIMIT)
     monkeypatch.setattr(P, "ALIGN_KERNEL", True)
     y1 = int2_moe_prefill(x, idx, wt, *w, LIMIT)

@@ -52,7 +52,7 @@ def test_apply_rope_inplace_equals_copy():
 
 @torch.no_grad()
 def test_prefill_side_stream_branch_is_bit_identical(monkeypatch):
-    """attention.PREFILL_SIDE_STREAM (opt-in): the compressor steps and the indexer's x-only parts run before the
+    """attention.PREFILL_SIDE_STREAM (on by default): the compressor steps and the indexer's x-only parts run before the
     query path (on CUDA on a second stream) and are joined before use -- the same operations on the same inputs,
     so a full forward, a chunked prefill into a cache (windows / entries / indexer states crossing chunk ends) and
     the decode steps after it give the same bits as the default order; on CUDA the stream is really used."""
@@ -69,6 +69,7 @@ def test_prefill_side_stream_branch_is_bit_identical(monkeypatch):
         pre = torch.cat([m(ids[:, :23], c), m(ids[:, 23:50], c)], 1)
         dec = torch.cat([m(ids[:, i:i + 1], c) for i in range(50, 70)], 1)
         return full, pre, dec
+    monkeypatch.setattr(attention, "PREFILL_SIDE_STREAM", False)
     ref = run()
     monkeypatch.setattr(attention, "PREFILL_SIDE_STREAM", True)
     got = run()

@@ -33,11 +33,13 @@ PREFILL_NORM_ROPE_KERNEL = True
 the q path alone moved ~1.6 GB per layer at 2K tokens. The full-scale bench times the prefill toggled."""
 
 
-PREFILL_SIDE_STREAM = False
-"""Opt-in, untimed (written after session 7's device time ran out): in a prefill (S > 1) of a compressed layer,
+PREFILL_SIDE_STREAM = True
+"""In a prefill (S > 1) of a compressed layer,
 the compressor steps (and the indexer's compressor and head weights), which read only x, run first -- on CUDA
 on a second stream, concurrently with the query / key path -- and are joined before the attention needs them.
-The same operations on the same inputs: bit-identical results. The full-scale bench times the prefill toggled."""
+The same operations on the same inputs: bit-identical results. On since session 8: interleaved 8-round A/B
+of a 2K prefill on the H200, median 312.8 -> 310.3 ms, fastest rounds 311.8 -> 309.8 (predicted -5 to -10 ms;
+bench/results/h200_prefill_ab_side_stream.json). The full-scale bench times the prefill toggled."""
 
 _SIDE: dict = {}
 
