@@ -98,12 +98,19 @@ def bench_attention(a, old) -> list[dict]:
                 row = {"kind": kind, "B": B, "ctx": ctx, "rel_err_new": err,
                        "new_us": graph_us(lambda i: new_da.decode_attention(*args), a.calls, a.reps),
                        "torch_us": graph_us(lambda i: new_da.decode_attention_reference(*args), a.calls, a.reps)}
+                # as the model calls it: the inverse RoPE of the output's trailing 64 channels in the combine
+                rope = (torch.rand(32, device="cuda", generator=g), -torch.rand(32, device="cuda", generator=g))
+                row["new_rope_us"] = graph_us(lambda i: new_da.decode_attention(*args, rope=rope), a.calls, a.reps)
                 if old is not None:
                     row["old_us"] = graph_us(lambda i: old.decode_attention(*args), a.calls, a.reps)
+                    row["old_rope_us"] = graph_us(lambda i: old.decode_attention(*args, rope=rope), a.calls, a.reps)
+                    row["rope_max_diff_new_old"] = (new_da.decode_attention(*args, rope=rope).float()
+                                                    - old.decode_attention(*args, rope=rope).float()).abs().max().item()
                 rows.append(row)
                 print(f"attn {kind:8s} B{B} ctx{ctx:6d}: new {row['new_us']:7.1f} us  old "
-                      f"{row.get('old_us', float('nan')):7.1f} us  torch {row['torch_us']:7.1f} us  rel err {err:.1e}",
-                      flush=True)
+                      f"{row.get('old_us', float('nan')):7.1f} us  torch {row['torch_us']:7.1f} us  rel err {err:.1e}"
+                      f"  | with RoPE: new {row['new_rope_us']:7.1f} old {row.get('old_rope_us', float('nan')):7.1f} us"
+                      f" max|new-old| {row.get('rope_max_diff_new_old', float('nan')):.1e}", flush=True)
     return rows
 
 
@@ -186,6 +193,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--old", type=Path, default=None, help="folder with the previous kernel files")
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--no-compressor", action="store_true", help="attention only")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     old_da = _load(a.old / "decode_attention.py", "old_decode_attention") if a.old else None
@@ -193,7 +201,8 @@ def main() -> None:
     res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
            "triton": __import__("triton").__version__, "calls": a.calls,
            "defaults": {"lowp": new_da.LOWP_CFG, "max_programs": new_da.MAX_PROGRAMS}}
-    res["compressor"] = bench_compressor(a, old_cs)
+    if not a.no_compressor:
+        res["compressor"] = bench_compressor(a, old_cs)
     res["attention"] = bench_attention(a, old_da)
     if a.sweep:
         res["sweep"] = sweep_attention(a)

@@ -166,15 +166,14 @@ def _attn_combine_kernel(m_ptr, l_ptr, acc_ptr, sink_ptr, cos_ptr, sin_ptr, out_
     dt = out_ptr.dtype.element_ty
     o = tl.sum(wgt[:, None] * acc, axis=0) / den
     if ROPE > 0:   # interleaved RoPE of the trailing ROPE channels (pairs 2i, 2i+1) on the rounded output
-        cp = c ^ 1                                                            # partner channel
-        accp = tl.load(acc_ptr + r[:, None] * C + cp[None, :], mask=sm[:, None], other=0.0)
-        of = o.to(dt).to(tl.float32)
-        op = (tl.sum(wgt[:, None] * accp, axis=0) / den).to(dt).to(tl.float32)
-        isr = c >= C - ROPE
-        i = tl.where(isr, (c - (C - ROPE)) // 2, 0)
+        # the pairs are split in registers (reshape + split, no partner-channel load of acc)
+        ev, od = tl.split(tl.reshape(o.to(dt).to(tl.float32), [CB // 2, 2]))          # (a, b) of each pair
+        pi = tl.program_id(1) * (CB // 2) + tl.arange(0, CB // 2)                        # pair index in the row
+        isr = pi >= (C - ROPE) // 2
+        i = tl.where(isr, pi - (C - ROPE) // 2, 0)
         cs = tl.load(cos_ptr + i, mask=isr, other=1.0)
         sn = tl.load(sin_ptr + i, mask=isr, other=0.0)
-        o = tl.where(c % 2 == 0, of * cs - op * sn, op * sn + of * cs)       # (a, b) -> (a cos - b sin, a sin + b cos)
+        o = tl.reshape(tl.join(ev * cs - od * sn, ev * sn + od * cs), [CB])             # (a cos - b sin, a sin + b cos)
     tl.store(out_ptr + b * out_sb + h * C + c, o.to(dt))
 
 

@@ -3,10 +3,10 @@
 
 Pre, for X ``[T, hc, D]`` (the hc residual streams of T tokens) and ``fn [(2+hc)*hc, hc*D]`` fp32:
 
-One launch, ``_hc_pre_kernel``, grid ``(T, NSPLIT)``:
+One launch, ``_hc_pre_kernel``, grid ``(T, slices)`` (``pre_launch``: slices, K step and warps by token count):
 
 1. each program takes a K slice of the flattened streams ``v = X.flatten()`` and writes its partial
-   dots ``fn[:, slice] . v[slice]`` plus the partial sum of squares to ``part [T, NSPLIT, NMP]``, then
+   dots ``fn[:, slice] . v[slice]`` plus the partial sum of squares to ``part [T, slices, NMP]``, then
    counts itself in the token's arrival counter (acq_rel atomic, kernels/workspace.py);
 2. the last program of a token to arrive finishes it: sums the partials; the RMS normalisation is a
    scalar per token, so ``mix = rsqrt(mean(v^2) + eps) * (fn . v)`` equals the reference's
@@ -30,7 +30,18 @@ from .pdl import launch_args, pdl_wait, prefetch_l2
 from .mhc_sinkhorn import sinkhorn_tile
 from .workspace import split_workspace
 
-NSPLIT = 128         # K slices of the mixing GEMV per token (hc*D = 16384 at V4 shapes -> 128 each: one load)
+# Pre launch (K slices of the mixing GEMV per token, channels per K step, warps per program), by token count.
+# H200, V4 shapes (hc*D = 16384), bench/bench_mhc_step.py (2026-11-29, session 8): one token 8.0 us per call at
+# (128, 128, 8) (next best 8.7); eight tokens 16.2 us at that config, 11.1-11.2 us at (32-128, 512, 4) -- 128
+# slices of 128 channels per token make 1024 programs of 8 warps at T=8, more than one wave; at BK 512 the
+# slices cap at K / 512 = 32 per token.
+PRE_ONE = (128, 128, 8)
+PRE_MANY = (32, 512, 4)
+
+
+def pre_launch(T: int) -> tuple[int, int, int]:
+    """(K slices per token, channels per K step, warps) of the pre launch for T tokens."""
+    return PRE_ONE if T == 1 else PRE_MANY
 SINGLE_MAX_D = 4096  # up to this D the finishing program keeps the row in registers (one load per stream)
 
 
@@ -41,7 +52,7 @@ def _hc_pre_kernel(x_ptr, fn_ptr, part_ptr, cnt_ptr, scale_ptr, base_ptr, nw_ptr
                    NMP: tl.constexpr, SB: tl.constexpr, HC: tl.constexpr, ITERS: tl.constexpr,
                    BD: tl.constexpr, BK: tl.constexpr, HAS_NORM: tl.constexpr, SINGLE: tl.constexpr,
                    POST: tl.constexpr, HAS_F2: tl.constexpr, PDL: tl.constexpr):
-    # x [T, K] (streams flattened, any float dtype), fn [NM, K] fp32, part [T, NSPLIT, NMP] fp32,
+    # x [T, K] (streams flattened, any float dtype), fn [NM, K] fp32, part [T, slices, NMP] fp32,
     # cnt [T] int32 arrival counters (zero on entry, reset by the finishing program).
     # POST: the previous sublayer's mHC post first -- x = post_in_k f + sum_j comb_in[j, k] res_j is
     # computed slice by slice from f [T, D] (+ f2), res [T, K], pin [T, HC], cin [T, HC, HC] and
@@ -227,8 +238,9 @@ def _pre(X, post_args, fn, scale, base, iters, hc_eps, norm_eps, out_norm, out_e
         post_args = (x,) * 5                                           # unused
     else:
         x = torch.empty(T, K, dtype=X.dtype, device=X.device)          # the new streams, written by the kernel
-    ns = max(1, min(NSPLIT, triton.cdiv(K, 128)))
-    per = triton.cdiv(triton.cdiv(K, ns), 128) * 128
+    nsplit, bk, warps = pre_launch(T)
+    ns = max(1, min(nsplit, triton.cdiv(K, bk)))
+    per = triton.cdiv(triton.cdiv(K, ns), bk) * bk
     ns = triton.cdiv(K, per)
     NMP = triton.next_power_of_2(NM + 1)
     part = torch.empty(T, ns, NMP, dtype=torch.float32, device=X.device)
@@ -240,9 +252,9 @@ def _pre(X, post_args, fn, scale, base, iters, hc_eps, norm_eps, out_norm, out_e
     _hc_pre_kernel[(T, ns)](x, fn.contiguous(), part, cnt, scale.float().contiguous(), base.float().contiguous(),
                             nw, y, post, comb, *post_args, K, D, NM, per, float(norm_eps), float(hc_eps),
                             float(out_eps), NMP=NMP, SB=triton.next_power_of_2(ns), HC=hc, ITERS=iters,
-                            BD=triton.next_power_of_2(D) if D <= SINGLE_MAX_D else 1024, BK=128,
+                            BD=triton.next_power_of_2(D) if D <= SINGLE_MAX_D else 1024, BK=bk,
                             HAS_NORM=out_norm is not None, SINGLE=D <= SINGLE_MAX_D,
-                            POST=fuse_post, HAS_F2=has_f2, num_warps=8, **launch_args(X.device))
+                            POST=fuse_post, HAS_F2=has_f2, num_warps=warps, **launch_args(X.device))
     return (x.view(X.shape), y.reshape(*lead, D), post.reshape(*lead, hc), comb.reshape(*lead, hc, hc))
 
 

@@ -64,8 +64,9 @@ for bm, bn, split_k, warps, stages, last, grouped in cases:
         if m == 16 and not grouped:   # an fp32 model's activations (hi + lo fp16 dots)
             check(name + " fp32 x", _fp8_linear_kernel, dict(sig, x_ptr="*fp32", y_ptr=sig["y_ptr"].replace("bf16", "fp32")),
                   dict(cons, X32=True), num_warps=warps, num_stages=stages)
-from dsv4lib.kernels.mhc_step import _hc_pre_kernel
-for has_norm, post in ((False, False), (True, False), (True, True)):
+from dsv4lib.kernels.mhc_step import PRE_MANY, PRE_ONE, _hc_pre_kernel
+for (has_norm, post), (nsplit, bk, warps) in zip(((False, False), (True, False), (True, True), (True, True)),
+                                                 (PRE_ONE, PRE_ONE, PRE_ONE, PRE_MANY)):
     sig = {"x_ptr": "*bf16", "fn_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32", "scale_ptr": "*fp32",
            "base_ptr": "*fp32", "nw_ptr": "*fp32", "y_ptr": "*bf16", "post_ptr": "*fp32", "comb_ptr": "*fp32",
            "f_ptr": "*fp32", "f2_ptr": "*bf16", "res_ptr": "*bf16", "pin_ptr": "*fp32", "cin_ptr": "*fp32",
@@ -73,10 +74,10 @@ for has_norm, post in ((False, False), (True, False), (True, True)):
            "out_eps": "fp32", "NMP": "constexpr", "SB": "constexpr", "HC": "constexpr", "ITERS": "constexpr",
            "BD": "constexpr", "BK": "constexpr", "HAS_NORM": "constexpr", "SINGLE": "constexpr",
            "POST": "constexpr", "HAS_F2": "constexpr"}
-    cons = dict(NMP=32, SB=128, HC=4, ITERS=20, BD=4096, BK=128, HAS_NORM=has_norm, SINGLE=True, POST=post,
-                HAS_F2=post)
-    name = f"hc_pre norm={has_norm} post={post}"
-    check(name, _hc_pre_kernel, sig, cons, num_warps=8)
+    cons = dict(NMP=32, SB=min(nsplit, 16384 // bk), HC=4, ITERS=20, BD=4096, BK=bk, HAS_NORM=has_norm, SINGLE=True,
+                POST=post, HAS_F2=post)
+    name = f"hc_pre norm={has_norm} post={post} bk={bk} warps={warps}"
+    check(name, _hc_pre_kernel, sig, cons, num_warps=warps)
 from dsv4lib.kernels.moe_step import _router_fused_kernel
 for T, hsh in ((1, False), (1, True), (8, False)):
     sig = {"x_ptr": "*bf16", "gw_ptr": "*bf16", "lg_ptr": "*fp32", "cnt_ptr": "*i32", "bias_ptr": "*fp32",
