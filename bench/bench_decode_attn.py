@@ -64,6 +64,24 @@ def graph_us(fn, calls: int, reps: int) -> float:
     return ts[len(ts) // 2]
 
 
+def kernel_us(fn, calls: int) -> dict:
+    """Average GPU microseconds per launch of each kernel over ``calls`` eager calls (torch profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    tot: dict = {}
+    for e in prof.events():
+        if e.device_type.name == "CUDA":
+            t = tot.setdefault(e.name, [0.0, 0])
+            t[0] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+            t[1] += 1
+    return {k: round(v[0] / v[1], 2) for k, v in tot.items() if v[1] >= calls}
+
+
 def attn_inputs(kind: str, B: int, ctx: int, g: torch.Generator):
     H, C, W = 64, 512, 128
     L = ctx + 64
@@ -106,11 +124,14 @@ def bench_attention(a, old) -> list[dict]:
                     row["old_rope_us"] = graph_us(lambda i: old.decode_attention(*args, rope=rope), a.calls, a.reps)
                     row["rope_max_diff_new_old"] = (new_da.decode_attention(*args, rope=rope).float()
                                                     - old.decode_attention(*args, rope=rope).float()).abs().max().item()
+                if a.kernels:   # GPU time per launch of each kernel of the call (partial / combine)
+                    row["kernels_us"] = kernel_us(lambda: new_da.decode_attention(*args, rope=rope), a.calls)
                 rows.append(row)
                 print(f"attn {kind:8s} B{B} ctx{ctx:6d}: new {row['new_us']:7.1f} us  old "
                       f"{row.get('old_us', float('nan')):7.1f} us  torch {row['torch_us']:7.1f} us  rel err {err:.1e}"
                       f"  | with RoPE: new {row['new_rope_us']:7.1f} old {row.get('old_rope_us', float('nan')):7.1f} us"
-                      f" max|new-old| {row.get('rope_max_diff_new_old', float('nan')):.1e}", flush=True)
+                      f" max|new-old| {row.get('rope_max_diff_new_old', float('nan')):.1e}"
+                      + (f"  kernels {row['kernels_us']}" if a.kernels else ""), flush=True)
     return rows
 
 
@@ -136,6 +157,32 @@ def sweep_attention(a) -> list[dict]:
             line.append(f"{us:6.1f}")
         print(f"sweep {kind} B{B} ctx{ctx}: " + " ".join(line), flush=True)
     print("sweep configs:", cfgs)
+    return rows
+
+
+def sweep_combine(a) -> list[dict]:
+    """The combine launch's knobs (``decode_attention.COMBINE``), per kernel (profiler), with the model's RoPE."""
+    g = torch.Generator(device="cuda").manual_seed(3)
+    saved, rows = new_da.COMBINE, []
+    rope = (torch.rand(32, device="cuda", generator=g), -torch.rand(32, device="cuda", generator=g))
+    for kind, B, ctx in (("csa", 1, 1024), ("csa", 8, 1024), ("hca", 8, 1024), ("sliding", 8, 1024)):
+        args = attn_inputs(kind, B, ctx, g)
+        ref = new_da.decode_attention(*args, rope=rope).float()
+        for cfg in ((128, 4), (512, 4), (512, 8), (256, 2), (64, 2), (128, 1), (512, 16)):
+            new_da.COMBINE = cfg
+            try:
+                diff = (new_da.decode_attention(*args, rope=rope).float() - ref).abs().max().item()
+                ks = kernel_us(lambda: new_da.decode_attention(*args, rope=rope), a.calls)
+                us = graph_us(lambda i: new_da.decode_attention(*args, rope=rope), a.calls, a.reps)
+            except Exception as e:  # noqa: BLE001
+                print("  combine sweep error", cfg, repr(e)[:200])
+                continue
+            comb = next((v for k, v in ks.items() if "combine" in k), float("nan"))
+            rows.append({"kind": kind, "B": B, "ctx": ctx, "cb": cfg[0], "warps": cfg[1], "combine_us": comb,
+                         "call_us": us, "max_diff": diff})
+            print(f"combine {kind:8s} B{B} cb {cfg[0]:3d} warps {cfg[1]:2d}: combine {comb:6.2f} us, call {us:6.2f} us, "
+                  f"max diff {diff:.1e}", flush=True)
+    new_da.COMBINE = saved
     return rows
 
 
@@ -194,6 +241,8 @@ def main() -> None:
     ap.add_argument("--old", type=Path, default=None, help="folder with the previous kernel files")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-compressor", action="store_true", help="attention only")
+    ap.add_argument("--kernels", action="store_true", help="also each kernel's GPU time per launch (profiler)")
+    ap.add_argument("--combine-sweep", action="store_true", help="time the combine launch's (channels, warps)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     old_da = _load(a.old / "decode_attention.py", "old_decode_attention") if a.old else None
@@ -204,6 +253,8 @@ def main() -> None:
     if not a.no_compressor:
         res["compressor"] = bench_compressor(a, old_cs)
     res["attention"] = bench_attention(a, old_da)
+    if a.combine_sweep:
+        res["combine_sweep"] = sweep_combine(a)
     if a.sweep:
         res["sweep"] = sweep_attention(a)
         res["compressor_warps"] = bench_compressor(a, None)

@@ -31,15 +31,18 @@ def main(argv=None) -> int:
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--sweep-t", type=int, default=8, help="also sweep the configs at this token count (0: no)")
     ap.add_argument("--quick", action="store_true", help="T=1 default and the --sweep-t sweep only")
+    ap.add_argument("--experts", type=int, default=24,
+                    help="experts per layer (43 x E x 7.3 MB on the GPU; the full model's 256 routed would be 80 GB: "
+                         "E=128 gives ~41 distinct experts at T=8, as the model's ~44)")
     ap.add_argument("--out", default="int2_idp.json")
     a = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_int2_idp: needs a CUDA GPU")
         return 1
     dev = torch.device("cuda")
-    E, D, I = 24, 4096, 2048
+    E, D, I = a.experts, 4096, 2048
     L = a.layers
-    res: dict = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "layers": L}
+    res: dict = {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "layers": L, "experts": E}
     res["copy_GBps"] = copy_bandwidth(dev) / 1e9
     layers = Int2Layers(L, E, D, I, dev, seed=0)
     weights = [layers.layer(l) for l in range(L)]

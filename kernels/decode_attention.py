@@ -36,6 +36,11 @@ LOWP_CFG = (32, 128, 4)
 IEEE_CFG = (32, 32, 8)
 WAVE = 132
 MAX_PROGRAMS = 256   # launch-1 programs aimed for (splits = min(blocks, MAX_PROGRAMS // B, 64))
+# Launch 2 (combine): output channels per program, warps. One program per (row, head) with the whole 512-wide
+# head: H200 (bench/bench_decode_attn.py --combine-sweep, session 8), combine at b8 CSA 8.85 -> 3.63 us and
+# the whole call 25.3 -> 13.1 us -- the 2048 programs of 128 channels, launched early under PDL, held SM slots
+# while launch 1 ran; b1 12.3 -> 11.5 us per call.
+COMBINE = (512, 4)
 
 
 @triton.jit
@@ -238,11 +243,12 @@ def decode_attention(q: torch.Tensor, win: torch.Tensor, ent: torch.Tensor | Non
         C=C, HP=HP, BNc=bn, BCc=bc, HAS_SEL=sel is not None, LOWP=lowp, ONE=NB == 1,
         num_warps=num_warps, num_stages=1, **launch_args(q.device))   # no software pipelining: the NB-block loops overflow shared memory
     out = torch.empty(B, H, C, dtype=q.dtype, device=q.device)
-    CB = min(C, 128)
+    CB = min(C, COMBINE[0])
     R = 2 * rope[0].numel() if rope is not None else 0
     cs, sn = (rope[0].float().contiguous(), rope[1].float().contiguous()) if rope is not None else (m, m)
     _attn_combine_kernel[(B * H, C // CB)](m, lsum, acc, sink.to(f32).contiguous(), cs, sn, out, H, S, out.stride(0),
-                                           C=C, CB=CB, SB=triton.next_power_of_2(S), ROPE=R, num_warps=4, **launch_args(q.device))
+                                           C=C, CB=CB, SB=triton.next_power_of_2(S), ROPE=R, num_warps=COMBINE[1],
+                                           **launch_args(q.device))
     return out
 
 

@@ -90,7 +90,7 @@ for T, hsh in ((1, False), (1, True), (8, False)):
     name = f"router_fused T={T} hash={hsh}"
     check(name, _router_fused_kernel, sig, cons, num_warps=4)
 from dsv4lib.kernels.rmsnorm_rope import _rmsnorm_rope_kernel
-from dsv4lib.kernels.decode_attention import _attn_combine_kernel
+from dsv4lib.kernels.decode_attention import COMBINE, _attn_combine_kernel
 more = [("rmsnorm_rope scatter", _rmsnorm_rope_kernel,
          {"x_ptr": "*bf16", "x_stride": "i32", "w_ptr": "*fp32", "cos_ptr": "*fp32", "sin_ptr": "*fp32",
           "out_ptr": "*bf16", "out_stride": "i32", "slot_ptr": "*i64", "eps": "fp32", "cs_stride": "i32",
@@ -101,7 +101,7 @@ more = [("rmsnorm_rope scatter", _rmsnorm_rope_kernel,
          {"m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "sink_ptr": "*fp32", "cos_ptr": "*fp32",
           "sin_ptr": "*fp32", "out_ptr": "*bf16", "H": "i32", "S": "i32", "out_sb": "i32", "C": "constexpr",
           "CB": "constexpr", "SB": "constexpr", "ROPE": "constexpr"},
-         dict(C=512, CB=128, SB=8, ROPE=64), 4)]
+         dict(C=512, CB=min(512, COMBINE[0]), SB=8, ROPE=64), COMBINE[1])]
 for name, fn, sig, cons, warps in more:
     check(name, fn, sig, cons, num_warps=warps)
 from dsv4lib.kernels import mhc_prefill as mp
