@@ -31,8 +31,10 @@ elif [ "$PHASE" = ab ]; then
 else
   timeout 480 python3 -m pytest -q -m gpu tests/ --ignore=tests/test_notebooks.py > "$OUT/gpu_tests.log" 2>&1
   grep -E "passed|failed|FAILED|Error" "$OUT/gpu_tests.log" | tail -15
-  # device-independent tests of the opt-in switches, here on CUDA (the side stream really forks there)
-  timeout 90 python3 -m pytest -q tests/test_model_attention_chunks.py tests/test_kernels_int2.py -k "side_stream or align" \
+  # device-independent tests of the switches and launch knobs changed last, here on CUDA (the side stream really
+  # forks there; the knobs compile for sm_90)
+  timeout 150 python3 -m pytest -q tests/test_model_attention_chunks.py tests/test_kernels_int2.py tests/test_kernels_mhc.py \
+      tests/test_kernels_moe_step.py tests/test_fullscale_static.py -k "side_stream or align or hc_pre or router or attention" \
       > "$OUT/optin_tests.log" 2>&1
   tail -2 "$OUT/optin_tests.log"
 fi
