@@ -165,7 +165,7 @@ PREFILL_SWITCHES = (("fused_mhc", "model.transformer", "FUSED_MHC_PREFILL", "mHC
                     ("align_kernel", "kernels.int2_moe_prefill", "ALIGN_KERNEL", "INT2 align kernel"),
                     ("side_stream", "model.attention", "PREFILL_SIDE_STREAM", "compressors on a side stream"))
 
-VARIANTS = ("single_stream", "pdl", "int2_idp", "fp8_prefetch1", "fp8_prefetch2")
+VARIANTS = ("single_stream", "pdl", "int2_idp")
 VARIANT_LABELS = {"single_stream": "1-stream", "pdl": "PDL toggled", "int2_idp": "INT2 idp toggled",
                   "fp8_prefetch1": "FP8 prefetch 1", "fp8_prefetch2": "FP8 prefetch 2",
                   "q_norm_prologue": "q_norm prologue toggled"}
@@ -179,7 +179,8 @@ def _variant(name: str):
     kernels.dispatch.DECODE_IDP, toggled), ``fp8_prefetchN`` (the FP8 GEMVs prefetch their first N K blocks
     to L2 before the PDL wait, kernels.fp8_linear.PREFETCH_STEPS = N; 0 if N is the default),
     ``q_norm_prologue`` (q_norm inside the wq_b GEMV, model.graphed.Q_NORM_PROLOGUE, toggled; measured
-    no gain in session 6 and no longer in ``VARIANTS``)."""
+    no gain in session 6 and no longer in ``VARIANTS``; the fp8 prefetch ones left it in session 8 after three
+    runs without gain)."""
     from .kernels import dispatch, fp8_linear, pdl
     from .model import graphed
     saved = graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE, fp8_linear.PREFETCH_STEPS

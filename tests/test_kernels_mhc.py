@@ -18,15 +18,16 @@ def _inputs(dtype, B=3, hc=4, D=200, seed=0):
     return X, fn, scale, base
 
 
-@pytest.mark.parametrize("launch", ["one", "many"])
+@pytest.mark.parametrize("launch,hc", [("one", 4), ("many", 4), ("one", 2), ("many", 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_hc_pre_fused_matches_eager(dtype, launch, monkeypatch):
-    """Both launch configs of the pre (``pre_launch``: one token / several tokens), forced for any token count."""
+def test_hc_pre_fused_matches_eager(dtype, launch, hc, monkeypatch):
+    """Both launch configs of the pre (``pre_launch``: one token / several tokens), forced for any token count;
+    hc 4 (V4) and 2 (the embedded model)."""
     import dsv4lib.kernels.mhc_step as mhc
     cfg = mhc.PRE_ONE if launch == "one" else mhc.PRE_MANY
     monkeypatch.setattr(mhc, "PRE_ONE", cfg)
     monkeypatch.setattr(mhc, "PRE_MANY", cfg)
-    X, fn, scale, base = _inputs(dtype)
+    X, fn, scale, base = _inputs(dtype, hc=hc)
     y, post, comb = hc_pre_fused(X, fn, scale, base, 20, 1e-6, 1e-6)
     ry, rpost, rcomb = hc_pre_reference(X, fn, scale, base, 20, 1e-6, 1e-6)
     assert y.dtype == dtype and y.shape == ry.shape and post.shape == rpost.shape and comb.shape == rcomb.shape
