@@ -29,57 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dsv4lib.kernels import compressor_step as new_cs  # noqa: E402
 from dsv4lib.kernels import decode_attention as new_da  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import graph_us, kernel_us  # noqa: E402
+
 
 def _load(path: Path, name: str):
     spec = importlib.util.spec_from_file_location(name, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
-
-
-def graph_us(fn, calls: int, reps: int) -> float:
-    """Median microseconds per call of ``fn(i)`` for i in range(calls), captured in one CUDA graph."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for i in range(calls):
-            fn(i)
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for i in range(calls):
-            fn(i)
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b) * 1000 / calls)
-    ts.sort()
-    return ts[len(ts) // 2]
-
-
-def kernel_us(fn, calls: int) -> dict:
-    """Average GPU microseconds per launch of each kernel over ``calls`` eager calls (torch profiler)."""
-    from torch.profiler import ProfilerActivity, profile
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            fn()
-        torch.cuda.synchronize()
-    tot: dict = {}
-    for e in prof.events():
-        if e.device_type.name == "CUDA":
-            t = tot.setdefault(e.name, [0.0, 0])
-            t[0] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-            t[1] += 1
-    return {k: round(v[0] / v[1], 2) for k, v in tot.items() if v[1] >= calls}
 
 
 def attn_inputs(kind: str, B: int, ctx: int, g: torch.Generator):

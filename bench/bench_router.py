@@ -17,8 +17,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_mhc_step import graph_us  # noqa: E402
 from dsv4lib.kernels import moe_step as MS  # noqa: E402
+from timing import graph_us  # noqa: E402
 
 
 def main(argv=None) -> int:
