@@ -21,7 +21,7 @@ from bench_kernels import Int2Layers, time_decode  # noqa: E402
 
 from dsv4lib.fullscale import copy_bandwidth  # noqa: E402
 from dsv4lib.kernels.int2_moe_decode import int2_moe_decode  # noqa: E402
-from dsv4lib.kernels.int2_moe_idp import idp_configs, idp_configs_many, int2_moe_idp  # noqa: E402
+from dsv4lib.kernels.int2_moe_idp import idp_configs, idp_configs_many, int2_moe_idp, pick_idp_config  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -31,6 +31,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-sweep", action="store_true")
     ap.add_argument("--sweep-t", type=int, default=8, help="also sweep the configs at this token count (0: no)")
     ap.add_argument("--quick", action="store_true", help="T=1 default and the --sweep-t sweep only")
+    ap.add_argument("--split-prefill", action="store_true",
+                    help="also the split-K prefill kernels (SPLIT_DECODE_CONFIG and two variants) at T=1, 8, 16 against idp")
     ap.add_argument("--experts", type=int, default=24,
                     help="experts per layer (43 x E x 7.3 MB on the GPU; the full model's 256 routed would be 80 GB: "
                          "E=128 gives ~41 distinct experts at T=8, as the model's ~44)")
@@ -77,7 +79,8 @@ def main(argv=None) -> int:
     res["best_idp16_T1"] = repr(bc)
     if not a.quick:
         case(1, False, "idp8 best-T1 config", idp(8, bc))
-    for T, shared in ((8, False), (16, False), (16, True)) if not a.quick else ((a.sweep_t, False),):
+    quick_cases = ((a.sweep_t, False),) if a.sweep_t else ()
+    for T, shared in ((8, False), (16, False), (16, True)) if not a.quick else quick_cases:
         case(T, shared, "fp16 loop (int2_moe_decode)", int2_moe_decode)
         case(T, shared, "idp16 best-T1 config", idp(16, bc))
         if not a.quick:
@@ -92,6 +95,22 @@ def main(argv=None) -> int:
         bt, btc = min(swt, key=lambda rc: rc[0]["us_per_layer"])
         res[f"best_idp16_T{a.sweep_t}"] = repr(btc)
         print(f"best idp16 T={a.sweep_t}: {bt['us_per_layer']:.1f} us/layer ({btc})")
+    if a.split_prefill:   # the tensor-core prefill kernels split over K at decode sizes (issue 6: 16 tokens <= 2x one)
+        from dsv4lib.kernels.int2_moe_prefill import SPLIT_DECODE_CONFIG, GemmConfig, PrefillConfig, int2_moe_prefill
+        spl = [SPLIT_DECODE_CONFIG,
+               PrefillConfig(16, GemmConfig(64, 8, 4, 3, split=4), GemmConfig(64, 8, 4, 3, split=2)),
+               PrefillConfig(16, GemmConfig(64, 8, 4, 3, split=16), GemmConfig(64, 8, 4, 3, split=8))]
+
+        def pf(cfg):
+            return lambda *args: int2_moe_prefill(*args, config=cfg)
+        for T, shared in ((1, False), (8, False), (16, True), (16, False)):
+            case(T, shared, "idp16 default", idp(16, pick_idp_config(T)))
+            for i, c in enumerate(spl):
+                try:
+                    case(T, shared, f"prefill split-K cfg {i}", pf(c))
+                except Exception as e:  # noqa: BLE001 -- reported, not fatal
+                    print(f"  prefill split-K cfg {i} failed at T={T}: {type(e).__name__}: {str(e)[:200]}")
+        res["split_prefill_configs"] = [repr(c) for c in spl]
     if not a.quick:
         case(1, False, "idp16 best again (spread)", idp(16, bc))
     print(f"\ncopy {res['copy_GBps']:.0f} GB/s; best idp16 T=1: {best['us_per_layer']:.1f} us/layer = "

@@ -28,7 +28,10 @@ benchmark). ``SWAP`` (constexpr) puts the weight tile on the left of the dot (``
 BLOCK_M]``): the dequantised registers are the MMA's A operand and the token count is the MMA's N
 side (>= 16), so a small BLOCK_M costs no padding of the weight side. ``GemmConfig.chunk`` instead
 dequantises ``chunk`` experts at a time to fp16 (``dequantize_int2``) and runs the same kernels as
-a plain fp16 grouped GEMM. Measurements: kernels/BENCHMARKS.md "INT2 prefill grouped GEMM v2".
+a plain fp16 grouped GEMM. ``GemmConfig.split`` splits K over a third grid axis for decode-size token counts
+(``SPLIT_DECODE_CONFIG``): gate/up partial sums go into a zeroed fp32 workspace (``workspace.zeroed_workspace``)
+by atomic adds and the last split of a tile to arrive (per-tile counter) applies SwiGLU and zeroes what it used;
+down splits add into y like the M-blocks do. Measurements: kernels/BENCHMARKS.md "INT2 prefill grouped GEMM v2".
 """
 from __future__ import annotations
 
@@ -41,6 +44,7 @@ import triton.language as tl
 from .int2_dequant import as_int32, dequantize_int2, fit_w
 from .int2_moe_decode import _check_routing, check_moe_weights
 from .ptx import codes_f16x2
+from .workspace import split_workspace, zeroed_workspace
 
 HAS_ASSUME = tl.constexpr(hasattr(tl, "assume"))
 
@@ -53,7 +57,8 @@ class GemmConfig:
     repeated-address load, 0 = [BN, W, 16] expand + reshape; see ``_int2_tile_f16``); ``chunk > 0``:
     dequantise ``chunk`` experts at a time to fp16 (``dequantize_int2``, a ``[chunk, N, K]``
     temporary) and run the dot on those instead; ``maxnreg`` caps the registers per thread (Triton's launch
-    option) to fit more CTAs on an SM."""
+    option) to fit more CTAs on an SM; ``split`` > 1 splits K over a third grid axis (gate/up: partial sums in a
+    zeroed fp32 workspace, the last split of a tile applies SwiGLU; down: each split adds into y)."""
     block_n: int = 128
     w: int = 8
     warps: int = 8
@@ -62,6 +67,7 @@ class GemmConfig:
     expand: int = 2
     chunk: int = 0
     maxnreg: int = 0      # > 0: cap registers per thread (more CTAs per SM; ptxas may spill)
+    split: int = 1        # > 1: split-K over a third grid axis (decode-size token counts: more programs)
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,14 @@ class PrefillConfig:
     gate_up: GemmConfig = GemmConfig()
     down: GemmConfig = GemmConfig()
     down_block_m: int = 0
+
+
+# Split-K launches for decode-size token counts (opt-in, untimed; written in session 8 after the device time ran
+# out): 16-token blocks, gate/up K split 8 ways, down 4 ways, so the few used expert blocks of a 1-16 token call
+# still make ~1-2k programs. Aimed at tokens that share experts (16 tokens on 6 experts: each weight tile is
+# dequantised once for all of them, where the CUDA-core decode kernels read it once per token). For the bench
+# (bench/bench_kernels.py INT2 decode section), not dispatched by the model.
+SPLIT_DECODE_CONFIG = PrefillConfig(16, GemmConfig(64, 8, 4, 3, split=8), GemmConfig(64, 8, 4, 3, split=4))
 
 
 def pick_prefill_config(T: int, k: int, E: int) -> PrefillConfig:
@@ -200,13 +214,17 @@ def _gate_up_kernel(
     I, D, KW, limit,
     # DEQ: w1/w3 are fp16 [EC, I, D] of experts E0..E0+EC-1 (other blocks exit)
     E0, EC,
+    # split-K (SPLIT > 1): zeroed fp32 workspace [blocks*BLOCK_M, 2I], zeroed int32 counter per tile, words per split
+    ws_ptr, cnt_ptr, KS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr, SWAP: tl.constexpr,
-    EXPAND: tl.constexpr, DEQ: tl.constexpr, H_PAIRS: tl.constexpr,
+    EXPAND: tl.constexpr, DEQ: tl.constexpr, H_PAIRS: tl.constexpr, SPLIT: tl.constexpr,
 ):
     if HAS_ASSUME:   # no zero-trip path around the K loop: LLVM would re-zero the accumulators there, and
         tl.assume(KW > 0)   # ptxas serialises every wgmma of a loop whose accumulators have a second definition (C7515)
+        tl.assume(KS > 0)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    k0 = tl.program_id(2) * KS                                           # this split's first word
     e = tl.load(bexp_ptr + pid_m).to(tl.int64) - E0
     if (e < 0) | (e >= EC):
         return
@@ -235,9 +253,10 @@ def _gate_up_kernel(
         acc3 = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     if EXPAND == 2 and not DEQ:
         # scales / zeros of step i+1 are loaded during step i (they are too narrow for cp.async)
-        sc1, zb1 = _sz_load(s1_ptr, z1_ptr, rows, rmask, 0, KW, W)
-        sc3, zb3 = _sz_load(s3_ptr, z3_ptr, rows, rmask, 0, KW, W)
-        for kw0 in range(0, KW, W):
+        sc1, zb1 = _sz_load(s1_ptr, z1_ptr, rows, rmask, k0, KW, W)
+        sc3, zb3 = _sz_load(s3_ptr, z3_ptr, rows, rmask, k0, KW, W)
+        for i in range(0, KS, W):
+            kw0 = k0 + i
             a = tl.load(x_ptr + tok[:, None] * D + (kw0 * 16 + kk)[None, :], mask=valid[:, None],
                         other=0.0)                                       # [BM, 16W] fp16
             q1 = _words_load(w1_ptr, rows, rmask, kw0, KW, W)            # [BN, W]
@@ -254,7 +273,8 @@ def _gate_up_kernel(
                 acc1 = tl.dot(a, tl.trans(b1), acc1)
                 acc3 = tl.dot(a, tl.trans(b3), acc3)
             sc1, zb1, sc3, zb3 = sc1n, zb1n, sc3n, zb3n
-    for kw0 in range(0, KW if (EXPAND != 2 or DEQ) else 0, W):
+    for i in range(0, KS if (EXPAND != 2 or DEQ) else 0, W):
+        kw0 = k0 + i
         a = tl.load(x_ptr + tok[:, None] * D + (kw0 * 16 + kk)[None, :], mask=valid[:, None],
                     other=0.0)                                           # [BM, 16W] fp16
         if DEQ:
@@ -271,6 +291,33 @@ def _gate_up_kernel(
         else:
             acc1 = tl.dot(a, tl.trans(b1), acc1)
             acc3 = tl.dot(a, tl.trans(b3), acc3)
+    if SPLIT > 1:   # partial sums into the workspace; the tile's last split to arrive finishes it
+        if SWAP:
+            wsi = pos[None, :].to(tl.int64) * (2 * I) + rows[:, None]    # [BN, BM]
+            wm = valid[None, :] & rmask[:, None]
+        else:
+            wsi = pos[:, None].to(tl.int64) * (2 * I) + rows[None, :]    # [BM, BN]
+            wm = valid[:, None] & rmask[None, :]
+        tl.atomic_add(ws_ptr + wsi, acc1, mask=wm, sem="relaxed")
+        tl.atomic_add(ws_ptr + wsi + I, acc3, mask=wm, sem="relaxed")
+        tl.debug_barrier()
+        tile = pid_m * tl.num_programs(0) + pid_n
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT - 1:
+            acc1 = tl.load(ws_ptr + wsi, mask=wm, other=0.0, cache_modifier=".cg")
+            acc3 = tl.load(ws_ptr + wsi + I, mask=wm, other=0.0, cache_modifier=".cg")
+            tl.store(ws_ptr + wsi, tl.zeros_like(acc1), mask=wm)          # zero again for the next call
+            tl.store(ws_ptr + wsi + I, tl.zeros_like(acc3), mask=wm)
+            tl.atomic_xchg(cnt_ptr + tile, 0)
+            _swiglu_h(acc1, acc3, rw_ptr, pair, valid, pos, rows, rmask, h_ptr, I, limit, SWAP, H_PAIRS)
+    else:
+        _swiglu_h(acc1, acc3, rw_ptr, pair, valid, pos, rows, rmask, h_ptr, I, limit, SWAP, H_PAIRS)
+
+
+@triton.jit
+def _swiglu_h(acc1, acc3, rw_ptr, pair, valid, pos, rows, rmask, h_ptr, I, limit,
+              SWAP: tl.constexpr, H_PAIRS: tl.constexpr):
+    """Gate/up epilogue: SwiGLU with the V4 clamp and the routing weight -> h (fp16) at the sorted positions."""
     rw = tl.load(rw_ptr + pair, mask=valid, other=0.0)                   # [BM]
     g = tl.minimum(acc1, limit)
     u = tl.minimum(tl.maximum(acc3, -limit), limit)
@@ -302,13 +349,17 @@ def _down_kernel(
     I, D, KW,
     # DEQ: w2 is fp16 [EC, D, I] of experts E0..E0+EC-1 (other blocks exit)
     E0, EC,
+    # words per K split (split-K over the third grid axis: each split adds its partial into y)
+    KS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
     SWAP: tl.constexpr, EXPAND: tl.constexpr, DEQ: tl.constexpr,
 ):
     if HAS_ASSUME:
         tl.assume(KW > 0)   # see _gate_up_kernel (ptxas C7515)
+        tl.assume(KS > 0)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    k0 = tl.program_id(2) * KS
     e = tl.load(bexp_ptr + pid_m // R).to(tl.int64) - E0
     if (e < 0) | (e >= EC):
         return
@@ -334,8 +385,9 @@ def _down_kernel(
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     if EXPAND == 2 and not DEQ:
-        sc, zb = _sz_load(s2_ptr, z2_ptr, rows, rmask, 0, KW, W)
-        for kw0 in range(0, KW, W):
+        sc, zb = _sz_load(s2_ptr, z2_ptr, rows, rmask, k0, KW, W)
+        for i in range(0, KS, W):
+            kw0 = k0 + i
             a = tl.load(hrow + (kw0 * 16 + kk)[None, :])                # [BM, 16W] fp16
             q = _words_load(w2_ptr, rows, rmask, kw0, KW, W)
             scn, zbn = _sz_load(s2_ptr, z2_ptr, rows, rmask, kw0 + W, KW, W)
@@ -345,7 +397,8 @@ def _down_kernel(
             else:
                 acc = tl.dot(a, tl.trans(b), acc)
             sc, zb = scn, zbn
-    for kw0 in range(0, KW if (EXPAND != 2 or DEQ) else 0, W):
+    for i in range(0, KS if (EXPAND != 2 or DEQ) else 0, W):
+        kw0 = k0 + i
         a = tl.load(hrow + (kw0 * 16 + kk)[None, :])                    # [BM, 16W] fp16
         if DEQ:
             b = tl.load(w2_ptr + rows[:, None] * I + (kw0 * 16 + kk)[None, :], mask=rmask[:, None], other=0.0)
@@ -484,6 +537,14 @@ def pair_order(x: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tenso
     return torch.empty(v.shape, dtype=dtype or x.dtype, device=x.device).copy_(v).flatten(-3)
 
 
+def _split_words(KW: int, W: int, c: GemmConfig, name: str) -> int:
+    """Packed words per K split of a launch (all of K when ``c.split == 1``)."""
+    if c.split < 1 or KW % (c.split * W) or (c.split > 1 and c.chunk):
+        raise ValueError(f"kernels.int2_moe_prefill: {name} split={c.split} must divide the {KW} words per row into "
+                         f"whole {W}-word steps (and cannot be combined with chunk={c.chunk})")
+    return KW // c.split
+
+
 def _reg_cap(c: GemmConfig) -> dict:
     return {"maxnreg": c.maxnreg} if c.maxnreg else {}
 
@@ -503,19 +564,27 @@ def launch_gate_up(x16, sorted_ids, bexp, k, rw, w1, w3, h, limit: float, block_
     """
     (p1, s1, z1), (p3, s3, z3) = w1, w3
     E, I, KW = p1.shape
-    grid = (triton.cdiv(I, c.block_n), bexp.numel())
-    meta = dict(BLOCK_M=block_m, BLOCK_N=c.block_n, W=fit_w(c.w, KW), SWAP=c.swap, EXPAND=c.expand,
-                H_PAIRS=h_pairs, num_warps=c.warps, num_stages=c.stages, **_reg_cap(c))
+    W = fit_w(c.w, KW)
+    ks = _split_words(KW, W, c, "gate_up")
+    nt = triton.cdiv(I, c.block_n)
+    grid = (nt, bexp.numel(), c.split)
+    meta = dict(BLOCK_M=block_m, BLOCK_N=c.block_n, W=W, SWAP=c.swap, EXPAND=c.expand,
+                H_PAIRS=h_pairs, SPLIT=c.split, num_warps=c.warps, num_stages=c.stages, **_reg_cap(c))
+    if c.split > 1:   # zero on entry; the finishing programs zero what they used
+        ws = zeroed_workspace(x16.device, bexp.numel() * block_m * 2 * I)
+        cnt = split_workspace(x16.device, 0, nt * bexp.numel())[1]
+    else:
+        ws, cnt = rw, rw                                                  # unused
     if not c.chunk:
         _gate_up_kernel[grid](x16, sorted_ids, bexp, rw.numel(), k, rw, as_int32(p1), s1, z1, as_int32(p3), s3, z3,
-                              h, I, KW * 16, KW, limit, 0, E, DEQ=False, **meta)
+                              h, I, KW * 16, KW, limit, 0, E, ws, cnt, ks, DEQ=False, **meta)
         return
     for e0 in range(0, E, c.chunk):
         e1 = min(E, e0 + c.chunk)
         d1 = dequantize_int2(p1[e0:e1], s1[e0:e1], z1[e0:e1], torch.float16)     # [C, I, D]
         d3 = dequantize_int2(p3[e0:e1], s3[e0:e1], z3[e0:e1], torch.float16)
         _gate_up_kernel[grid](x16, sorted_ids, bexp, rw.numel(), k, rw, d1, s1, z1, d3, s3, z3,
-                              h, I, KW * 16, KW, limit, e0, e1 - e0, DEQ=True, **meta)
+                              h, I, KW * 16, KW, limit, e0, e1 - e0, ws, cnt, ks, DEQ=True, **meta)
 
 
 def launch_down(h, sorted_ids, bexp, k, w2, y, block_m: int, r: int, c: GemmConfig):
@@ -524,16 +593,19 @@ def launch_down(h, sorted_ids, bexp, k, w2, y, block_m: int, r: int, c: GemmConf
     p2, s2, z2 = w2
     E, D, KW = p2.shape
     S = y.shape[0] * k
-    grid = (triton.cdiv(D, c.block_n), bexp.numel() * r)
-    meta = dict(BLOCK_M=block_m, BLOCK_N=c.block_n, W=fit_w(c.w, KW), R=r, SWAP=c.swap, EXPAND=c.expand,
+    W = fit_w(c.w, KW)
+    ks = _split_words(KW, W, c, "down")
+    grid = (triton.cdiv(D, c.block_n), bexp.numel() * r, c.split)
+    meta = dict(BLOCK_M=block_m, BLOCK_N=c.block_n, W=W, R=r, SWAP=c.swap, EXPAND=c.expand,
                 num_warps=c.warps, num_stages=c.stages, **_reg_cap(c))
     if not c.chunk:
-        _down_kernel[grid](h, sorted_ids, bexp, S, k, as_int32(p2), s2, z2, y, KW * 16, D, KW, 0, E, DEQ=False, **meta)
+        _down_kernel[grid](h, sorted_ids, bexp, S, k, as_int32(p2), s2, z2, y, KW * 16, D, KW, 0, E, ks, DEQ=False,
+                           **meta)
         return
     for e0 in range(0, E, c.chunk):
         e1 = min(E, e0 + c.chunk)
         d2 = dequantize_int2(p2[e0:e1], s2[e0:e1], z2[e0:e1], torch.float16)     # [C, D, I]
-        _down_kernel[grid](h, sorted_ids, bexp, S, k, d2, s2, z2, y, KW * 16, D, KW, e0, e1 - e0, DEQ=True, **meta)
+        _down_kernel[grid](h, sorted_ids, bexp, S, k, d2, s2, z2, y, KW * 16, D, KW, e0, e1 - e0, ks, DEQ=True, **meta)
 
 
 def int2_moe_prefill(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,

@@ -26,6 +26,22 @@ def split_workspace(device: torch.device, n_partial: int, n_counters: int) -> tu
     return bufs[-1]
 
 
+_ZEROED: dict = {}
+
+
+def zeroed_workspace(device: torch.device, numel: int) -> torch.Tensor:
+    """A flat fp32 buffer of >= numel elements per (device, stream) that is all zero between kernel calls: its
+    users (split-K partial sums added atomically) zero what they used before they finish. Grown by doubling;
+    replaced buffers stay referenced (captured CUDA graphs keep using them)."""
+    device = torch.device(device)
+    sid = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    bufs = _ZEROED.setdefault((str(device), sid), [])
+    if not bufs or bufs[-1].numel() < numel:
+        bufs.append(torch.zeros(max(numel, 2 * (bufs[-1].numel() if bufs else 0), 1 << 16), dtype=torch.float32,
+                                device=device))
+    return bufs[-1]
+
+
 _WEIGHTS: dict = {}
 
 

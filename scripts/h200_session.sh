@@ -23,6 +23,10 @@ if [ "$PHASE" = bench ]; then
   timeout 120 python3 bench/bench_kernels.py --prefill-only --reps 5 --out "$OUT/int2_prefill_sweep.json" \
       > "$OUT/int2_prefill_sweep.log" 2>&1
   grep -E "^T=|maxnreg=168" "$OUT/int2_prefill_sweep.log"
+  # INT2 decode sizes: idp against the split-K prefill kernels (untimed when written, session 8), 64 experts per layer
+  timeout 150 python3 bench/bench_int2_idp.py --no-sweep --quick --sweep-t 0 --split-prefill --experts 64 \
+      --out "$OUT/int2_split_decode.json" > "$OUT/int2_split_decode.log" 2>&1
+  grep -E "T=" "$OUT/int2_split_decode.log"
 elif [ "$PHASE" = ab ]; then
   # interleaved A/B (8 rounds each) of the prefill switches that are still opt-in (untimed when written)
   for sw in kernels.int2_moe_prefill.ALIGN_KERNEL model.attention.PREFILL_SIDE_STREAM; do

@@ -183,10 +183,11 @@ from dsv4lib.kernels.int2_moe_prefill import _gate_up_kernel as _pf_gate_up
 gsig = {"x_ptr": "*fp16", "sorted_ptr": "*i32", "bexp_ptr": "*i32", "S": "i32", "TOPK": "i32", "rw_ptr": "*fp32",
         "w1_ptr": "*i32", "s1_ptr": "*fp16", "z1_ptr": "*i8", "w3_ptr": "*i32", "s3_ptr": "*fp16", "z3_ptr": "*i8",
         "h_ptr": "*fp16", "I": "i32", "D": "i32", "KW": "i32", "limit": "fp32", "E0": "i32", "EC": "i32",
+        "ws_ptr": "*fp32", "cnt_ptr": "*i32", "KS": "i32",
         "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "W": "constexpr", "SWAP": "constexpr", "EXPAND": "constexpr",
-        "DEQ": "constexpr", "H_PAIRS": "constexpr"}
+        "DEQ": "constexpr", "H_PAIRS": "constexpr", "SPLIT": "constexpr"}
 check_plain("int2 prefill gate_up", _pf_gate_up, gsig, dict(BLOCK_M=64, BLOCK_N=64, W=8, SWAP=True, EXPAND=3, DEQ=False,
-                                                          H_PAIRS=True),
+                                                          H_PAIRS=True, SPLIT=1),
             num_warps=4, num_stages=3)
 from dsv4lib.kernels.indexer_scores import _indexer_scores_kernel
 # indexer scores: bf16 q and keys (DOT16), and bf16 q against fp32 keys in 3xTF32 (the bf16 model's case)
@@ -226,7 +227,7 @@ def check_async(name, fn, sig, cons, **options):
     """Compiled with the runtime's divisibility-16 specialisation of pointers and sizes: ptxas must keep the
     wgmma instructions asynchronous (no C7515 serialisation; kernels/ptxas_check.py)."""
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(sig)
-             if n.endswith("_ptr") or n in ("I", "D", "KW", "K", "N")}
+             if n.endswith("_ptr") or n in ("I", "D", "KW", "KS", "K", "N")}
     try:
         k = triton.compile(ASTSource(fn, sig, cons, attrs), target=GPUTarget("cuda", 90, 32), options=options)
         why = wgmma_serialized(k.asm["ptx"])
@@ -237,15 +238,17 @@ def check_async(name, fn, sig, cons, **options):
 
 dsig = {"h_ptr": "*fp16", "sorted_ptr": "*i32", "bexp_ptr": "*i32", "S": "i32", "TOPK": "i32", "w2_ptr": "*i32",
         "s2_ptr": "*fp16", "z2_ptr": "*i8", "y_ptr": "*fp32", "I": "i32", "D": "i32", "KW": "i32", "E0": "i32",
-        "EC": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "W": "constexpr", "R": "constexpr",
+        "EC": "i32", "KS": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "W": "constexpr", "R": "constexpr",
         "SWAP": "constexpr", "EXPAND": "constexpr", "DEQ": "constexpr"}
-for T in (2048, 6144):   # the 2K prefill and the MMLU batch launch configs
-    c = pick_prefill_config(T, 6, 256)
+from dsv4lib.kernels.int2_moe_prefill import SPLIT_DECODE_CONFIG
+# the 2K prefill and the MMLU batch launch configs, and the split-K config for decode-size token counts
+for T, c in ((2048, pick_prefill_config(2048, 6, 256)), (6144, pick_prefill_config(6144, 6, 256)),
+             ("decode split", SPLIT_DECODE_CONFIG)):
     g, d = c.gate_up, c.down
     dbm = c.down_block_m or c.block_m
     check_async(f"int2 prefill T={T} gate_up async", _pf_gate_up, gsig,
                 dict(BLOCK_M=c.block_m, BLOCK_N=g.block_n, W=g.w, SWAP=g.swap, EXPAND=g.expand, DEQ=False,
-                     H_PAIRS=True),
+                     H_PAIRS=True, SPLIT=g.split),
                 num_warps=g.warps, num_stages=g.stages)
     check_async(f"int2 prefill T={T} down async", _pf_down, dsig,
                 dict(BLOCK_M=dbm, BLOCK_N=d.block_n, W=d.w, R=c.block_m // dbm, SWAP=d.swap, EXPAND=d.expand,

@@ -222,3 +222,28 @@ def test_prefill_with_align_kernel_matches_default(monkeypatch):
     y1 = int2_moe_prefill(x, idx, wt, *w, LIMIT)
     assert (y1 - y0).abs().max() <= 1e-6 * y0.abs().max()
     assert _rel(y1, int2_moe_reference(x, idx, wt, *w, LIMIT)) < 2e-3
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_prefill_split_k_matches_reference(shared):
+    """Split-K launches (``GemmConfig.split``; the shape of ``SPLIT_DECODE_CONFIG``): gate/up partial sums added into
+    the zeroed fp32 workspace and the tile's last split applying SwiGLU, down splits adding into y -- against the
+    reference and the unsplit launch, twice (the finishing programs leave the workspace and counters zero), with
+    16 tokens on independent experts and on the same experts."""
+    import dsv4lib.kernels.int2_moe_prefill as P
+    from dsv4lib.kernels.workspace import zeroed_workspace
+    E, D, I, k, T = 8, 256, 256, 3, 16
+    w = _experts(E, D, I, seed=31)
+    x = torch.randn(T, D, generator=torch.Generator().manual_seed(33)).to(DEV)
+    idx, wt = _routing(T, E, k, seed=32, shared=shared)
+    cfg = PrefillConfig(16, GemmConfig(64, 8, 4, 3, split=2), GemmConfig(64, 8, 4, 3, split=2))
+    ref = int2_moe_reference(x, idx, wt, *w, LIMIT)
+    y0 = int2_moe_prefill(x, idx, wt, *w, LIMIT)
+    for _ in range(2):
+        y = int2_moe_prefill(x, idx, wt, *w, LIMIT, config=cfg)
+        assert _rel(y, ref) < 2e-3
+        assert (y - y0).abs().max() <= 1e-3 * y0.abs().max()     # fp32 order; an h may round the other way
+    assert zeroed_workspace(DEV, 0).abs().max() == 0
+    with pytest.raises(ValueError, match="split=3"):
+        int2_moe_prefill(x, idx, wt, *w, LIMIT, config=PrefillConfig(16, GemmConfig(64, 8, 4, 3, split=3)))
+    assert P.SPLIT_DECODE_CONFIG.gate_up.split > 1 and P.SPLIT_DECODE_CONFIG.block_m == 16
