@@ -31,7 +31,7 @@ from .mhc_sinkhorn import sinkhorn_tile
 from .workspace import split_workspace
 
 # Pre launch (K slices of the mixing GEMV per token, channels per K step, warps per program), by token count.
-# H200, V4 shapes (hc*D = 16384), bench/bench_mhc_step.py (2026-11-29, session 8): one token 8.0 us per call at
+# H200, V4 shapes (hc*D = 16384), bench/bench_decode_launches.py --what mhc (session 8): one token 8.0 us per call at
 # (128, 128, 8) (next best 8.7); eight tokens 16.2 us at that config, 11.1-11.2 us at (32-128, 512, 4) -- 128
 # slices of 128 channels per token make 1024 programs of 8 warps at T=8, more than one wave; at BK 512 the
 # slices cap at K / 512 = 32 per token.

@@ -155,8 +155,9 @@ def router_topk(logits: torch.Tensor, bias: torch.Tensor | None, k: int, route_s
     return s, idx, w
 
 
-# Tokens per program of router_fused's logits (more tokens: a second grid axis). H200, bench/bench_router.py
-# (session 8): b8 15.1 us per call with all 8 tokens in each program, 9.65 us at 2 (4: 11.2, 1: 11.0); b1 5.4-5.6.
+# Tokens per program of router_fused's logits (more tokens: a second grid axis). H200,
+# bench/bench_decode_launches.py --what router (session 8): b8 15.1 us per call with all 8 tokens in each
+# program, 9.65 us at 2 (4: 11.2, 1: 11.0); b1 5.4-5.6.
 ROUTER_TOKENS = 2
 
 
