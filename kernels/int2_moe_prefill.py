@@ -224,7 +224,12 @@ def _gate_up_kernel(
         tl.assume(KS > 0)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    k0 = tl.program_id(2) * KS                                           # this split's first word
+    if SPLIT > 1:
+        k0 = tl.program_id(2) * KS                                       # this split's first word
+        kn = KS
+    else:   # the unsplit launch keeps its compile-time start (the code of the prefill default)
+        k0 = 0
+        kn = KW
     e = tl.load(bexp_ptr + pid_m).to(tl.int64) - E0
     if (e < 0) | (e >= EC):
         return
@@ -255,7 +260,7 @@ def _gate_up_kernel(
         # scales / zeros of step i+1 are loaded during step i (they are too narrow for cp.async)
         sc1, zb1 = _sz_load(s1_ptr, z1_ptr, rows, rmask, k0, KW, W)
         sc3, zb3 = _sz_load(s3_ptr, z3_ptr, rows, rmask, k0, KW, W)
-        for i in range(0, KS, W):
+        for i in range(0, kn, W):
             kw0 = k0 + i
             a = tl.load(x_ptr + tok[:, None] * D + (kw0 * 16 + kk)[None, :], mask=valid[:, None],
                         other=0.0)                                       # [BM, 16W] fp16
@@ -273,7 +278,7 @@ def _gate_up_kernel(
                 acc1 = tl.dot(a, tl.trans(b1), acc1)
                 acc3 = tl.dot(a, tl.trans(b3), acc3)
             sc1, zb1, sc3, zb3 = sc1n, zb1n, sc3n, zb3n
-    for i in range(0, KS if (EXPAND != 2 or DEQ) else 0, W):
+    for i in range(0, kn if (EXPAND != 2 or DEQ) else 0, W):
         kw0 = k0 + i
         a = tl.load(x_ptr + tok[:, None] * D + (kw0 * 16 + kk)[None, :], mask=valid[:, None],
                     other=0.0)                                           # [BM, 16W] fp16
@@ -352,14 +357,19 @@ def _down_kernel(
     # words per K split (split-K over the third grid axis: each split adds its partial into y)
     KS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, W: tl.constexpr, R: tl.constexpr,
-    SWAP: tl.constexpr, EXPAND: tl.constexpr, DEQ: tl.constexpr,
+    SWAP: tl.constexpr, EXPAND: tl.constexpr, DEQ: tl.constexpr, SPLIT: tl.constexpr,
 ):
     if HAS_ASSUME:
         tl.assume(KW > 0)   # see _gate_up_kernel (ptxas C7515)
         tl.assume(KS > 0)
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
-    k0 = tl.program_id(2) * KS
+    if SPLIT > 1:
+        k0 = tl.program_id(2) * KS
+        kn = KS
+    else:
+        k0 = 0
+        kn = KW
     e = tl.load(bexp_ptr + pid_m // R).to(tl.int64) - E0
     if (e < 0) | (e >= EC):
         return
@@ -386,7 +396,7 @@ def _down_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     if EXPAND == 2 and not DEQ:
         sc, zb = _sz_load(s2_ptr, z2_ptr, rows, rmask, k0, KW, W)
-        for i in range(0, KS, W):
+        for i in range(0, kn, W):
             kw0 = k0 + i
             a = tl.load(hrow + (kw0 * 16 + kk)[None, :])                # [BM, 16W] fp16
             q = _words_load(w2_ptr, rows, rmask, kw0, KW, W)
@@ -397,7 +407,7 @@ def _down_kernel(
             else:
                 acc = tl.dot(a, tl.trans(b), acc)
             sc, zb = scn, zbn
-    for i in range(0, KS if (EXPAND != 2 or DEQ) else 0, W):
+    for i in range(0, kn if (EXPAND != 2 or DEQ) else 0, W):
         kw0 = k0 + i
         a = tl.load(hrow + (kw0 * 16 + kk)[None, :])                    # [BM, 16W] fp16
         if DEQ:
@@ -596,7 +606,7 @@ def launch_down(h, sorted_ids, bexp, k, w2, y, block_m: int, r: int, c: GemmConf
     W = fit_w(c.w, KW)
     ks = _split_words(KW, W, c, "down")
     grid = (triton.cdiv(D, c.block_n), bexp.numel() * r, c.split)
-    meta = dict(BLOCK_M=block_m, BLOCK_N=c.block_n, W=W, R=r, SWAP=c.swap, EXPAND=c.expand,
+    meta = dict(BLOCK_M=block_m, BLOCK_N=c.block_n, W=W, R=r, SWAP=c.swap, EXPAND=c.expand, SPLIT=c.split,
                 num_warps=c.warps, num_stages=c.stages, **_reg_cap(c))
     if not c.chunk:
         _down_kernel[grid](h, sorted_ids, bexp, S, k, as_int32(p2), s2, z2, y, KW * 16, D, KW, 0, E, ks, DEQ=False,

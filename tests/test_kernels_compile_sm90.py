@@ -239,7 +239,7 @@ def check_async(name, fn, sig, cons, **options):
 dsig = {"h_ptr": "*fp16", "sorted_ptr": "*i32", "bexp_ptr": "*i32", "S": "i32", "TOPK": "i32", "w2_ptr": "*i32",
         "s2_ptr": "*fp16", "z2_ptr": "*i8", "y_ptr": "*fp32", "I": "i32", "D": "i32", "KW": "i32", "E0": "i32",
         "EC": "i32", "KS": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "W": "constexpr", "R": "constexpr",
-        "SWAP": "constexpr", "EXPAND": "constexpr", "DEQ": "constexpr"}
+        "SWAP": "constexpr", "EXPAND": "constexpr", "DEQ": "constexpr", "SPLIT": "constexpr"}
 from dsv4lib.kernels.int2_moe_prefill import SPLIT_DECODE_CONFIG
 # the 2K prefill and the MMLU batch launch configs, and the split-K config for decode-size token counts
 for T, c in ((2048, pick_prefill_config(2048, 6, 256)), (6144, pick_prefill_config(6144, 6, 256)),
@@ -252,7 +252,7 @@ for T, c in ((2048, pick_prefill_config(2048, 6, 256)), (6144, pick_prefill_conf
                 num_warps=g.warps, num_stages=g.stages)
     check_async(f"int2 prefill T={T} down async", _pf_down, dsig,
                 dict(BLOCK_M=dbm, BLOCK_N=d.block_n, W=d.w, R=c.block_m // dbm, SWAP=d.swap, EXPAND=d.expand,
-                     DEQ=False), num_warps=d.warps, num_stages=d.stages)
+                     DEQ=False, SPLIT=d.split), num_warps=d.warps, num_stages=d.stages)
 check_async("fp8 gemm chained async", _fp8_gemm_chained_kernel, csig,
             dict(BLOCK_M=bm, BLOCK_N=bn, GROUP_M=group_m, DOT16=True), num_warps=warps, num_stages=stages)
 print(json.dumps(out))
