@@ -88,6 +88,11 @@ class PrefillConfig:
 SPLIT_DECODE_CONFIG = PrefillConfig(16, GemmConfig(64, 8, 4, 3, split=8), GemmConfig(64, 8, 4, 3, split=4))
 
 
+def config_fits(cfg: PrefillConfig, D: int, I: int) -> bool:
+    """Whether the launches' K splits divide the gate/up (D/16) and down (I/16) words per row into whole steps."""
+    return all(kw % (c.split * fit_w(c.w, kw)) == 0 for c, kw in ((cfg.gate_up, D // 16), (cfg.down, I // 16)))
+
+
 def pick_prefill_config(T: int, k: int, E: int) -> PrefillConfig:
     """Default launch for T tokens x top-k over E experts (shapes only, no host sync).
 
