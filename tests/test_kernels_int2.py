@@ -192,6 +192,10 @@ def test_full_shape_gpu(T):
         y2 = int2_moe_decode(x, idx, wt, *w, 10.0, use_dot=T > 1)
         y3 = int2_moe_prefill(x, idx, wt, *w, 10.0)
         assert _rel(y2, ref) < 3e-3 and _rel(y3, ref) < 3e-3
+        from dsv4lib.kernels.int2_moe_prefill import SPLIT_DECODE_CONFIG
+        for _ in range(2):   # the split-K launches at full shape; the second call sees the re-zeroed workspace
+            y4 = int2_moe_prefill(x, idx, wt, *w, 10.0, config=SPLIT_DECODE_CONFIG)
+            assert _rel(y4, ref) < 3e-3 and _rel(y4, y3) < 1e-3
 
 
 @pytest.mark.parametrize("T,E,k,bm,seed", [(50, 8, 3, 16, 3), (700, 256, 6, 64, 4), (1, 8, 2, 16, 5), (300, 24, 6, 128, 6)])
