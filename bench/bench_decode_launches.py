@@ -79,21 +79,22 @@ def bench_router(a) -> dict:
     g = torch.Generator(device=dev).manual_seed(0)
     ws = [(torch.randn(E, D, device=dev, generator=g) * 0.02).to(torch.bfloat16) for _ in range(L)]
     bias = torch.randn(E, device=dev, generator=g) * 0.01
-    saved = MS.ROUTER_TOKENS
-    res = {"default": saved, "rows": []}
+    saved, saved_rows = MS.ROUTER_TOKENS, MS.ROUTER_ROWS
+    res = {"default": saved, "default_rows": saved_rows, "rows": []}
     for B in a.batch:
         x = torch.randn(B, D, device=dev, generator=g).to(torch.bfloat16)
         ref = MS.router_fused(x, ws[0], bias, k, 2.5, True)
-        for tb in sorted({saved, 8, 4, 2, 1}, reverse=True):
+        for tb, be in itertools.product(sorted({saved, 8, 4, 2, 1}, reverse=True), sorted({saved_rows, 1, 2, 4})):
             if tb > B and tb != saved:
                 continue
-            MS.ROUTER_TOKENS = tb
+            MS.ROUTER_TOKENS, MS.ROUTER_ROWS = tb, be
             got = MS.router_fused(x, ws[0], bias, k, 2.5, True)
             same = bool(torch.equal(got[0], ref[0])) and (got[1] - ref[1]).abs().max().item() <= 1e-6
             us = graph_us(lambda i: MS.router_fused(x, ws[i % L], bias, k, 2.5, True), L, a.reps)
-            res["rows"].append({"B": B, "tokens_per_program": tb, "us": us, "same_routing": same})
-            print(f"B{B} tokens per program {tb:2d}: {us:6.2f} us/call  same routing {same}", flush=True)
-        MS.ROUTER_TOKENS = saved
+            res["rows"].append({"B": B, "tokens_per_program": tb, "rows_per_program": be, "us": us,
+                                "same_routing": same})
+            print(f"B{B} tokens per program {tb:2d} rows {be}: {us:6.2f} us/call  same routing {same}", flush=True)
+        MS.ROUTER_TOKENS, MS.ROUTER_ROWS = saved, saved_rows
     return res
 
 

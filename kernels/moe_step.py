@@ -159,6 +159,7 @@ def router_topk(logits: torch.Tensor, bias: torch.Tensor | None, k: int, route_s
 # bench/bench_decode_launches.py --what router (session 8): b8 15.1 us per call with all 8 tokens in each
 # program, 9.65 us at 2 (4: 11.2, 1: 11.0); b1 5.4-5.6.
 ROUTER_TOKENS = 2
+ROUTER_ROWS = 2      # router weight rows (experts) per program, loaded whole (hidden sizes <= 4096; 1 above)
 
 
 def router_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, route_scale: float,
@@ -179,7 +180,7 @@ def router_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     dev = x.device
     TP = max(2, triton.next_power_of_2(T))
     DP = triton.next_power_of_2(D)
-    BE = 2 if DP <= 4096 else 1
+    BE = ROUTER_ROWS if DP <= 4096 else 1
     lg, cnt = split_workspace(dev, T * E, 1)
     idx = torch.empty(T, k, dtype=torch.int64, device=dev)
     w = torch.empty(T, k, dtype=torch.float32, device=dev)

@@ -79,16 +79,16 @@ for (has_norm, post), (nsplit, bk, warps) in zip(((False, False), (True, False),
     name = f"hc_pre norm={has_norm} post={post} bk={bk} warps={warps}"
     check(name, _hc_pre_kernel, sig, cons, num_warps=warps)
 from dsv4lib.kernels.moe_step import _router_fused_kernel
-for T, hsh, tb in ((1, False, 2), (1, True, 2), (8, False, 8), (8, False, 2)):
+for T, hsh, tb, be in ((1, False, 2, 2), (1, True, 2, 2), (8, False, 8, 2), (8, False, 2, 2), (8, False, 2, 4)):
     sig = {"x_ptr": "*bf16", "gw_ptr": "*bf16", "lg_ptr": "*fp32", "cnt_ptr": "*i32", "bias_ptr": "*fp32",
            "hidx_ptr": "*i64", "idx_ptr": "*i64", "w_ptr": "*fp32", "T": "constexpr" if T == 1 else "i32",
            "E": "i32", "D": "i32", "route_scale": "fp32", "TP": "constexpr", "TB": "constexpr", "BE": "constexpr",
            "DP": "constexpr", "EP": "constexpr", "K": "constexpr", "KP": "constexpr", "HASH": "constexpr",
            "RENORM": "constexpr"}
-    cons = dict(TP=max(2, T), TB=tb, BE=2, DP=4096, EP=256, K=6, KP=8, HASH=hsh, RENORM=True)
+    cons = dict(TP=max(2, T), TB=tb, BE=be, DP=4096, EP=256, K=6, KP=8, HASH=hsh, RENORM=True)
     if T == 1:
         cons["T"] = 1
-    name = f"router_fused T={T} tokens per program={tb} hash={hsh}"
+    name = f"router_fused T={T} tokens per program={tb} rows={be} hash={hsh}"
     check(name, _router_fused_kernel, sig, cons, num_warps=4)
 from dsv4lib.kernels.rmsnorm_rope import _rmsnorm_rope_kernel
 from dsv4lib.kernels.decode_attention import COMBINE, _attn_combine_kernel

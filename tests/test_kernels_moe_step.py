@@ -26,16 +26,18 @@ def test_router_topk_matches_gate(E, k, renorm):
     assert torch.equal(idx, hidx) and (w - rw).abs().max() <= 1e-6
 
 
-@pytest.mark.parametrize("T, E, D, k, renorm, tokens", [(1, 256, 300, 6, True, 16), (3, 40, 128, 3, False, 16),
-                                                        (12, 20, 200, 4, True, 16), (12, 20, 200, 4, True, 5),
-                                                        (3, 40, 128, 3, False, 1)])
-def test_router_fused_matches_gate(T, E, D, k, renorm, tokens, monkeypatch):
+@pytest.mark.parametrize("T, E, D, k, renorm, tokens, rows", [(1, 256, 300, 6, True, 16, 2), (3, 40, 128, 3, False, 16, 2),
+                                                              (12, 20, 200, 4, True, 16, 2), (12, 20, 200, 4, True, 5, 4),
+                                                              (3, 40, 128, 3, False, 1, 1), (3, 41, 128, 3, False, 2, 4)])
+def test_router_fused_matches_gate(T, E, D, k, renorm, tokens, rows, monkeypatch):
     """Logits GEMV + routing in one launch (bf16 x and weight) against Gate's math on the same bf16
     values in fp64: E not a multiple of the 8-expert tile, D not of the K tile, T up to 12 (the 64-wide
-    K tile), ``tokens`` per program (ROUTER_TOKENS < T: a second grid axis, a partial last group); three calls
+    K tile), ``tokens`` per program (ROUTER_TOKENS < T: a second grid axis, a partial last group), ``rows`` (experts)
+    per program (E = 41: a partial last row group); three calls
     through the same arrival counter; hash routing."""
     import dsv4lib.kernels.moe_step as ms
     monkeypatch.setattr(ms, "ROUTER_TOKENS", tokens)
+    monkeypatch.setattr(ms, "ROUTER_ROWS", rows)
     g = torch.Generator().manual_seed(T * E + D)
     x = torch.randn(T, D, generator=g).to(DEV, torch.bfloat16)
     W = (torch.randn(E, D, generator=g) * 0.2).to(DEV, torch.bfloat16)
