@@ -29,7 +29,7 @@ DECODE_SPLIT_MIN_TOKENS = 0
 tokens (0 = never) run the tensor-core prefill kernels split over K (``int2_moe_prefill`` with
 ``SPLIT_DECODE_CONFIG``) instead of ``int2_moe_idp``: each routed expert's tile is dequantised once for all of its
 tokens. Predicted to win where tokens share experts (kernels/NOTES.md 3b); at b8 (~44 distinct experts) it is a
-dequant-issue race (~90 vs ~110 us/layer estimated). The full-scale bench toggles it at 2 ("split-K INT2 decode")."""
+dequant-issue race (~86 us/layer of issue alone vs idp's 110). The full-scale bench toggles it at 2 ("split-K INT2 decode")."""
 
 
 def int2_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
