@@ -29,7 +29,8 @@ DECODE_SPLIT_MIN_TOKENS = 0
 tokens (0 = never) run the tensor-core prefill kernels split over K (``int2_moe_prefill`` with
 ``SPLIT_DECODE_CONFIG``) instead of ``int2_moe_idp``: each routed expert's tile is dequantised once for all of its
 tokens. Predicted to win where tokens share experts (kernels/NOTES.md 3b); at b8 (~44 distinct experts) it is a
-dequant-issue race (~86 us/layer of issue alone vs idp's 110). The full-scale bench toggles it at 2 ("split-K INT2 decode")."""
+dequant-issue race (~86 us/layer of issue alone vs idp's 110). The full-scale bench toggles it at 2
+("split-K INT2 decode")."""
 
 
 def int2_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
@@ -40,11 +41,12 @@ def int2_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
     """Routed INT2 experts: ``sum_j W2_e(weight_j * swiglu(W1_e x, W3_e x, limit))`` -> fp32 ``[T, D]``."""
     args = (x, idx, weight, w1_packed, w1_scale, w1_zero_packed, w3_packed, w3_scale, w3_zero_packed,
             w2_packed, w2_scale, w2_zero_packed, limit)
+    half = x.dtype in (torch.bfloat16, torch.float16)
     if x.shape[0] <= DECODE_MAX_TOKENS:
-        if (DECODE_SPLIT_MIN_TOKENS and x.shape[0] >= DECODE_SPLIT_MIN_TOKENS and x.dtype in (torch.bfloat16, torch.float16)
+        if (DECODE_SPLIT_MIN_TOKENS and x.shape[0] >= DECODE_SPLIT_MIN_TOKENS and half
                 and config_fits(SPLIT_DECODE_CONFIG, x.shape[1], w2_packed.shape[2] * 16)):
             return int2_moe_prefill(*args, config=SPLIT_DECODE_CONFIG)
-        if DECODE_IDP and x.dtype in (torch.bfloat16, torch.float16):
+        if DECODE_IDP and half:
             return int2_moe_idp(*args)
         return int2_moe_decode(*args)
     return int2_moe_prefill(*args)
