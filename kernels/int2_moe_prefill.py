@@ -83,14 +83,20 @@ class PrefillConfig:
 # Split-K launches for decode-size token counts (opt-in, untimed; written in session 8 after the device time ran
 # out): 16-token blocks, gate/up K split 8 ways, down 4 ways, so the few used expert blocks of a 1-16 token call
 # still make ~1-2k programs. Aimed at tokens that share experts (16 tokens on 6 experts: each weight tile is
-# dequantised once for all of them, where the CUDA-core decode kernels read it once per token). For the bench
-# (bench/bench_kernels.py INT2 decode section), not dispatched by the model.
+# dequantised once for all of them, where the CUDA-core decode kernels read it once per token). Timed by
+# bench/bench_int2_idp.py --split-prefill; the model uses it only through kernels.dispatch.DECODE_SPLIT_MIN_TOKENS.
 SPLIT_DECODE_CONFIG = PrefillConfig(16, GemmConfig(64, 8, 4, 3, split=8), GemmConfig(64, 8, 4, 3, split=4))
 
 
 def config_fits(cfg: PrefillConfig, D: int, I: int) -> bool:
-    """Whether the launches' K splits divide the gate/up (D/16) and down (I/16) words per row into whole steps."""
-    return all(kw % (c.split * fit_w(c.w, kw)) == 0 for c, kw in ((cfg.gate_up, D // 16), (cfg.down, I // 16)))
+    """Whether the launches' K splits divide the gate/up (D/16) and down (I/16) words per row into whole steps
+    (the launchers' rule, ``_split_words``)."""
+    try:
+        for c, kw in ((cfg.gate_up, D // 16), (cfg.down, I // 16)):
+            _split_words(kw, fit_w(c.w, kw), c, "")
+    except ValueError:
+        return False
+    return True
 
 
 def pick_prefill_config(T: int, k: int, E: int) -> PrefillConfig:

@@ -42,6 +42,8 @@ PRE_MANY = (32, 512, 4)
 def pre_launch(T: int) -> tuple[int, int, int]:
     """(K slices per token, channels per K step, warps) of the pre launch for T tokens."""
     return PRE_ONE if T == 1 else PRE_MANY
+
+
 SINGLE_MAX_D = 4096  # up to this D the finishing program keeps the row in registers (one load per stream)
 
 

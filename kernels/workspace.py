@@ -11,12 +11,15 @@ import torch
 _WORKSPACES: dict = {}
 
 
+def _stream_key(device: torch.device) -> tuple[str, int]:
+    """(device, id of its current stream): kernels on one stream run in order, so per-stream scratch is safe."""
+    return str(device), torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+
+
 def split_workspace(device: torch.device, n_partial: int, n_counters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(fp32 partials >= n_partial, int32 zeroed counters >= n_counters) for the current stream of ``device``."""
     device = torch.device(device)
-    sid = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
-    key = (str(device), sid)
-    bufs = _WORKSPACES.setdefault(key, [])
+    bufs = _WORKSPACES.setdefault(_stream_key(device), [])
     if not bufs or bufs[-1][0].numel() < n_partial or bufs[-1][1].numel() < n_counters:
         old = bufs[-1] if bufs else (torch.empty(0), torch.empty(0))
         p = max(n_partial, 2 * old[0].numel(), 1 << 16)
@@ -34,8 +37,7 @@ def zeroed_workspace(device: torch.device, numel: int) -> torch.Tensor:
     users (split-K partial sums added atomically) zero what they used before they finish. Grown by doubling;
     replaced buffers stay referenced (captured CUDA graphs keep using them)."""
     device = torch.device(device)
-    sid = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
-    bufs = _ZEROED.setdefault((str(device), sid), [])
+    bufs = _ZEROED.setdefault(_stream_key(device), [])
     if not bufs or bufs[-1].numel() < numel:
         bufs.append(torch.zeros(max(numel, 2 * (bufs[-1].numel() if bufs else 0), 1 << 16), dtype=torch.float32,
                                 device=device))
@@ -50,8 +52,7 @@ def weight_workspace(device: torch.device, numel: int, dtype: torch.dtype) -> to
     GEMM (``fp8_linear``'s many-token path). Grown by replacement: only eager calls use it (never captured in a
     graph), and each call finishes with the buffer before the next one on the same stream overwrites it."""
     device = torch.device(device)
-    sid = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
-    key = (str(device), sid, dtype)
+    key = (*_stream_key(device), dtype)
     buf = _WEIGHTS.get(key)
     if buf is None or buf.numel() < numel:
         _WEIGHTS[key] = buf = torch.empty(numel, dtype=dtype, device=device)
