@@ -163,9 +163,10 @@ PREFILL_SWITCHES = (("fused_mhc", "model.transformer", "FUSED_MHC_PREFILL", "mHC
                     ("fp8_chained_grouped", "kernels.fp8_linear", "CHAINED_GROUPED", "chained grouped wo_a"),
                     ("mhc_planes", "kernels.mhc_prefill", "MIX_PLANES", "mHC mixing as bf16 planes"),
                     ("align_kernel", "kernels.int2_moe_prefill", "ALIGN_KERNEL", "INT2 align kernel"),
-                    ("side_stream", "model.attention", "PREFILL_SIDE_STREAM", "compressors on a side stream"))
+                    ("side_stream", "model.attention", "PREFILL_SIDE_STREAM", "compressors on a side stream"),
+                    ("shared_side", "model.moe", "PREFILL_SHARED_SIDE", "shared expert on a side stream"))
 
-VARIANTS = ("single_stream", "pdl", "int2_idp", "split_decode")
+VARIANTS = ("single_stream", "pdl", "int2_idp")
 VARIANT_LABELS = {"single_stream": "1-stream", "pdl": "PDL toggled", "int2_idp": "INT2 idp toggled",
                   "fp8_prefetch1": "FP8 prefetch 1", "fp8_prefetch2": "FP8 prefetch 2",
                   "q_norm_prologue": "q_norm prologue toggled", "split_decode": "split-K INT2 decode"}
@@ -180,12 +181,11 @@ def _variant(name: str):
     to L2 before the PDL wait, kernels.fp8_linear.PREFETCH_STEPS = N; 0 if N is the default),
     ``q_norm_prologue`` (q_norm inside the wq_b GEMV, model.graphed.Q_NORM_PROLOGUE, toggled; measured
     no gain in session 6 and no longer in ``VARIANTS``; the fp8 prefetch ones left it in session 8 after three
-    runs without gain), ``split_decode`` (decode of >= 2 tokens on the split-K tensor-core INT2 kernels,
-    kernels.dispatch.DECODE_SPLIT_MIN_TOKENS = 2; 0 if 2 is the default)."""
+    runs without gain). The split-K tensor-core INT2 decode (``split_decode`` in session 9's v12 results) lost
+    3x at b8 and was removed with its dispatch switch."""
     from .kernels import dispatch, fp8_linear, pdl
     from .model import graphed
-    saved = (graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE, fp8_linear.PREFETCH_STEPS,
-             dispatch.DECODE_SPLIT_MIN_TOKENS)
+    saved = (graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE, fp8_linear.PREFETCH_STEPS)
     if name == "single_stream":
         graphed.CONCURRENT = False
     elif name == "pdl":
@@ -194,8 +194,6 @@ def _variant(name: str):
         dispatch.DECODE_IDP = not dispatch.DECODE_IDP
     elif name == "q_norm_prologue":
         graphed.Q_NORM_PROLOGUE = not graphed.Q_NORM_PROLOGUE
-    elif name == "split_decode":
-        dispatch.DECODE_SPLIT_MIN_TOKENS = 0 if dispatch.DECODE_SPLIT_MIN_TOKENS == 2 else 2
     elif name.startswith("fp8_prefetch") and name[len("fp8_prefetch"):].isdigit():
         n = int(name[len("fp8_prefetch"):])
         fp8_linear.PREFETCH_STEPS = 0 if fp8_linear.PREFETCH_STEPS == n else n
@@ -205,7 +203,7 @@ def _variant(name: str):
         yield
     finally:
         (graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE,
-         fp8_linear.PREFETCH_STEPS, dispatch.DECODE_SPLIT_MIN_TOKENS) = saved
+         fp8_linear.PREFETCH_STEPS) = saved
 
 
 def _decode_case(model, B: int, ctx: int, opts: BenchOptions, dev, res: dict) -> None:

@@ -17,20 +17,13 @@ import torch
 from .fp8_linear import fp8_linear as _fp8_linear
 from .int2_moe_decode import int2_moe_decode
 from .int2_moe_idp import int2_moe_idp
-from .int2_moe_prefill import SPLIT_DECODE_CONFIG, config_fits, int2_moe_prefill
+from .int2_moe_prefill import int2_moe_prefill
 from .mxfp4 import mxfp4_moe as _mxfp4_moe
 
 DECODE_MAX_TOKENS = 16
 DECODE_IDP = True
 """Decode on ``int2_moe_idp`` (dp2a, 16-bit activation groups) instead of the fp16 loop (bf16/fp16 inputs):
 H200, 43 distinct layers, us/layer T=1 30.2 -> 23.9, T=8 180 -> 113, T=16 346 -> 209 (kernels/BENCHMARKS.md)."""
-DECODE_SPLIT_MIN_TOKENS = 0
-"""Opt-in, untimed (written after session 8's device time ran out): decode calls of at least this many bf16/fp16
-tokens (0 = never) run the tensor-core prefill kernels split over K (``int2_moe_prefill`` with
-``SPLIT_DECODE_CONFIG``) instead of ``int2_moe_idp``: each routed expert's tile is dequantised once for all of its
-tokens. Predicted to win where tokens share experts (kernels/NOTES.md 3b); at b8 (~44 distinct experts) it is a
-dequant-issue race (~86 us/layer of issue alone vs idp's 110). The full-scale bench toggles it at 2
-("split-K INT2 decode")."""
 
 
 def int2_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
@@ -43,9 +36,6 @@ def int2_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
             w2_packed, w2_scale, w2_zero_packed, limit)
     half = x.dtype in (torch.bfloat16, torch.float16)
     if x.shape[0] <= DECODE_MAX_TOKENS:
-        if (DECODE_SPLIT_MIN_TOKENS and x.shape[0] >= DECODE_SPLIT_MIN_TOKENS and half
-                and config_fits(SPLIT_DECODE_CONFIG, x.shape[1], w2_packed.shape[2] * 16)):
-            return int2_moe_prefill(*args, config=SPLIT_DECODE_CONFIG)
         if DECODE_IDP and half:
             return int2_moe_idp(*args)
         return int2_moe_decode(*args)

@@ -80,23 +80,14 @@ class PrefillConfig:
     down_block_m: int = 0
 
 
-# Split-K launches for decode-size token counts (opt-in, untimed; written in session 8 after the device time ran
-# out): 16-token blocks, gate/up K split 8 ways, down 4 ways, so the few used expert blocks of a 1-16 token call
-# still make ~1-2k programs. Aimed at tokens that share experts (16 tokens on 6 experts: each weight tile is
-# dequantised once for all of them, where the CUDA-core decode kernels read it once per token). Timed by
-# bench/bench_int2_idp.py --split-prefill; the model uses it only through kernels.dispatch.DECODE_SPLIT_MIN_TOKENS.
+# Split-K launches for decode-size token counts: 16-token blocks, gate/up K split 8 ways, down 4 ways, so the few
+# expert blocks of a 1-16 token call still make ~1-2k programs. Measured on the H200 (session 9, 43 layers' weights,
+# bench/bench_int2_idp.py --split-prefill, h200_int2_split_decode_v12.json), us/layer against the idp decode kernel:
+# 16 tokens on 6 shared experts 109-123 vs 176 (the only win), 1 token 100-116 vs 24, 8 independent tokens
+# 434-556 vs 106; the whole b8 step on it went 10.3 -> 30.9 ms. The tensor-core path dequantises at ~1.4e12
+# weights/s here (the prefill launches reach ~2.2e12), a quarter of idp's rate, so it only wins when many tokens
+# share an expert. Not used by the model (the dispatch switch was removed); kept for that case and the benchmark.
 SPLIT_DECODE_CONFIG = PrefillConfig(16, GemmConfig(64, 8, 4, 3, split=8), GemmConfig(64, 8, 4, 3, split=4))
-
-
-def config_fits(cfg: PrefillConfig, D: int, I: int) -> bool:
-    """Whether the launches' K splits divide the gate/up (D/16) and down (I/16) words per row into whole steps
-    (the launchers' rule, ``_split_words``)."""
-    try:
-        for c, kw in ((cfg.gate_up, D // 16), (cfg.down, I // 16)):
-            _split_words(kw, fit_w(c.w, kw), c, "")
-    except ValueError:
-        return False
-    return True
 
 
 def pick_prefill_config(T: int, k: int, E: int) -> PrefillConfig:

@@ -110,11 +110,6 @@ def test_decode_variants_toggle_restore_and_tabulate():
     with _variant("fp8_prefetch2"):
         assert fp8_linear.PREFETCH_STEPS == (0 if base == 2 else 2)
     assert fp8_linear.PREFETCH_STEPS == base
-    from dsv4lib.kernels import dispatch
-    split = dispatch.DECODE_SPLIT_MIN_TOKENS
-    with _variant("split_decode"):
-        assert dispatch.DECODE_SPLIT_MIN_TOKENS == (0 if split == 2 else 2)
-    assert dispatch.DECODE_SPLIT_MIN_TOKENS == split
     with pytest.raises(ValueError, match="unknown bench variant"):
         with _variant("fp8_prefetchX"):
             pass

@@ -251,30 +251,3 @@ def test_prefill_split_k_matches_reference(shared):
     with pytest.raises(ValueError, match="split=3"):
         int2_moe_prefill(x, idx, wt, *w, LIMIT, config=PrefillConfig(16, GemmConfig(64, 8, 4, 3, split=3)))
     assert P.SPLIT_DECODE_CONFIG.gate_up.split > 1 and P.SPLIT_DECODE_CONFIG.block_m == 16
-
-
-def test_dispatch_split_decode_opt_in(monkeypatch):
-    """dispatch.DECODE_SPLIT_MIN_TOKENS: decode calls of that many 16-bit tokens go to the split-K prefill kernels
-    (SPLIT_DECODE_CONFIG) when its splits fit the shapes, else (and for fp32 or fewer tokens) to the decode kernels;
-    the split result matches the reference."""
-    import dsv4lib.kernels.dispatch as dsp
-    calls = []
-    real = dsp.int2_moe_prefill
-
-    def spy(*args, config=None):
-        calls.append(config)
-        return real(*args, config=config)
-    monkeypatch.setattr(dsp, "int2_moe_prefill", spy)
-    monkeypatch.setattr(dsp, "DECODE_SPLIT_MIN_TOKENS", 2)
-    E, D, I, k = 6, 1024, 512, 2                     # gate/up 64 words per row = 8 splits x 8; down 32 = 4 x 8
-    w = _experts(E, D, I, seed=41)
-    idx, wt = _routing(3, E, k, seed=42, shared=True)
-    x = torch.randn(3, D, generator=torch.Generator().manual_seed(43)).to(DEV, torch.bfloat16)
-    y = int2_moe(x, idx, wt, *w, LIMIT)
-    assert calls == [dsp.SPLIT_DECODE_CONFIG]
-    assert _rel(y, int2_moe_reference(x.float(), idx, wt, *w, LIMIT)) < 3e-3
-    int2_moe(x[:1], idx[:1], wt[:1], *w, LIMIT)      # one token: below the threshold
-    int2_moe(x.float(), idx, wt, *w, LIMIT)          # fp32 activations keep the exact decode loop
-    w_small = _experts(E, 256, 128, seed=44)         # 16 words per row: 8 splits of 8 words do not fit
-    int2_moe(torch.randn(3, 256).to(DEV, torch.bfloat16), idx, wt, *w_small, LIMIT)
-    assert calls == [dsp.SPLIT_DECODE_CONFIG]

@@ -95,3 +95,40 @@ def test_mtp_layer_hook_index():
     with torch.no_grad():
         m.mtp_logits(m.forward_hidden(ids[:, :-1]), ids[:, 1:])
     assert seen == list(range(cfg.num_hidden_layers)) + [cfg.num_hidden_layers]
+
+
+@torch.no_grad()
+def test_prefill_shared_expert_branch_is_bit_identical(monkeypatch):
+    """moe.PREFILL_SHARED_SIDE (on by default): for more than one token the shared expert is issued before the
+    router (on CUDA on the side stream, concurrent with the routed experts) and joined before the sum -- the same
+    operations on the same inputs, so a full forward, a chunked prefill into a cache and the decode steps after it
+    give the same bits as the sequential order, and the hooks see the same routing; on CUDA the stream is used."""
+    from dsv4lib.model import attention, moe
+    torch.set_num_threads(1)
+    cfg = ModelConfig.tiny()
+    assert cfg.n_shared_experts > 0
+    torch.manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m = DeepseekV4(cfg).eval().to(dev)
+    ids = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(5)).to(dev)
+    monkeypatch.setattr(attention, "PREFILL_SIDE_STREAM", False)     # only this branch may create the stream
+    monkeypatch.setattr(attention, "_SIDE", {})
+
+    def run():
+        seen = []
+        h = m.add_moe_hook(lambda layer, ev: seen.append((layer, ev.idx.clone(), ev.weight.clone())))
+        full = m(ids)
+        c = m.new_cache(2, 48)
+        pre = torch.cat([m(ids[:, :17], c), m(ids[:, 17:30], c)], 1)
+        dec = torch.cat([m(ids[:, i:i + 1], c) for i in range(30, 40)], 1)
+        h.remove()
+        return (full, pre, dec), seen
+    monkeypatch.setattr(moe, "PREFILL_SHARED_SIDE", False)
+    ref, ref_seen = run()
+    assert not attention._SIDE
+    monkeypatch.setattr(moe, "PREFILL_SHARED_SIDE", True)
+    got, got_seen = run()
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    assert len(got_seen) == len(ref_seen) > 0
+    assert all(a[0] == b[0] and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) for a, b in zip(got_seen, ref_seen))
+    assert (dev == "cuda") == bool(attention._SIDE)
