@@ -93,6 +93,7 @@ def _module_table(prof, steps: int) -> dict:
     ranges = sorted((e.time_range.start, e.time_range.end, e.name[4:]) for e in evs
                     if e.name.startswith("mod:") and e.device_type == dev)
     tot, cnt = defaultdict(float), defaultdict(int)
+    per = defaultdict(lambda: defaultdict(lambda: [0.0, 0]))   # module -> kernel -> [us, calls]
     for e in evs:
         if e.device_type != dev or e.name.startswith("mod:") or (not cuda and not e.name.startswith("aten::")):
             continue
@@ -102,9 +103,15 @@ def _module_table(prof, steps: int) -> dict:
                 break
             if b >= t0:
                 owner = n
-        tot[owner] += e.time_range.elapsed_us() if cuda else e.self_cpu_time_total
+        us = e.time_range.elapsed_us() if cuda else e.self_cpu_time_total
+        tot[owner] += us
         cnt[owner] += 1
-    return {n: {"us_per_step": tot[n] / steps, "kernels_per_step": cnt[n] / steps}
+        k = per[owner][e.name[:100]]
+        k[0] += us
+        k[1] += 1
+    return {n: {"us_per_step": tot[n] / steps, "kernels_per_step": cnt[n] / steps,
+                "kernels": [{"name": k, "us_per_step": v[0] / steps, "calls_per_step": v[1] / steps}
+                            for k, v in sorted(per[n].items(), key=lambda kv: -kv[1][0])[:8]]}
             for n in sorted(tot, key=tot.get, reverse=True)}
 
 
@@ -286,6 +293,9 @@ def main(argv=None) -> int:
             print(f"  {r['us_per_step']:9.1f} us {r['calls_per_step']:7.1f}x  {r['name'][:90]}")
         for n, r in list(c.get("by_module", {}).items())[:16]:
             print(f"  {r['us_per_step']:9.1f} us {r['kernels_per_step']:7.1f} kernels  module {n}")
+        for n, r in list(c.get("by_module", {}).items())[:10]:   # where each module's time goes
+            print(f"  -- {n}: " + "; ".join(f"{k['name'][:48]} {k['us_per_step']:.0f} us x{k['calls_per_step']:.0f}"
+                                            for k in r.get("kernels", [])[:6]))
     return 0
 
 
