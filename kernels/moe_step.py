@@ -157,9 +157,10 @@ def router_topk(logits: torch.Tensor, bias: torch.Tensor | None, k: int, route_s
 
 # Tokens per program of router_fused's logits (more tokens: a second grid axis). H200,
 # bench/bench_decode_launches.py --what router (session 8): b8 15.1 us per call with all 8 tokens in each
-# program, 9.65 us at 2 (4: 11.2, 1: 11.0); b1 5.4-5.6.
+# program, 9.65 us at 2 (4: 11.2, 1: 11.0); b1 5.4-5.6. Rows per program swept with it (session 9,
+# bench/results/h200_router_v12.json): b8 (2 tokens) 10.5 / 9.6 / 8.6 us at 1 / 2 / 4 rows, b1 5.7 / 5.4 / 5.2.
 ROUTER_TOKENS = 2
-ROUTER_ROWS = 2      # router weight rows (experts) per program, loaded whole (hidden sizes <= 4096; 1 above)
+ROUTER_ROWS = 4      # router weight rows (experts) per program, loaded whole (hidden sizes <= 4096; 1 above)
 
 
 def router_fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, route_scale: float,
