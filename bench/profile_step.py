@@ -161,7 +161,33 @@ def kernel_resources() -> list[dict]:
     return rows
 
 
-def _profiled(fn, steps: int, dev, top: int, by_module: bool = False) -> dict:
+def _timeline(prof, steps: int) -> dict:
+    """The last step's kernels in start order (graph replays run back to back: the last ``1/steps`` of the
+    kernels): start offset, duration and stream of each, and the step's span, the time some kernel is resident
+    (with PDL a kernel is resident while it waits on its predecessor) and the time none is (launch gaps)."""
+    ks = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                 and not e.name.startswith("mod:")), key=lambda e: e.time_range.start)
+    ks = ks[len(ks) - len(ks) // steps:]
+    if not ks:
+        return {}
+    t0 = ks[0].time_range.start
+    busy, cur_a, cur_b = 0.0, None, None
+    for e in ks:   # union of [start, end) intervals
+        a, b = e.time_range.start, e.time_range.end
+        if cur_b is None or a > cur_b:
+            busy += 0 if cur_b is None else cur_b - cur_a
+            cur_a, cur_b = a, b
+        else:
+            cur_b = max(cur_b, b)
+    busy += cur_b - cur_a
+    span = max(e.time_range.end for e in ks) - t0
+    return {"span_us": span, "busy_us": busy, "idle_us": span - busy,
+            "kernels": [{"name": e.name[:60], "start_us": round(e.time_range.start - t0, 2),
+                         "us": round(e.time_range.elapsed_us(), 2), "stream": getattr(e, "device_resource_id", -1)}
+                        for e in ks]}
+
+
+def _profiled(fn, steps: int, dev, top: int, by_module: bool = False, timeline: bool = False) -> dict:
     fn()
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -177,6 +203,8 @@ def _profiled(fn, steps: int, dev, top: int, by_module: bool = False) -> dict:
     out["wall_ms_per_step_profiled"] = wall * 1e3
     if by_module:
         out["by_module"] = _module_table(prof, steps)
+    if timeline:
+        out["timeline"] = _timeline(prof, steps)
     return out
 
 
@@ -201,6 +229,8 @@ def main(argv=None) -> int:
                     help="prefill/MMLU cases: also charge device time to the innermost model submodule")
     ap.add_argument("--resources", action="store_true",
                     help="at the end: registers / spills / shared memory of every launched Triton kernel (GPU)")
+    ap.add_argument("--timeline", action="store_true",
+                    help="graphed cases: the last step's kernels in start order (JSON) and one middle layer printed")
     ap.add_argument("--out", default="profile.json")
     a = ap.parse_args(argv)
     a.fused = not a.unfused
@@ -241,7 +271,8 @@ def main(argv=None) -> int:
         save()
         if dev.type == "cuda":
             dec = GraphedDecoder(model, cache, fused=a.fused)
-            res["cases"][f"graphed_b{B}"] = _profiled(lambda: dec.step(tok), a.steps, dev, a.top)
+            res["cases"][f"graphed_b{B}"] = _profiled(lambda: dec.step(tok), a.steps, dev, a.top,
+                                                      timeline=a.timeline)
             del dec
             if B == 1:
                 x = torch.randn(B, 1, cfg.hidden_size, device=dev, generator=g).to(dtype)
@@ -287,6 +318,17 @@ def main(argv=None) -> int:
                   f"wgmma waits [{r['wgmma_waits']}]"
                   + (f"  SERIALIZED by ptxas: {r['wgmma_serialized'][:80]}" if r.get("wgmma_serialized") else ""))
     for name, c in res["cases"].items():
+        tl_ = c.get("timeline")
+        if tl_:
+            ks = tl_["kernels"]
+            per = len(ks) // max(cfg.num_hidden_layers, 1)
+            mid = ks[(cfg.num_hidden_layers // 2) * per:(cfg.num_hidden_layers // 2 + 1) * per + 2]
+            print(f"\n== {name} timeline: span {tl_['span_us']:.0f} us, some kernel resident {tl_['busy_us']:.0f} us, "
+                  f"none {tl_['idle_us']:.0f} us; ~{per} kernels per layer, a middle layer:")
+            for i, k in enumerate(mid):
+                prev_end = max((m["start_us"] + m["us"] for m in mid[:i]), default=k["start_us"])
+                print(f"  +{k['start_us'] - mid[0]['start_us']:7.1f} us {k['us']:6.1f} us  gap {k['start_us'] - prev_end:6.1f}"
+                      f"  s{k['stream']}  {k['name'][:50]}")
         print(f"\n== {name}: GPU {c['gpu_us_per_step'] / 1e3:.2f} ms/step, {c['kernels_per_step']:.0f} kernels, "
               f"wall {c['wall_ms_per_step_profiled']:.2f} ms (profiled)")
         for r in c["top"][:12]:
