@@ -166,7 +166,7 @@ PREFILL_SWITCHES = (("fused_mhc", "model.transformer", "FUSED_MHC_PREFILL", "mHC
                     ("side_stream", "model.attention", "PREFILL_SIDE_STREAM", "compressors on a side stream"),
                     ("shared_side", "model.moe", "PREFILL_SHARED_SIDE", "shared expert on a side stream"))
 
-VARIANTS = ("single_stream", "pdl", "int2_idp", "l2_wo", "l2_wo_q")
+VARIANTS = ("single_stream", "pdl", "int2_idp")
 VARIANT_LABELS = {"single_stream": "1-stream", "pdl": "PDL toggled", "int2_idp": "INT2 idp toggled",
                   "fp8_prefetch1": "FP8 prefetch 1", "fp8_prefetch2": "FP8 prefetch 2",
                   "q_norm_prologue": "q_norm prologue toggled", "split_decode": "split-K INT2 decode",
@@ -182,13 +182,11 @@ def _variant(name: str):
     to L2 before the PDL wait, kernels.fp8_linear.PREFETCH_STEPS = N; 0 if N is the default),
     ``q_norm_prologue`` (q_norm inside the wq_b GEMV, model.graphed.Q_NORM_PROLOGUE, toggled; measured
     no gain in session 6 and no longer in ``VARIANTS``; the fp8 prefetch ones left it in session 8 after three
-    runs without gain), ``l2_wo`` / ``l2_wo_q`` (model.graphed.L2_PREFETCH = {"wo"} / {"wo", "next_q"}; the
-    empty set if that is the default). The split-K tensor-core INT2 decode (``split_decode`` in session 9's v12 results) lost
-    3x at b8 and was removed with its dispatch switch."""
+    runs without gain). Removed after session 9's v12 runs: the split-K tensor-core INT2 decode (``split_decode``,
+    3x slower at b8) and L2 prefetch hints on a third stream (``l2_wo`` / ``l2_wo_q``, b1 +0.6 / +0.85 ms)."""
     from .kernels import dispatch, fp8_linear, pdl
     from .model import graphed
-    saved = (graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE, fp8_linear.PREFETCH_STEPS,
-             graphed.L2_PREFETCH)
+    saved = (graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE, fp8_linear.PREFETCH_STEPS)
     if name == "single_stream":
         graphed.CONCURRENT = False
     elif name == "pdl":
@@ -197,9 +195,6 @@ def _variant(name: str):
         dispatch.DECODE_IDP = not dispatch.DECODE_IDP
     elif name == "q_norm_prologue":
         graphed.Q_NORM_PROLOGUE = not graphed.Q_NORM_PROLOGUE
-    elif name in ("l2_wo", "l2_wo_q"):
-        want = frozenset({"wo"} if name == "l2_wo" else {"wo", "next_q"})
-        graphed.L2_PREFETCH = frozenset() if graphed.L2_PREFETCH == want else want
     elif name.startswith("fp8_prefetch") and name[len("fp8_prefetch"):].isdigit():
         n = int(name[len("fp8_prefetch"):])
         fp8_linear.PREFETCH_STEPS = 0 if fp8_linear.PREFETCH_STEPS == n else n
@@ -209,7 +204,7 @@ def _variant(name: str):
         yield
     finally:
         (graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE,
-         fp8_linear.PREFETCH_STEPS, graphed.L2_PREFETCH) = saved
+         fp8_linear.PREFETCH_STEPS) = saved
 
 
 def _decode_case(model, B: int, ctx: int, opts: BenchOptions, dev, res: dict) -> None:

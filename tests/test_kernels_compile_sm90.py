@@ -116,11 +116,6 @@ def check_plain(name, fn, sig, cons, **options):
     except Exception as e:  # noqa: BLE001 - reported per case
         out[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
 
-# L2 prefetch hints (graphed.L2_PREFETCH): the inline prefetch.global.L2::evict_last
-from dsv4lib.kernels import l2_prefetch as l2p
-check_plain("l2 prefetch", l2p._l2_prefetch_kernel, {"base_ptr": "*u8", "nbytes": "i64", "rec_ptr": "*u8",
-            "LINES": "constexpr", "LINE": "constexpr", "RECORD": "constexpr"},
-            dict(LINES=l2p.LINES, LINE=l2p.LINE, RECORD=False), num_warps=4)
 # INT2 prefill routing align (opt-in ALIGN_KERNEL): histogram, one planning program, stable scatter
 from dsv4lib.kernels import int2_moe_prefill as ip
 check_plain("int2 align hist", ip._align_hist_kernel, {"idx_ptr": "*i64", "hist_ptr": "*i32", "tot_ptr": "*i32",

@@ -49,47 +49,11 @@ class StepContext:
     zero: torch.Tensor
     ninf: torch.Tensor
     side: object = None     # torch.cuda.Stream for the fused step's concurrent branches, or None
-    pf: object = None       # torch.cuda.Stream for the L2 prefetch hints (L2_PREFETCH), or None
-    next_attn: object = None   # the next block's attention module (set per layer by static_decode_step)
 
 
 CONCURRENT = True
 """Fused CUDA step: run the independent pieces of a layer on a second stream (see :func:`_branch`).
 A CUDA graph captures the fork/join as parallel branches. False: one stream (the bench's A/B switch)."""
-
-L2_PREFETCH: frozenset = frozenset()
-"""Fused CUDA step: L2 prefetch hints (kernels/l2_prefetch.py) on a third stream while HBM idles. ``"wo"``: when
-the attention core starts (after the compressors' join), this layer's ``wo_a`` then ``wo_b`` weights, up to
-``L2_PREFETCH_BYTES``; ``"next_q"``: when the MoE starts, the next block's ``wq_a``, ``wkv`` and ``wq_b``.
-Hints only: the step's results are bit-identical. Opt-in until the full-scale bench's "L2 prefetch" columns
-show a gain (predicted for "wo": ``wo_a`` ~13.6 -> ~7 us on the b1 critical path, -0.25 ms per step)."""
-L2_PREFETCH_BYTES = 40 << 20
-_PF: dict = {}
-
-
-def prefetch_stream(device) -> torch.cuda.Stream:
-    """One stream per CUDA device for the L2 prefetch hints (joined once, at the end of the step)."""
-    key = torch.device(device)
-    if key not in _PF:
-        _PF[key] = torch.cuda.Stream(key)
-    return _PF[key]
-
-
-def _prefetch(ctx: StepContext | None, weights: list) -> None:
-    """Fork ``ctx.pf`` here and hint ``weights`` (in order, contiguous ones, up to L2_PREFETCH_BYTES) into L2."""
-    pf = getattr(ctx, "pf", None)
-    if pf is None:
-        return
-    from dsv4lib.kernels.l2_prefetch import l2_prefetch
-    pf.wait_stream(torch.cuda.current_stream(pf.device))
-    left = L2_PREFETCH_BYTES
-    with torch.cuda.stream(pf):
-        for w in weights:
-            if left <= 0 or w is None or not w.is_contiguous():
-                continue
-            l2_prefetch(w, left)
-            left -= w.numel() * w.element_size()
-
 
 class _branch:
     """``with _branch(ctx): ...`` runs the block on ``ctx.side`` after everything issued so far on the
@@ -154,9 +118,8 @@ def step_context(model, cache: StaticCache, fused: bool) -> StepContext:
     W = cache.layers[0].window.shape[1]
     win_bias = torch.where(torch.arange(W, device=dev) <= pos, zero, ninf)   # [W]
     side = side_stream(dev) if fused and CONCURRENT and pos.is_cuda else None
-    pf = prefetch_stream(dev) if side is not None and L2_PREFETCH else None
     return StepContext(pos, fused, rot, rot_inv, cs, comp_cs, (pos % W).view(1), win_bias, ent_bias, ent_thr,
-                       idx_thr, idx_future, zero, ninf, side, pf)
+                       idx_thr, idx_future, zero, ninf, side)
 
 
 def selects_all(attn, lc: StaticLayerCache) -> bool:
@@ -458,8 +421,6 @@ def attention_step(attn, x: torch.Tensor, ctx: StepContext, lc: StaticLayerCache
     if kv is not None:
         lc.window.index_copy_(1, ctx.win_slot, kv.to(lc.window.dtype))
     _join(ctx)                                                          # window key and compressors written
-    if "wo" in L2_PREFETCH:   # the attention core is latency-bound: bring the output projections into L2
-        _prefetch(ctx, [getattr(attn.wo_a, "weight", None), getattr(attn.wo_b, "weight", None)])
     if attn.ratio:
         ent = lc.comp.entries                                           # [B, T, c]
         if not all_sel:
@@ -558,10 +519,6 @@ def moe_step(ffn, x: torch.Tensor, ids: torch.Tensor, ctx: StepContext | None = 
     shape = x.shape
     se = ffn.shared_experts
     sh = None
-    na = getattr(ctx, "next_attn", None)
-    if "next_q" in L2_PREFETCH and na is not None:   # the next block's query / key projections
-        _prefetch(ctx, [getattr(na.wq_a, "weight", None), getattr(na.wkv, "weight", None),
-                        getattr(na.wq_b, "weight", None)])
     if se is not None:   # concurrent with the router and the routed experts
         with _branch(ctx):
             gu = _proj_joint([se.w1, se.w3], x)                        # [B, 1, 2I] (g ‖ u)
@@ -642,10 +599,7 @@ def static_decode_step(model, cache: StaticCache, ids: torch.Tensor, fused: bool
     ctx = step_context(model, cache, fused)
     pending = None
     for i, layer in enumerate(model.layers):
-        ctx.next_attn = model.layers[i + 1].attn if i + 1 < len(model.layers) else None
         X, pending = block_step(layer, X, ctx, ids, cache.layers[i], pending)
-    if ctx.pf is not None:   # the prefetch hints wrote nothing; a capture needs every stream joined
-        torch.cuda.current_stream(ctx.pf.device).wait_stream(ctx.pf)
     f, f2, post, comb = pending
     X = hc_post_step(f, X, post, comb, fused, f2)
     cache.pos.add_(1)
