@@ -124,3 +124,18 @@ def test_decode_variants_toggle_restore_and_tabulate():
     head, sep, row = format_table(res).splitlines()[2:5]
     assert "FP8 prefetch 2 ms" in head and "q_norm prologue toggled ms" in head and "1-stream" not in head
     assert head.count("|") == sep.count("|") == row.count("|") and "| 1.50 | 2.50 |" in row
+
+
+def test_b8_target_reports_the_equal_bandwidth_ratio():
+    """targets(): b8 / b1 throughput against the ratio of their bytes per token (what equal streaming speed would
+    give) and how much faster than b1 the b8 step must stream for the target."""
+    from dsv4lib.fullscale_bench import BenchOptions, targets
+    GB = 1e9
+    res = {"decode": [{"batch": 1, "context": 1024, "graphed_tok_s": 180.0, "bytes_per_token": 9.6 * GB},
+                      {"batch": 8, "context": 1024, "graphed_tok_s": 720.0, "bytes_per_token": 2.4 * GB}],
+           "prefill": {"tok_s": 1.0}, "mmlu": {"est_minutes": 1.0}, "resident_GB": {"total": 1.0}}
+    t = targets(res, BenchOptions(decode=((1, 1024), (8, 1024))))["b8_over_b1"]
+    assert t["value"] == pytest.approx(4.0) and not t["met"]
+    assert t["equal_bandwidth_ratio"] == pytest.approx(4.0)            # 9.6 / 2.4 GB per token
+    assert t["b8_bandwidth_over_b1"] == pytest.approx(1.0)
+    assert t["b8_bandwidth_over_b1_needed"] == pytest.approx(5.0 / 4.0)
