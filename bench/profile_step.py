@@ -181,7 +181,14 @@ def _timeline(prof, steps: int) -> dict:
             cur_b = max(cur_b, b)
     busy += cur_b - cur_a
     span = max(e.time_range.end for e in ks) - t0
+    # the step's frontier (latest end so far, in end order) advanced by each kernel: its share of the critical path
+    front, frontier = t0, defaultdict(float)
+    for e in sorted(ks, key=lambda e: e.time_range.end):
+        if e.time_range.end > front:
+            frontier[e.name[:60]] += e.time_range.end - front
+            front = e.time_range.end
     return {"span_us": span, "busy_us": busy, "idle_us": span - busy,
+            "frontier_us": dict(sorted(frontier.items(), key=lambda kv: -kv[1])),
             "kernels": [{"name": e.name[:60], "start_us": round(e.time_range.start - t0, 2),
                          "us": round(e.time_range.elapsed_us(), 2), "stream": getattr(e, "device_resource_id", -1)}
                         for e in ks]}
@@ -324,7 +331,9 @@ def main(argv=None) -> int:
             per = len(ks) // max(cfg.num_hidden_layers, 1)
             mid = ks[(cfg.num_hidden_layers // 2) * per:(cfg.num_hidden_layers // 2 + 1) * per + 2]
             print(f"\n== {name} timeline: span {tl_['span_us']:.0f} us, some kernel resident {tl_['busy_us']:.0f} us, "
-                  f"none {tl_['idle_us']:.0f} us; ~{per} kernels per layer, a middle layer:")
+                  f"none {tl_['idle_us']:.0f} us; the step's end advanced by (us): "
+                  + ", ".join(f"{n[:28]} {v:.0f}" for n, v in list(tl_["frontier_us"].items())[:8]))
+            print(f"   ~{per} kernels per layer, a middle layer:")
             for i, k in enumerate(mid):
                 prev_end = max((m["start_us"] + m["us"] for m in mid[:i]), default=k["start_us"])
                 print(f"  +{k['start_us'] - mid[0]['start_us']:7.1f} us {k['us']:6.1f} us  gap {k['start_us'] - prev_end:6.1f}"

@@ -4,7 +4,7 @@
 # launch sweep (~6 min cold), then
 # the GPU tests (a cold machine compiles every kernel first: ~5-7 min; their own call). Each phase has its own
 # time limit. Results under $OUT (or ./h200_out): fullscale.json + bench.log, prof_prefill.json + prof.log,
-# int2_prefill_sweep.json + .log, gpu_tests.log.
+# int2_prefill_sweep.json + .log, timeline.json + .log (decode step), gpu_tests.log.
 #   run on the device:  bash scripts/h200_session.sh bench     then:  bash scripts/h200_session.sh tests
 #   (and bash scripts/h200_session.sh ab: interleaved A/B of the opt-in prefill switches, ~2 min)
 set -uo pipefail
@@ -23,13 +23,13 @@ if [ "$PHASE" = bench ]; then
   timeout 120 python3 bench/bench_kernels.py --prefill-only --reps 5 --out "$OUT/int2_prefill_sweep.json" \
       > "$OUT/int2_prefill_sweep.log" 2>&1
   grep -E "^T=|maxnreg=168" "$OUT/int2_prefill_sweep.log"
-  # INT2 decode sizes: idp against the split-K prefill kernels (untimed when written, session 8), 64 experts per layer
-  timeout 150 python3 bench/bench_int2_idp.py --no-sweep --quick --sweep-t 0 --split-prefill --experts 64 \
-      --out "$OUT/int2_split_decode.json" > "$OUT/int2_split_decode.log" 2>&1
-  grep -E "T=" "$OUT/int2_split_decode.log"
+  # the graphed b1 / b8 step's kernel timeline (what owns the critical path; kernels/BENCHMARKS.md "Ninth session")
+  timeout 150 python3 bench/profile_step.py --batches 1,8 --prefill 256 --mmlu 1x64 --pdl --timeline --top 5 \
+      --out "$OUT/timeline.json" > "$OUT/timeline.log" 2>&1
+  grep "timeline:" "$OUT/timeline.log"
 elif [ "$PHASE" = ab ]; then
-  # interleaved A/B (8 rounds each) of the prefill switches that are still opt-in (untimed when written)
-  for sw in kernels.int2_moe_prefill.ALIGN_KERNEL model.attention.PREFILL_SIDE_STREAM; do
+  # interleaved A/B (8 rounds each) of the latest prefill switches, each toggled against the default
+  for sw in kernels.int2_moe_prefill.ALIGN_KERNEL model.attention.PREFILL_SIDE_STREAM model.moe.PREFILL_SHARED_SIDE; do
     timeout 200 python3 bench/prefill_ab.py --switch "$sw" --rounds 8 --out "$OUT/ab_${sw##*.}.json" 2>&1 | tail -3
   done
 else

@@ -60,6 +60,35 @@ def test_profile_step_tiny(tmp_path, monkeypatch):
         assert c["top"] and all(r["us_per_step"] >= 0 and r["calls_per_step"] > 0 for r in c["top"])
 
 
+def test_profile_timeline_of_the_last_step(monkeypatch):
+    """profile_step._timeline: the last 1/steps of the device kernels by start, the time some kernel is resident
+    (union of intervals) and, per kernel name, how far its end advanced the step's frontier (sums to the span)."""
+    import torch
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench.profile_step import _timeline
+
+    class _Range:
+        def __init__(self, a, b):
+            self.start, self.end = a, b
+
+        def elapsed_us(self):
+            return self.end - self.start
+
+    class _Ev:
+        def __init__(self, name, a, b):
+            self.name, self.time_range = name, _Range(a, b)
+            self.device_type, self.device_resource_id = torch.autograd.DeviceType.CUDA, 7
+
+    class _Prof:
+        def events(self):   # two "steps" of three kernels; step 2: a, b overlapping a (PDL-style), then a gap, c
+            return [_Ev("a", 0, 4), _Ev("b", 1, 6), _Ev("c", 8, 9),
+                    _Ev("a", 100, 104), _Ev("b", 101, 106), _Ev("c", 108, 110)]
+    t = _timeline(_Prof(), 2)
+    assert [k["name"] for k in t["kernels"]] == ["a", "b", "c"] and t["kernels"][0]["start_us"] == 0
+    assert t["span_us"] == 10 and t["busy_us"] == 8 and t["idle_us"] == 2
+    assert t["frontier_us"] == {"a": 4, "b": 2, "c": 4}                  # c's 4 include the 2 us gap before it
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
 
