@@ -2,6 +2,7 @@
 
     python3 bench/sweep_fp8.py --out fp8_sweep.json            # H200: ~2 min (about 100 compiles)
     python3 bench/sweep_fp8.py --smoke --out /tmp/s.json       # tiny shapes, CPU interpreter
+    python3 bench/sweep_fp8.py --chain --out fp8_chain.json    # H200: the dependent pairs of the step, ~1 min
 
 For every projection the fused decode step reads through ``fp8_linear`` (stacked groups included) and the
 row counts it uses at batch 1 and 8, every candidate tile / split-K / warps / stages (split-K with the
@@ -33,6 +34,56 @@ SHAPES = [("wq_a|wkv", 1536, 4096, (1, 8)), ("wq_b", 32768, 1024, (1, 8)), ("wo_
           ("wo_b", 4096, 8192, (1, 8)), ("shared w1|w3", 4096, 4096, (1, 8)), ("shared w2", 4096, 2048, (1, 8)),
           ("indexer wq_b", 8192, 1024, (1, 8))]
 SMOKE_SHAPES = [("a", 192, 256, (1, 8)), ("b", 256, 384, (1, 20))]
+# --chain: the dependent GEMV pairs on the b1 critical path (kernels/BENCHMARKS.md "Ninth session": in the step wo_b
+# took 18.1 us after wo_a against 14.1 alone). (name, first (N, K, groups), second (N, K), second's input = the
+# first's output columns [0, K2)); the second GEMV's candidates are timed inside the pair.
+CHAINS = [("wo_a -> wo_b", (8192, 4096, 8), (4096, 8192)), ("wq_a|wkv -> wq_b", (1536, 4096, 1), (32768, 1024))]
+SMOKE_CHAINS = [("a -> b", (256, 128, 2), (192, 256)), ("c -> d", (384, 256, 1), (256, 128))]
+
+
+def chain_rows(chains, tokens, dev, reps: int, smoke: bool, cp: float) -> list[dict]:
+    """For each pair and token count: the pair (first GEMV at its default, second at each candidate) over weight
+    copies rotated through > 256 MB, CUDA-graph replay with the step's PDL launches, against the second alone."""
+    import triton
+    rows = []
+    for name, (n1, k1, g1), (n2, k2) in chains:
+        nbytes = n1 * k1 + n2 * k2
+        copies = 1 if smoke else max(2, min(32, -(-256 * 2**20 // nbytes)))
+        g = torch.Generator(device=dev).manual_seed(n1 + n2)
+        w1 = [random_fp8(n1, k1, dev, g) for _ in range(copies)]
+        w2 = [random_fp8(n2, k2, dev, g) for _ in range(copies)]
+        for t in tokens:
+            x = torch.randn(t, *((g1,) if g1 > 1 else ()), k1, device=dev, dtype=torch.bfloat16)
+            m2 = t
+            dflt = pick_config(m2, n2, k2)
+            cands = [dflt] + [c for c in candidates(m2, triton.cdiv(k2, 128)) if c != dflt]
+            if smoke:
+                cands = cands[:2] + [c for c in cands if c.epilogue == "last"][:1]
+            u = fp8_linear(x, *w1[0], groups=g1)[..., :k2].contiguous()
+            ref = fp8_linear_reference(u, *w2[0]).float()
+            out = []
+            for cfg in cands:
+                y = fp8_linear(u, *w2[0], config=cfg).float()
+                err = ((y - ref).norm() / ref.norm()).item()
+                if not err < 1e-2:
+                    raise AssertionError(f"{name} T={t} {cfg}: rel err {err:.2e}")
+
+                def pair(cfg=cfg):
+                    for (a, sa), (b, sb) in zip(w1, w2):
+                        h = fp8_linear(x, a, sa, groups=g1)
+                        fp8_linear(h[..., :k2] if h.shape[-1] != k2 else h, b, sb, config=cfg)
+                alone = lambda cfg=cfg: [fp8_linear(u, b, sb, config=cfg) for b, sb in w2]
+                tp = timed(pair, reps, graph=True) / copies
+                ta = timed(alone, reps, graph=True) / copies
+                out.append(dict(cfg=repr(cfg), pair_us=tp * 1e6, second_alone_us=ta * 1e6,
+                                pair_frac_copy=nbytes / tp / 1e9 / cp))
+            best = min(out, key=lambda r: r["pair_us"])
+            rows.append(dict(chain=name, tokens=t, default=out[0], best=best, sweep=out))
+            print(f"[{time.strftime('%H:%M:%S')}] {name} T={t}: default pair {out[0]['pair_us']:.2f} us "
+                  f"(second alone {out[0]['second_alone_us']:.2f}), best pair {best['pair_us']:.2f} {best['cfg']}",
+                  flush=True)
+        del w1, w2
+    return rows
 
 
 def candidates(m: int, kb: int) -> list[FP8Config]:
@@ -58,6 +109,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--chain", action="store_true",
+                    help="time the dependent pairs (wo_a -> wo_b, wq_a|wkv -> wq_b) with the second GEMV's candidates")
     args = ap.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
@@ -66,6 +119,17 @@ def main(argv=None) -> int:
     import triton
     res["triton"] = triton.__version__
     cp = res["copy_GBps"] = copy_bandwidth(dev, 2**31 if not args.smoke else 2**20, reps=20) / 1e9
+    if args.chain:
+        rows = chain_rows(SMOKE_CHAINS if args.smoke else CHAINS, (1, 8), dev, args.reps, args.smoke, cp)
+        with open(args.out, "w") as f:
+            json.dump(dict(res, chains=rows), f, indent=1)
+        print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}  copy {cp:.0f} GB/s")
+        print(f"{'FP8 pair':18s} {'T':>2s} {'dflt pair us':>12s} {'2nd alone':>9s} {'best pair us':>12s} {'%copy':>6s}  best config")
+        for r in rows:
+            d, b = r["default"], r["best"]
+            print(f"{r['chain']:18s} {r['tokens']:2d} {d['pair_us']:12.2f} {d['second_alone_us']:9.2f} "
+                  f"{b['pair_us']:12.2f} {100 * b['pair_frac_copy']:6.1f}  {b['cfg']}")
+        return 0
     rows = []
     for name, N, K, ms in shapes:
         nbytes = N * K

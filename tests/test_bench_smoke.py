@@ -43,6 +43,13 @@ def test_sweep_fp8_smoke(tmp_path, monkeypatch):
     assert len(res["rows"]) == 4
     for r in res["rows"]:
         assert r["best"]["us"] <= r["default"]["us"] and len(r["sweep"]) >= 2
+    out = tmp_path / "chain.json"                 # --chain: the dependent pairs, the second GEMV's candidates
+    assert sweep_fp8.main(["--smoke", "--chain", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [(r["chain"], r["tokens"]) for r in res["chains"]] == [(c, t) for c, _, _ in sweep_fp8.SMOKE_CHAINS
+                                                                   for t in (1, 8)]
+    for r in res["chains"]:
+        assert r["best"]["pair_us"] <= r["default"]["pair_us"] and len(r["sweep"]) >= 2
 
 
 def test_profile_step_tiny(tmp_path, monkeypatch):
