@@ -25,6 +25,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+import triton  # noqa: E402
+
 from bench.bench_kernels import timed  # noqa: E402
 from dsv4lib.fullscale import copy_bandwidth  # noqa: E402
 from dsv4lib.kernels.fp8_linear import FP8Config, fp8_linear, fp8_linear_reference, pick_config, random_fp8  # noqa: E402
@@ -41,10 +43,24 @@ CHAINS = [("wo_a -> wo_b", (8192, 4096, 8), (4096, 8192)), ("wq_a|wkv -> wq_b", 
 SMOKE_CHAINS = [("a -> b", (256, 128, 2), (192, 256)), ("c -> d", (384, 256, 1), (256, 128))]
 
 
+def checked_candidates(m: int, n: int, k: int, smoke: bool, keep: int, run, ref: torch.Tensor,
+                       label: str) -> list[FP8Config]:
+    """The default config first, then the grid (in smoke runs the first ``keep`` and one split-K "last"); each
+    config's output ``run(cfg)`` must match ``ref`` (relative error < 1e-2)."""
+    dflt = pick_config(m, n, k)
+    cands = [dflt] + [c for c in candidates(m, triton.cdiv(k, 128)) if c != dflt]
+    if smoke:
+        cands = cands[:keep] + [c for c in cands if c.epilogue == "last"][:1]
+    for cfg in cands:
+        err = ((run(cfg).float() - ref).norm() / ref.norm()).item()
+        if not err < 1e-2:
+            raise AssertionError(f"{label} {cfg}: rel err {err:.2e}")
+    return cands
+
+
 def chain_rows(chains, tokens, dev, reps: int, smoke: bool, cp: float) -> list[dict]:
     """For each pair and token count: the pair (first GEMV at its default, second at each candidate) over weight
     copies rotated through > 256 MB, CUDA-graph replay with the step's PDL launches, against the second alone."""
-    import triton
     rows = []
     for name, (n1, k1, g1), (n2, k2) in chains:
         nbytes = n1 * k1 + n2 * k2
@@ -54,24 +70,16 @@ def chain_rows(chains, tokens, dev, reps: int, smoke: bool, cp: float) -> list[d
         w2 = [random_fp8(n2, k2, dev, g) for _ in range(copies)]
         for t in tokens:
             x = torch.randn(t, *((g1,) if g1 > 1 else ()), k1, device=dev, dtype=torch.bfloat16)
-            m2 = t
-            dflt = pick_config(m2, n2, k2)
-            cands = [dflt] + [c for c in candidates(m2, triton.cdiv(k2, 128)) if c != dflt]
-            if smoke:
-                cands = cands[:2] + [c for c in cands if c.epilogue == "last"][:1]
             u = fp8_linear(x, *w1[0], groups=g1)[..., :k2].contiguous()
             ref = fp8_linear_reference(u, *w2[0]).float()
+            cands = checked_candidates(t, n2, k2, smoke, 2, lambda cfg: fp8_linear(u, *w2[0], config=cfg), ref,
+                                       f"{name} T={t}")
             out = []
             for cfg in cands:
-                y = fp8_linear(u, *w2[0], config=cfg).float()
-                err = ((y - ref).norm() / ref.norm()).item()
-                if not err < 1e-2:
-                    raise AssertionError(f"{name} T={t} {cfg}: rel err {err:.2e}")
-
                 def pair(cfg=cfg):
                     for (a, sa), (b, sb) in zip(w1, w2):
                         h = fp8_linear(x, a, sa, groups=g1)
-                        fp8_linear(h[..., :k2] if h.shape[-1] != k2 else h, b, sb, config=cfg)
+                        fp8_linear(h[..., :k2], b, sb, config=cfg)
                 alone = lambda cfg=cfg: [fp8_linear(u, b, sb, config=cfg) for b, sb in w2]
                 tp = timed(pair, reps, graph=True) / copies
                 ta = timed(alone, reps, graph=True) / copies
@@ -116,7 +124,6 @@ def main(argv=None) -> int:
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     res = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", torch=torch.__version__,
                date=time.strftime("%Y-%m-%d %H:%M"))
-    import triton
     res["triton"] = triton.__version__
     cp = res["copy_GBps"] = copy_bandwidth(dev, 2**31 if not args.smoke else 2**20, reps=20) / 1e9
     if args.chain:
@@ -139,16 +146,10 @@ def main(argv=None) -> int:
         for m in ms:
             x = torch.randn(m, K, device=dev, dtype=torch.bfloat16)
             ref = fp8_linear_reference(x, *ws[0]).float()
-            dflt = pick_config(m, N, K)
-            cands = [dflt] + [c for c in candidates(m, triton.cdiv(K, 128)) if c != dflt]
-            if args.smoke:
-                cands = cands[:3] + [c for c in cands if c.epilogue == "last"][:1]
+            cands = checked_candidates(m, N, K, args.smoke, 3, lambda cfg: fp8_linear(x, *ws[0], config=cfg), ref,
+                                       f"{name} M={m}")
             timings = []
             for cfg in cands:
-                y = fp8_linear(x, *ws[0], config=cfg).float()
-                err = ((y - ref).norm() / ref.norm()).item()
-                if not err < 1e-2:
-                    raise AssertionError(f"{name} M={m} {cfg}: rel err {err:.2e}")
                 fn = lambda cfg=cfg: [fp8_linear(x, w, s, config=cfg) for w, s in ws]
                 t = timed(fn, args.reps, graph=True) / copies
                 timings.append(dict(cfg=repr(cfg), us=t * 1e6, GBps=nbytes / t / 1e9, frac_copy=nbytes / t / 1e9 / cp))
