@@ -29,13 +29,15 @@ import triton  # noqa: E402
 
 from bench.bench_kernels import timed  # noqa: E402
 from dsv4lib.fullscale import copy_bandwidth  # noqa: E402
+from dsv4lib.kernels.fp8_gemv import GemvConfig  # noqa: E402
 from dsv4lib.kernels.fp8_linear import FP8Config, fp8_linear, fp8_linear_reference, pick_config, random_fp8  # noqa: E402
 
-# (name, N, K, row counts at batch 1 and 8) -- V4-Flash, the fused step's calls (dsv4lib/model/graphed.py)
-SHAPES = [("wq_a|wkv", 1536, 4096, (1, 8)), ("wq_b", 32768, 1024, (1, 8)), ("wo_a (8 groups)", 8192, 4096, (8, 64)),
-          ("wo_b", 4096, 8192, (1, 8)), ("shared w1|w3", 4096, 4096, (1, 8)), ("shared w2", 4096, 2048, (1, 8)),
-          ("indexer wq_b", 8192, 1024, (1, 8))]
-SMOKE_SHAPES = [("a", 192, 256, (1, 8)), ("b", 256, 384, (1, 20))]
+# (name, N, K, token counts at batch 1 and 8, groups) -- V4-Flash, the fused step's calls (dsv4lib/model/graphed.py);
+# wo_a is one grouped call (x [tokens, 8, K], kernels.fp8_linear groups=8)
+SHAPES = [("wq_a|wkv", 1536, 4096, (1, 8), 1), ("wq_b", 32768, 1024, (1, 8), 1), ("wo_a (8 groups)", 8192, 4096, (1, 8), 8),
+          ("wo_b", 4096, 8192, (1, 8), 1), ("shared w1|w3", 4096, 4096, (1, 8), 1), ("shared w2", 4096, 2048, (1, 8), 1),
+          ("indexer wq_b", 8192, 1024, (1, 8), 1)]
+SMOKE_SHAPES = [("a", 192, 256, (1, 8), 1), ("b", 256, 384, (1, 20), 2)]
 # --chain: the dependent GEMV pairs on the b1 critical path (kernels/BENCHMARKS.md "Ninth session": in the step wo_b
 # took 18.1 us after wo_a against 14.1 alone). (name, first (N, K, groups), second (N, K), second's input = the
 # first's output columns [0, K2)); the second GEMV's candidates are timed inside the pair.
@@ -44,13 +46,15 @@ SMOKE_CHAINS = [("a -> b", (256, 128, 2), (192, 256)), ("c -> d", (384, 256, 1),
 
 
 def checked_candidates(m: int, n: int, k: int, smoke: bool, keep: int, run, ref: torch.Tensor,
-                       label: str) -> list[FP8Config]:
-    """The default config first, then the grid (in smoke runs the first ``keep`` and one split-K "last"); each
-    config's output ``run(cfg)`` must match ``ref`` (relative error < 1e-2)."""
+                       label: str, gemv_only: bool = False) -> list[FP8Config | GemvConfig]:
+    """The default config first, then the grid (in smoke runs the first ``keep``, one split-K "last" and one
+    CUDA-core GEMV); each config's output ``run(cfg)`` must match ``ref`` (relative error < 1e-2)."""
     dflt = pick_config(m, n, k)
-    cands = [dflt] + [c for c in candidates(m, triton.cdiv(k, 128)) if c != dflt]
+    cands = [dflt] + [c for c in candidates(m, triton.cdiv(k, 128)) if c != dflt
+                      and (isinstance(c, GemvConfig) or not gemv_only)]
     if smoke:
-        cands = cands[:keep] + [c for c in cands if c.epilogue == "last"][:1]
+        cands = (cands[:keep] + [c for c in cands if getattr(c, "epilogue", None) == "last"][:1]
+                 + [c for c in cands[keep:] if isinstance(c, GemvConfig)][:1])
     for cfg in cands:
         err = ((run(cfg).float() - ref).norm() / ref.norm()).item()
         if not err < 1e-2:
@@ -94,8 +98,9 @@ def chain_rows(chains, tokens, dev, reps: int, smoke: bool, cp: float) -> list[d
     return rows
 
 
-def candidates(m: int, kb: int) -> list[FP8Config]:
-    """Tile / split / warps / stages grid for m activation rows and kb 128-wide K blocks."""
+def candidates(m: int, kb: int) -> list[FP8Config | GemvConfig]:
+    """Tile / split / warps / stages grid for m activation rows and kb 128-wide K blocks; for m <= 2 also the
+    CUDA-core GEMV's rows / unroll / warps (kernels/fp8_gemv.py)."""
     if m <= 16:
         tiles = [(16, 32, 4), (16, 64, 4), (16, 128, 4), (16, 128, 8), (16, 256, 8)]
         stages = (3, 5)
@@ -109,6 +114,9 @@ def candidates(m: int, kb: int) -> list[FP8Config]:
         if sp > 1 and kb < 2 * sp:
             continue
         out.append(FP8Config(bm, bn, sp, w, st, epilogue="last" if sp > 1 else "atomic"))
+    if m <= 2:   # every thread owns distinct 16-byte pieces (rows * 8 * unroll >= threads); unmasked K steps only
+        out += [GemvConfig(r, u, w, st) for r, u, w, st in itertools.product((1, 2, 4, 8), (2, 4, 8, 16), (1, 2, 4), (1, 2))
+                if kb % u == 0 and r * 8 * u >= 32 * w and (st == 1 or r <= 4)]
     return out
 
 
@@ -119,7 +127,10 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--chain", action="store_true",
                     help="time the dependent pairs (wo_a -> wo_b, wq_a|wkv -> wq_b) with the second GEMV's candidates")
+    ap.add_argument("--gemv-only", action="store_true", help="time only the default and the CUDA-core GEMV configs")
+    ap.add_argument("--tokens", default=None, help="comma-separated token counts to sweep (default: 1 and 8)")
     args = ap.parse_args(argv)
+    only = None if args.tokens is None else {int(t) for t in args.tokens.split(",")}
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     res = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", torch=torch.__version__,
@@ -127,7 +138,8 @@ def main(argv=None) -> int:
     res["triton"] = triton.__version__
     cp = res["copy_GBps"] = copy_bandwidth(dev, 2**31 if not args.smoke else 2**20, reps=20) / 1e9
     if args.chain:
-        rows = chain_rows(SMOKE_CHAINS if args.smoke else CHAINS, (1, 8), dev, args.reps, args.smoke, cp)
+        rows = chain_rows(SMOKE_CHAINS if args.smoke else CHAINS, tuple(sorted(only or (1, 8))), dev, args.reps,
+                          args.smoke, cp)
         with open(args.out, "w") as f:
             json.dump(dict(res, chains=rows), f, indent=1)
         print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}  copy {cp:.0f} GB/s")
@@ -138,19 +150,19 @@ def main(argv=None) -> int:
                   f"{b['pair_us']:12.2f} {100 * b['pair_frac_copy']:6.1f}  {b['cfg']}")
         return 0
     rows = []
-    for name, N, K, ms in shapes:
+    for name, N, K, ms, G in shapes:
         nbytes = N * K
         copies = 1 if args.smoke else max(2, min(64, -(-256 * 2**20 // nbytes)))
         g = torch.Generator(device=dev).manual_seed(N + K)
         ws = [random_fp8(N, K, dev, g) for _ in range(copies)]
-        for m in ms:
-            x = torch.randn(m, K, device=dev, dtype=torch.bfloat16)
-            ref = fp8_linear_reference(x, *ws[0]).float()
-            cands = checked_candidates(m, N, K, args.smoke, 3, lambda cfg: fp8_linear(x, *ws[0], config=cfg), ref,
-                                       f"{name} M={m}")
+        for m in (m for m in ms if only is None or m in only):
+            x = torch.randn(m, *((G,) if G > 1 else ()), K, device=dev, dtype=torch.bfloat16)
+            ref = fp8_linear_reference(x, *ws[0], groups=G).float()
+            cands = checked_candidates(m, N, K, args.smoke, 3, lambda cfg: fp8_linear(x, *ws[0], config=cfg, groups=G),
+                                       ref, f"{name} M={m}", gemv_only=args.gemv_only)
             timings = []
             for cfg in cands:
-                fn = lambda cfg=cfg: [fp8_linear(x, w, s, config=cfg) for w, s in ws]
+                fn = lambda cfg=cfg: [fp8_linear(x, w, s, config=cfg, groups=G) for w, s in ws]
                 t = timed(fn, args.reps, graph=True) / copies
                 timings.append(dict(cfg=repr(cfg), us=t * 1e6, GBps=nbytes / t / 1e9, frac_copy=nbytes / t / 1e9 / cp))
             best = min(timings, key=lambda r: r["us"])

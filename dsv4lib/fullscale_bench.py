@@ -166,8 +166,9 @@ PREFILL_SWITCHES = (("fused_mhc", "model.transformer", "FUSED_MHC_PREFILL", "mHC
                     ("side_stream", "model.attention", "PREFILL_SIDE_STREAM", "compressors on a side stream"),
                     ("shared_side", "model.moe", "PREFILL_SHARED_SIDE", "shared expert on a side stream"))
 
-VARIANTS = ("single_stream", "pdl", "int2_idp")
+VARIANTS = ("single_stream", "pdl", "int2_idp", "fp8_gemv")
 VARIANT_LABELS = {"single_stream": "1-stream", "pdl": "PDL toggled", "int2_idp": "INT2 idp toggled",
+                  "fp8_gemv": "FP8 CUDA-core GEMV toggled",
                   "fp8_prefetch1": "FP8 prefetch 1", "fp8_prefetch2": "FP8 prefetch 2",
                   "q_norm_prologue": "q_norm prologue toggled", "split_decode": "split-K INT2 decode",
                   "l2_wo": "L2 prefetch wo", "l2_wo_q": "L2 prefetch wo+q"}
@@ -183,16 +184,20 @@ def _variant(name: str):
     ``q_norm_prologue`` (q_norm inside the wq_b GEMV, model.graphed.Q_NORM_PROLOGUE, toggled; measured
     no gain in session 6 and no longer in ``VARIANTS``; the fp8 prefetch ones left it in session 8 after three
     runs without gain). Removed after session 9's v12 runs: the split-K tensor-core INT2 decode (``split_decode``,
-    3x slower at b8) and L2 prefetch hints on a third stream (``l2_wo`` / ``l2_wo_q``, b1 +0.6 / +0.85 ms)."""
+    3x slower at b8) and L2 prefetch hints on a third stream (``l2_wo`` / ``l2_wo_q``, b1 +0.6 / +0.85 ms).
+    ``fp8_gemv``: one-row FP8 projections on the CUDA-core GEMV (kernels.fp8_linear.GEMV_MAX_M 1 <-> 0)."""
     from .kernels import dispatch, fp8_linear, pdl
     from .model import graphed
-    saved = (graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE, fp8_linear.PREFETCH_STEPS)
+    saved = (graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE, fp8_linear.PREFETCH_STEPS,
+             fp8_linear.GEMV_MAX_M)
     if name == "single_stream":
         graphed.CONCURRENT = False
     elif name == "pdl":
         pdl.ENABLED = not pdl.ENABLED
     elif name == "int2_idp":
         dispatch.DECODE_IDP = not dispatch.DECODE_IDP
+    elif name == "fp8_gemv":
+        fp8_linear.GEMV_MAX_M = 0 if fp8_linear.GEMV_MAX_M else 1
     elif name == "q_norm_prologue":
         graphed.Q_NORM_PROLOGUE = not graphed.Q_NORM_PROLOGUE
     elif name.startswith("fp8_prefetch") and name[len("fp8_prefetch"):].isdigit():
@@ -204,7 +209,7 @@ def _variant(name: str):
         yield
     finally:
         (graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE,
-         fp8_linear.PREFETCH_STEPS) = saved
+         fp8_linear.PREFETCH_STEPS, fp8_linear.GEMV_MAX_M) = saved
 
 
 def _decode_case(model, B: int, ctx: int, opts: BenchOptions, dev, res: dict) -> None:

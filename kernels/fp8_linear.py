@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 
 from . import pdl
+from .fp8_gemv import GemvConfig, fp8_gemv
 from .pdl import launch_args, pdl_wait, prefetch_l2
 
 from .workspace import split_workspace, weight_workspace
@@ -78,6 +79,23 @@ TUNED = {
 }
 
 
+GEMV_MAX_M = 1
+"""Calls with at most this many activation rows (M; a grouped call counts its tokens) run the CUDA-core GEMV
+(``kernels/fp8_gemv.py``) instead of the tensor-core kernel; 0 switches it off (bench variant ``fp8_gemv``)."""
+# Winners of ``bench/sweep_fp8.py --tokens 1 --gemv-only`` for the CUDA-core GEMV on the H200 (Triton 3.6, session 10,
+# bench/results/h200_fp8_sweep_v13_gemv2.json), keyed by (N, K): the fused step's projections at batch 1; us per call
+# (the tensor-core kernel's best config in the first sweep of the same session, h200_fp8_sweep_v13_gemv.json).
+TUNED_GEMV = {
+    (1536, 4096): GemvConfig(1, 16, 2),     # wq_a | wkv: 3.59 us (6.13)
+    (32768, 1024): GemvConfig(4, 4, 1),     # wq_b: 11.86 (11.85)
+    (8192, 4096): GemvConfig(2, 4, 1),      # wo_a, 8 groups: 11.24 (13.92)
+    (4096, 8192): GemvConfig(1, 16, 4),     # wo_b: 11.16 (13.56)
+    (4096, 4096): GemvConfig(2, 8, 4),      # shared expert w1 | w3: 6.11 (8.97)
+    (4096, 2048): GemvConfig(2, 8, 4),      # shared expert w2: 4.07 (6.50)
+    (8192, 1024): GemvConfig(4, 4, 4),      # indexer wq_b: 4.19 (5.70)
+}
+
+
 def _split(tiles: int, kb: int) -> int:
     """Split-K until >= ~2 programs per SM, keeping >= 4 K blocks per split."""
     split = 1
@@ -86,9 +104,12 @@ def _split(tiles: int, kb: int) -> int:
     return split
 
 
-def pick_config(m: int, n: int, k: int) -> FP8Config:
-    """Tile for M activation rows: the sweep's winner for a tuned shape; otherwise GEMV tiles (M <= 16)
-    or 64-row tiles (M <= 64) with split-K, and 128x128 tiles for prefill."""
+def pick_config(m: int, n: int, k: int) -> FP8Config | GemvConfig:
+    """Tile for M activation rows: the CUDA-core GEMV for M <= ``GEMV_MAX_M`` (the sweep's winner for a tuned
+    shape, else its default); otherwise the tensor-core kernel: the sweep's winner for a tuned shape, else GEMV
+    tiles (M <= 16) or 64-row tiles (M <= 64) with split-K, and 128x128 tiles for prefill."""
+    if m <= GEMV_MAX_M:
+        return TUNED_GEMV.get((n, k), GemvConfig())
     bucket = 16 if m <= 16 else 64 if m <= 64 else None
     if bucket is not None and (n, k, bucket) in TUNED:
         cfg = TUNED[(n, k, bucket)]
@@ -326,7 +347,7 @@ def decode_scale(scale: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *,
-               config: FP8Config | None = None, groups: int = 1,
+               config: FP8Config | GemvConfig | None = None, groups: int = 1,
                norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """``x [..., K] @ dequant(w [N, K], scale)^T -> [..., N]`` in x's dtype.
 
@@ -367,6 +388,8 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *,
             and (groups == 1 or (CHAINED_GROUPED and (N // groups) % 16 == 0)) and (e8m0 or scales_are_pow2(s))):
         return fp8_gemm_chained(x2, w, s, groups=groups).reshape(*lead, N)
     cfg = config or pick_config(M, N, K)
+    if isinstance(cfg, GemvConfig):
+        return fp8_gemv(x2, w, s, cfg, groups=groups, norm=norm).reshape(*lead, N)
     if groups > 1:
         bn = cfg.block_n
         while (N // groups) % bn and bn > 16:   # an N tile must not straddle two groups

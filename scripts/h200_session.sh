@@ -38,8 +38,8 @@ else
   # device-independent tests of the switches and launch knobs changed last, here on CUDA (the side stream really
   # forks there; the knobs compile for sm_90)
   timeout 150 python3 -m pytest -q tests/test_model_attention_chunks.py tests/test_kernels_int2.py tests/test_kernels_mhc.py \
-      tests/test_kernels_moe_step.py tests/test_fullscale_static.py tests/test_model_moe_hooks.py \
-      -k "side_stream or shared_expert_branch or align or hc_pre or router or attention" \
+      tests/test_kernels_moe_step.py tests/test_fullscale_static.py tests/test_model_moe_hooks.py tests/test_kernels_fp8_mxfp4.py \
+      -k "side_stream or shared_expert_branch or align or hc_pre or router or attention or fp8" \
       > "$OUT/optin_tests.log" 2>&1
   tail -2 "$OUT/optin_tests.log"
 fi

@@ -64,6 +64,16 @@ for bm, bn, split_k, warps, stages, last, grouped in cases:
         if m == 16 and not grouped:   # an fp32 model's activations (hi + lo fp16 dots)
             check(name + " fp32 x", _fp8_linear_kernel, dict(sig, x_ptr="*fp32", y_ptr=sig["y_ptr"].replace("bf16", "fp32")),
                   dict(cons, X32=True), num_warps=warps, num_stages=stages)
+from dsv4lib.kernels.fp8_gemv import GemvConfig, _fp8_gemv_kernel
+from dsv4lib.kernels.fp8_linear import TUNED_GEMV
+gsig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "y_ptr": "*bf16", "M": "constexpr", "N": "i32",
+        "K": "i32", "KB": "i32", "G": "i32", "nw_ptr": "*fp32", "eps": "fp32", "ROWS": "constexpr",
+        "UNROLL": "constexpr", "STAGES": "constexpr", "GROUPED": "constexpr", "NORM": "constexpr", "EVEN": "constexpr"}
+for (gn, gk), c in sorted(TUNED_GEMV.items()) + [((0, 0), GemvConfig()), ((1, 1), GemvConfig(2, 4, 2, 2))]:
+    for grouped, norm, even in ((gn == 8192 and gk == 4096, gn == 32768, True), (False, False, False)):
+        check(f"fp8_gemv {gn}x{gk} {c} grouped={grouped} norm={norm} even={even}", _fp8_gemv_kernel, gsig,
+              dict(M=1, ROWS=c.rows, UNROLL=c.unroll, STAGES=c.stages, GROUPED=grouped, NORM=norm, EVEN=even),
+              num_warps=c.warps, num_stages=1)
 from dsv4lib.kernels.mhc_step import PRE_MANY, PRE_ONE, _hc_pre_kernel
 for (has_norm, post), (nsplit, bk, warps) in zip(((False, False), (True, False), (True, True), (True, True)),
                                                  (PRE_ONE, PRE_ONE, PRE_ONE, PRE_MANY)):
@@ -260,7 +270,8 @@ print(json.dumps(out))
 
 
 def test_kernels_compile_for_sm90():
-    """fp8_linear: the fallback configs and every tuned one (TUNED), at M = 1 and M > 1; mHC pre; fused router;
+    """fp8_linear: the fallback configs and every tuned one (TUNED), at M = 1 and M > 1; the CUDA-core FP8 GEMV at
+    its tuned configs (TUNED_GEMV); mHC pre; fused router;
     RMSNorm+RoPE scattered into the window; attention combine with the output RoPE; the mHC prefill kernels;
     the INT2 idp decode kernels and the INT2 prefill gate/up (their inline PTX never runs in the interpreter); and
     the prefill GEMM kernels at their launch configs keep their wgmma instructions asynchronous in ptxas."""

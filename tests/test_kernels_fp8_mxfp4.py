@@ -8,6 +8,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dsv4lib.kernels.dispatch import fp8_linear, mxfp4_moe  # noqa: E402
+from dsv4lib.kernels.fp8_gemv import GemvConfig  # noqa: E402
 from dsv4lib.kernels.fp8_linear import FP8Config, fp8_linear_reference, random_fp8  # noqa: E402
 from dsv4lib.kernels.mxfp4 import (dequantize_mxfp4, dequantize_mxfp4_reference, mxfp4_moe_reference,  # noqa: E402
                                    random_mxfp4)
@@ -95,6 +96,51 @@ def test_fp8_full_shapes_gpu(M, N, K):
     w, s = random_fp8(N, K, DEV, g)
     x = torch.randn(M, K, device=DEV, generator=g, dtype=torch.bfloat16)
     assert _rel(fp8_linear(x, w, s), fp8_linear_reference(x.double(), w, s.double())) < 1e-2
+
+
+@pytest.mark.parametrize("M,N,K,cfg,dtype", [
+    (1, 256, 1024, GemvConfig(16, 4), torch.bfloat16),          # EVEN: unmasked loads
+    (1, 200, 384, GemvConfig(8, 2, 2), torch.float32),           # ragged N and K: masked
+    (3, 130, 256, GemvConfig(4, 1, 1), torch.float32),           # several rows, partial last row block
+    (2, 64, 512, GemvConfig(32, 8, 4), torch.bfloat16),          # one step covers all of K
+    (1, 96, 200, GemvConfig(16, 2, 4, 2), torch.bfloat16)])      # the cp.async-pipelined loop
+def test_fp8_gemv_matches_reference(M, N, K, cfg, dtype):
+    """The CUDA-core GEMV (kernels/fp8_gemv.py) against the dequantise-then-matmul reference in float64, and
+    against the tensor-core kernel on the same input (they differ only in fp32 summation order and in the tensor-core
+    kernel's fp16 hi/lo split of fp32 activations); fp32 activations keep fp32 products."""
+    from dsv4lib.kernels.fp8_linear import fp8_linear as kernel
+    g = torch.Generator(device=DEV).manual_seed(N + K + M)
+    w, s = random_fp8(N, K, DEV, g)
+    x = (torch.randn(M, K, device=DEV, generator=g) * 2).to(dtype)
+    y = kernel(x, w, s, config=cfg)
+    ref = fp8_linear_reference(x.double(), w, s.double())
+    assert y.shape == (M, N) and y.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 8e-3           # bf16 output rounding (2^-9 relative per element)
+    assert _rel(y, ref) < tol
+    tc = kernel(x, w, s, config=FP8Config(16, 32))
+    assert _rel(y, tc) < (2e-6 if dtype == torch.float32 else 8e-3)
+
+
+def test_fp8_gemv_grouped_norm_and_bad_config():
+    """Grouped mode (V4's wo_a: group g's rows read x[..., g, :]) and the RMSNorm-on-load prologue (V4's
+    wq_b(q_norm(qa))) through the GEMV equal the reference; a row count that does not divide 128 is refused."""
+    from dsv4lib.kernels.fp8_linear import fp8_linear as kernel
+    g = torch.Generator(device=DEV).manual_seed(5)
+    G, R, K = 4, 64, 256
+    w, s = random_fp8(G * R, K, DEV, g)
+    x = torch.randn(2, G, K, device=DEV, generator=g)
+    y = kernel(x, w, s, groups=G, config=GemvConfig(16, 2))
+    assert _rel(y, fp8_linear_reference(x.double(), w, s.double(), groups=G)) < 1e-6
+    w, s = random_fp8(128, K, DEV, g)
+    xa = torch.randn(1, K, device=DEV, generator=g).to(torch.bfloat16) * 3
+    nw = torch.rand(K, device=DEV, generator=g) + 0.5
+    xn = (nw * (xa.float() * torch.rsqrt(xa.float().pow(2).mean(-1, keepdim=True) + 1e-6))).to(torch.bfloat16)
+    ref = fp8_linear_reference(xn.double(), w, s.double())
+    assert _rel(kernel(xa, w, s, norm=(nw, 1e-6), config=GemvConfig(8, 2)), ref) < 8e-3
+    assert _rel(kernel(xa, w, s, norm=(nw, 1e-6), config=GemvConfig(8, 2)),
+                kernel(xa, w, s, norm=(nw, 1e-6), config=FP8Config(16, 32))) < 8e-3
+    with pytest.raises(ValueError, match="rows"):
+        kernel(xa, w, s, config=GemvConfig(24, 2))
 
 
 @pytest.mark.parametrize("M,N,K,split", [(1, 200, 512, 4), (5, 130, 384, 3), (16, 64, 1024, 8)])
