@@ -98,6 +98,44 @@ def chain_rows(chains, tokens, dev, reps: int, smoke: bool, cp: float) -> list[d
     return rows
 
 
+# --bf16: the fused step's stacked bf16 projections at batch 1 (dsv4lib/model/graphed.py attention_step): CSA layers
+# compressor wkv|wgate (2 x 1024) + indexer compressor (2 x 256) + weights_proj (64); HCA layers 2 x 512
+BF16_SHAPES = [("CSA compressors + indexer", 2624, 4096), ("HCA compressors", 1024, 4096)]
+SMOKE_BF16 = [("a", 96, 256)]
+
+
+def bf16_rows(shapes, dev, reps: int, smoke: bool, cp: float) -> list[dict]:
+    """The bf16 GEMV's default and candidate configs (checked against F.linear) next to torch's F.linear, over
+    weight copies rotated through > 256 MB, CUDA-graph replay."""
+    from dsv4lib.kernels.fp8_gemv import TUNED_BF16, bf16_gemv
+    rows = []
+    for name, N, K in shapes:
+        nbytes = 2 * N * K
+        copies = 1 if smoke else max(2, min(64, -(-256 * 2**20 // nbytes)))
+        g = torch.Generator(device=dev).manual_seed(N + K)
+        ws = [torch.randn(N, K, device=dev, generator=g).to(torch.bfloat16) for _ in range(copies)]
+        x = torch.randn(1, 1, K, device=dev, dtype=torch.bfloat16)
+        ref = torch.nn.functional.linear(x.float(), ws[0].float())
+        dflt = TUNED_BF16.get((N, K), GemvConfig(2, 8, 4))
+        cands = [dflt] + [c for c in candidates(1, triton.cdiv(K, 128)) if isinstance(c, GemvConfig) and c != dflt
+                          and c.rows * 16 * c.unroll >= 32 * c.warps and c.stages == 1]
+        if smoke:
+            cands = cands[:2]
+        out = []
+        for cfg in cands:
+            err = ((bf16_gemv(x, ws[0], cfg).float() - ref).norm() / ref.norm()).item()
+            if not err < 1e-2:
+                raise AssertionError(f"bf16 {name} {cfg}: rel err {err:.2e}")
+            t = timed(lambda cfg=cfg: [bf16_gemv(x, w, cfg) for w in ws], reps, graph=True) / copies
+            out.append(dict(cfg=repr(cfg), us=t * 1e6, frac_copy=nbytes / t / 1e9 / cp))
+        tt = timed(lambda: [torch.nn.functional.linear(x, w) for w in ws], reps, graph=True) / copies
+        best = min(out, key=lambda r: r["us"])
+        rows.append(dict(layer=name, N=N, K=K, torch_us=tt * 1e6, default=out[0], best=best, sweep=out))
+        print(f"[{time.strftime('%H:%M:%S')}] bf16 {name}: torch {tt * 1e6:.2f} us, default {out[0]['us']:.2f}, "
+              f"best {best['us']:.2f} {best['cfg']}", flush=True)
+    return rows
+
+
 def candidates(m: int, kb: int) -> list[FP8Config | GemvConfig]:
     """Tile / split / warps / stages grid for m activation rows and kb 128-wide K blocks; for m <= 2 also the
     CUDA-core GEMV's rows / unroll / warps (kernels/fp8_gemv.py)."""
@@ -128,6 +166,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chain", action="store_true",
                     help="time the dependent pairs (wo_a -> wo_b, wq_a|wkv -> wq_b) with the second GEMV's candidates")
     ap.add_argument("--gemv-only", action="store_true", help="time only the default and the CUDA-core GEMV configs")
+    ap.add_argument("--bf16", action="store_true",
+                    help="the CUDA-core GEMV on the step's stacked bf16 projections (compressors + indexer) instead")
     ap.add_argument("--tokens", default=None, help="comma-separated token counts to sweep (default: 1 and 8)")
     args = ap.parse_args(argv)
     only = None if args.tokens is None else {int(t) for t in args.tokens.split(",")}
@@ -137,6 +177,16 @@ def main(argv=None) -> int:
                date=time.strftime("%Y-%m-%d %H:%M"))
     res["triton"] = triton.__version__
     cp = res["copy_GBps"] = copy_bandwidth(dev, 2**31 if not args.smoke else 2**20, reps=20) / 1e9
+    if args.bf16:
+        rows = bf16_rows(SMOKE_BF16 if args.smoke else BF16_SHAPES, dev, args.reps, args.smoke, cp)
+        with open(args.out, "w") as f:
+            json.dump(dict(res, bf16=rows), f, indent=1)
+        print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}  copy {cp:.0f} GB/s")
+        print(f"{'bf16 GEMV':26s} {'N':>5s} {'K':>5s} {'torch us':>8s} {'dflt us':>8s} {'best us':>8s} {'%copy':>6s}  best config")
+        for r in rows:
+            print(f"{r['layer']:26s} {r['N']:5d} {r['K']:5d} {r['torch_us']:8.2f} {r['default']['us']:8.2f} "
+                  f"{r['best']['us']:8.2f} {100 * r['best']['frac_copy']:6.1f}  {r['best']['cfg']}")
+        return 0
     if args.chain:
         rows = chain_rows(SMOKE_CHAINS if args.smoke else CHAINS, tuple(sorted(only or (1, 8))), dev, args.reps,
                           args.smoke, cp)

@@ -50,6 +50,16 @@ def test_sweep_fp8_smoke(tmp_path, monkeypatch):
                                                                    for t in (1, 8)]
     for r in res["chains"]:
         assert r["best"]["pair_us"] <= r["default"]["pair_us"] and len(r["sweep"]) >= 2
+    out = tmp_path / "bf16.json"                  # --bf16: the CUDA-core GEMV on the stacked bf16 projections
+    assert sweep_fp8.main(["--smoke", "--bf16", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["layer"] for r in res["bf16"]] == [n for n, _, _ in sweep_fp8.SMOKE_BF16]
+    assert all(r["best"]["us"] <= r["default"]["us"] and len(r["sweep"]) == 2 for r in res["bf16"])
+    out = tmp_path / "gemv.json"                  # --gemv-only --tokens 1: default + CUDA-core GEMV configs only
+    assert sweep_fp8.main(["--smoke", "--gemv-only", "--tokens", "1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert {r["M"] for r in res["rows"]} == {1}
+    assert all(c["cfg"].startswith("GemvConfig") for r in res["rows"] for c in r["sweep"])
 
 
 def test_profile_step_tiny(tmp_path, monkeypatch):

@@ -10,10 +10,11 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 REF = Path(__file__).resolve().parents[1] / "data" / "tiny-v4"
 
 
-@pytest.mark.parametrize("fused,pdl", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("fused,pdl,B", [(False, False, 2), (True, False, 2), (True, True, 2), (True, True, 1)])
 @torch.no_grad()
-def test_graphed_greedy_equals_eager(tmp_path, fused, pdl, monkeypatch):
-    """``pdl``: the fused step's Triton kernels with programmatic dependent launch (kernels/pdl.py)."""
+def test_graphed_greedy_equals_eager(tmp_path, fused, pdl, B, monkeypatch):
+    """``pdl``: the fused step's Triton kernels with programmatic dependent launch (kernels/pdl.py); ``B`` = 1: the
+    one-row FP8 projections run on the CUDA-core GEMV (kernels/fp8_gemv.py, ``fp8_linear.GEMV_MAX_M``)."""
     import dsv4lib.kernels.pdl as pdl_mod
     monkeypatch.setattr(pdl_mod, "ENABLED", pdl)
     from dsv4lib.checkpoint import load_model
@@ -23,7 +24,7 @@ def test_graphed_greedy_equals_eager(tmp_path, fused, pdl, monkeypatch):
 
     int2 = quantize_rtn(REF, tmp_path / "int2")
     model = load_model(REF, int2, device="cuda", dtype=torch.float32)
-    B, P, N = 2, 47, 40   # P: window ring full, both compressors complete at the first graphed step (warm_up)
+    P, N = 47, 40   # P: window ring full, both compressors complete at the first graphed step (warm_up)
     prompt = torch.randint(0, model.config.vocab_size, (B, P), generator=torch.Generator().manual_seed(0)).cuda()
 
     cache = model.new_cache(B, P + N + 4)

@@ -68,12 +68,15 @@ from dsv4lib.kernels.fp8_gemv import GemvConfig, _fp8_gemv_kernel
 from dsv4lib.kernels.fp8_linear import TUNED_GEMV
 gsig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "y_ptr": "*bf16", "M": "constexpr", "N": "i32",
         "K": "i32", "KB": "i32", "G": "i32", "nw_ptr": "*fp32", "eps": "fp32", "ROWS": "constexpr",
-        "UNROLL": "constexpr", "STAGES": "constexpr", "GROUPED": "constexpr", "NORM": "constexpr", "EVEN": "constexpr"}
+        "UNROLL": "constexpr", "STAGES": "constexpr", "GROUPED": "constexpr", "NORM": "constexpr", "EVEN": "constexpr",
+        "SCALED": "constexpr"}
 for (gn, gk), c in sorted(TUNED_GEMV.items()) + [((0, 0), GemvConfig()), ((1, 1), GemvConfig(2, 4, 2, 2))]:
     for grouped, norm, even in ((gn == 8192 and gk == 4096, gn == 32768, True), (False, False, False)):
         check(f"fp8_gemv {gn}x{gk} {c} grouped={grouped} norm={norm} even={even}", _fp8_gemv_kernel, gsig,
-              dict(M=1, ROWS=c.rows, UNROLL=c.unroll, STAGES=c.stages, GROUPED=grouped, NORM=norm, EVEN=even),
+              dict(M=1, ROWS=c.rows, UNROLL=c.unroll, STAGES=c.stages, GROUPED=grouped, NORM=norm, EVEN=even, SCALED=True),
               num_warps=c.warps, num_stages=1)
+check("bf16_gemv 2x8x4 even", _fp8_gemv_kernel, dict(gsig, w_ptr="*bf16", s_ptr="*bf16", nw_ptr="*bf16"),
+      dict(M=1, ROWS=2, UNROLL=8, STAGES=1, GROUPED=False, NORM=False, EVEN=True, SCALED=False), num_warps=4, num_stages=1)
 from dsv4lib.kernels.mhc_step import PRE_MANY, PRE_ONE, _hc_pre_kernel
 for (has_norm, post), (nsplit, bk, warps) in zip(((False, False), (True, False), (True, True), (True, True)),
                                                  (PRE_ONE, PRE_ONE, PRE_ONE, PRE_MANY)):

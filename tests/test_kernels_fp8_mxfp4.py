@@ -121,6 +121,22 @@ def test_fp8_gemv_matches_reference(M, N, K, cfg, dtype):
     assert _rel(y, tc) < (2e-6 if dtype == torch.float32 else 8e-3)
 
 
+@pytest.mark.parametrize("N,K,cfg", [(96, 256, None), (130, 384, GemvConfig(4, 2, 1)), (64, 1024, GemvConfig(1, 8, 1))])
+def test_bf16_gemv_matches_linear(N, K, cfg):
+    """The same kernel on bf16 weights without scales (the fused step's stacked compressor projections) equals
+    ``F.linear`` in float64 up to the bf16 rounding of the result; a non-bf16 weight is refused."""
+    from dsv4lib.kernels.fp8_gemv import bf16_gemv
+    g = torch.Generator(device=DEV).manual_seed(N + K)
+    w = torch.randn(N, K, device=DEV, generator=g).to(torch.bfloat16)
+    x = torch.randn(1, 1, K, device=DEV, generator=g).to(torch.bfloat16)
+    y = bf16_gemv(x, w, cfg)
+    ref = x.double() @ w.double().T
+    assert y.shape == (1, 1, N) and y.dtype == torch.bfloat16
+    assert _rel(y, ref) < 8e-3 and _rel(y, torch.nn.functional.linear(x, w)) < 8e-3
+    with pytest.raises(ValueError, match="bf16"):
+        bf16_gemv(x, w.float())
+
+
 def test_fp8_gemv_grouped_norm_and_bad_config():
     """Grouped mode (V4's wo_a: group g's rows read x[..., g, :]) and the RMSNorm-on-load prologue (V4's
     wq_b(q_norm(qa))) through the GEMV equal the reference; a row count that does not divide 128 is refused."""

@@ -269,7 +269,17 @@ def _stacked_gemv(st: tuple, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, dequant_fp8_block(W, S, x.dtype))
     if W.dtype in (torch.float32, torch.float64):
         return F.linear(hp(x), W)
+    if W.dtype == torch.bfloat16 and x.is_cuda and x.numel() <= W.shape[1] * _gemv_max_m():
+        from dsv4lib.kernels.fp8_gemv import bf16_gemv   # one row: the CUDA-core GEMV, no cuBLAS split-K + reduce
+        return bf16_gemv(x, W)
     return F.linear(x.to(W.dtype), W)                                   # [B, 1, sum out]
+
+
+def _gemv_max_m() -> int:
+    """Rows up to which stacked projections take the CUDA-core GEMV (kernels.fp8_linear.GEMV_MAX_M: one switch
+    for the FP8 and the bf16 ones; the bench's ``fp8_gemv`` variant toggles both)."""
+    from dsv4lib.kernels import fp8_linear
+    return fp8_linear.GEMV_MAX_M
 
 
 def _proj(lins: list, x: torch.Tensor) -> list[torch.Tensor]:
