@@ -9,11 +9,13 @@ it streams 22-64 % of copy bandwidth with ~5 us of fixed cost per call (kernels/
 sweep").
 
 Kernel: one program per ``ROWS`` output rows and one activation row (programs of the same rows are adjacent in the
-grid, so at M > 1 the repeated weight reads hit L2); no split-K, no workspace. The K loop reads ``[ROWS, BLOCK_K]``
-e4m3 tiles (16 bytes per thread), converts them to fp32 and multiply-accumulates elementwise against
-``x * S[row block, k // 128]`` (exact for power-of-two scales); one reduction over K at the end. fp32 activations
-keep fp32 products (no fp16 rounding of x at all); bf16/fp16 ones are exact in fp32. Results differ from the
-tensor-core kernel only by fp32 summation order.
+grid, so at M > 1 the repeated weight reads hit L2); no split-K, no workspace. A K step reads ``UNROLL`` 128-wide
+blocks, one 16-byte piece of one row per thread and block; the piece's products (e4m3 -> f16x2 -> fp32) are summed
+in registers and multiplied by the block's scale once, the pieces' sums accumulate in fp32 and are reduced over K at
+the end (layout notes: kernels/NOTES.md "CUDA-core GEMV layouts"). fp32 activations keep fp32 products (no fp16
+rounding of x at all); bf16/fp16 ones are exact in fp32. Results differ from the tensor-core kernel only by fp32
+summation order. H200 (bench/sweep_fp8.py, kernels/BENCHMARKS.md "Tenth session"): 67-71 % of copy bandwidth at the
+32 MB projections, 41-49 % at the 4-6 MB ones; the decode step at batch 1 5.58 -> 4.92 ms.
 """
 from __future__ import annotations
 
@@ -119,7 +121,9 @@ def fp8_gemv(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, cfg: Gem
     return y
 
 
-# Whole-step measured with the default; ``bench/sweep_fp8.py --bf16`` times the candidates at these shapes.
+# Per-(N, K) configs of ``bf16_gemv`` -- empty: the whole step was measured with the default (2, 8, 4); the H200 sweep
+# (``bench/sweep_fp8.py --bf16``, bench/results/h200_bf16_gemv_sweep_v13.json) has (1, 16, 4) faster at both shapes
+# (CSA 8.30 -> 7.09 us, HCA 4.26 -> 3.68), to adopt once a whole-step run includes it.
 TUNED_BF16: dict = {}
 
 
