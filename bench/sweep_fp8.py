@@ -179,25 +179,18 @@ def main(argv=None) -> int:
     cp = res["copy_GBps"] = copy_bandwidth(dev, 2**31 if not args.smoke else 2**20, reps=20) / 1e9
     if args.bf16:
         rows = bf16_rows(SMOKE_BF16 if args.smoke else BF16_SHAPES, dev, args.reps, args.smoke, cp)
-        with open(args.out, "w") as f:
-            json.dump(dict(res, bf16=rows), f, indent=1)
-        print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}  copy {cp:.0f} GB/s")
-        print(f"{'bf16 GEMV':26s} {'N':>5s} {'K':>5s} {'torch us':>8s} {'dflt us':>8s} {'best us':>8s} {'%copy':>6s}  best config")
-        for r in rows:
-            print(f"{r['layer']:26s} {r['N']:5d} {r['K']:5d} {r['torch_us']:8.2f} {r['default']['us']:8.2f} "
-                  f"{r['best']['us']:8.2f} {100 * r['best']['frac_copy']:6.1f}  {r['best']['cfg']}")
+        _report(args.out, res, "bf16", rows,
+                f"{'bf16 GEMV':26s} {'N':>5s} {'K':>5s} {'torch us':>8s} {'dflt us':>8s} {'best us':>8s} {'%copy':>6s}  best config",
+                lambda r, d, b: f"{r['layer']:26s} {r['N']:5d} {r['K']:5d} {r['torch_us']:8.2f} {d['us']:8.2f} "
+                                f"{b['us']:8.2f} {100 * b['frac_copy']:6.1f}  {b['cfg']}")
         return 0
     if args.chain:
         rows = chain_rows(SMOKE_CHAINS if args.smoke else CHAINS, tuple(sorted(only or (1, 8))), dev, args.reps,
                           args.smoke, cp)
-        with open(args.out, "w") as f:
-            json.dump(dict(res, chains=rows), f, indent=1)
-        print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}  copy {cp:.0f} GB/s")
-        print(f"{'FP8 pair':18s} {'T':>2s} {'dflt pair us':>12s} {'2nd alone':>9s} {'best pair us':>12s} {'%copy':>6s}  best config")
-        for r in rows:
-            d, b = r["default"], r["best"]
-            print(f"{r['chain']:18s} {r['tokens']:2d} {d['pair_us']:12.2f} {d['second_alone_us']:9.2f} "
-                  f"{b['pair_us']:12.2f} {100 * b['pair_frac_copy']:6.1f}  {b['cfg']}")
+        _report(args.out, res, "chains", rows,
+                f"{'FP8 pair':18s} {'T':>2s} {'dflt pair us':>12s} {'2nd alone':>9s} {'best pair us':>12s} {'%copy':>6s}  best config",
+                lambda r, d, b: f"{r['chain']:18s} {r['tokens']:2d} {d['pair_us']:12.2f} {d['second_alone_us']:9.2f} "
+                                f"{b['pair_us']:12.2f} {100 * b['pair_frac_copy']:6.1f}  {b['cfg']}")
         return 0
     rows = []
     for name, N, K, ms, G in shapes:
@@ -220,15 +213,24 @@ def main(argv=None) -> int:
             print(f"[{time.strftime('%H:%M:%S')}] {name} M={m}: default {timings[0]['us']:.2f} us, "
                   f"best {best['us']:.2f} us {best['cfg']}", flush=True)
         del ws
-        with open(args.out, "w") as f:
+        with open(args.out, "w") as f:                                   # after every shape: a cut run keeps them
             json.dump(dict(res, rows=rows), f, indent=1)
-    print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}  copy {cp:.0f} GB/s")
-    print(f"{'FP8 GEMV':18s} {'N':>6s} {'K':>5s} {'M':>3s} {'dflt us':>8s} {'%copy':>6s} {'best us':>8s} {'%copy':>6s}  best config")
-    for r in rows:
-        d, b = r["default"], r["best"]
-        print(f"{r['layer']:18s} {r['N']:6d} {r['K']:5d} {r['M']:3d} {d['us']:8.2f} {100 * d['frac_copy']:6.1f} "
-              f"{b['us']:8.2f} {100 * b['frac_copy']:6.1f}  {b['cfg']}")
+    _report(args.out, res, "rows", rows,
+            f"{'FP8 GEMV':18s} {'N':>6s} {'K':>5s} {'M':>3s} {'dflt us':>8s} {'%copy':>6s} {'best us':>8s} {'%copy':>6s}  best config",
+            lambda r, d, b: f"{r['layer']:18s} {r['N']:6d} {r['K']:5d} {r['M']:3d} {d['us']:8.2f} {100 * d['frac_copy']:6.1f} "
+                            f"{b['us']:8.2f} {100 * b['frac_copy']:6.1f}  {b['cfg']}")
     return 0
+
+
+def _report(path: str, res: dict, key: str, rows: list[dict], header: str, line) -> None:
+    """Write ``res`` with ``rows`` under ``key`` as JSON and print the device line and the table (``line(row,
+    default, best)`` formats one row)."""
+    with open(path, "w") as f:
+        json.dump(dict(res, **{key: rows}), f, indent=1)
+    print(f"\n{res['device']}  torch {res['torch']}  triton {res['triton']}  copy {res['copy_GBps']:.0f} GB/s")
+    print(header)
+    for r in rows:
+        print(line(r, r["default"], r["best"]))
 
 
 if __name__ == "__main__":
