@@ -166,9 +166,10 @@ PREFILL_SWITCHES = (("fused_mhc", "model.transformer", "FUSED_MHC_PREFILL", "mHC
                     ("side_stream", "model.attention", "PREFILL_SIDE_STREAM", "compressors on a side stream"),
                     ("shared_side", "model.moe", "PREFILL_SHARED_SIDE", "shared expert on a side stream"))
 
-VARIANTS = ("single_stream", "pdl", "int2_idp", "fp8_gemv")
+VARIANTS = ("pdl", "fp8_gemv", "defer_comb", "early_int2")
 VARIANT_LABELS = {"single_stream": "1-stream", "pdl": "PDL toggled", "int2_idp": "INT2 idp toggled",
-                  "fp8_gemv": "FP8 CUDA-core GEMV toggled",
+                  "fp8_gemv": "FP8 CUDA-core GEMV toggled", "defer_comb": "mHC Sinkhorn deferred toggled",
+                  "early_gemv": "GEMV early loads toggled", "early_int2": "INT2 early loads toggled",
                   "fp8_prefetch1": "FP8 prefetch 1", "fp8_prefetch2": "FP8 prefetch 2",
                   "q_norm_prologue": "q_norm prologue toggled", "split_decode": "split-K INT2 decode",
                   "l2_wo": "L2 prefetch wo", "l2_wo_q": "L2 prefetch wo+q"}
@@ -185,11 +186,17 @@ def _variant(name: str):
     no gain in session 6 and no longer in ``VARIANTS``; the fp8 prefetch ones left it in session 8 after three
     runs without gain). Removed after session 9's v12 runs: the split-K tensor-core INT2 decode (``split_decode``,
     3x slower at b8) and L2 prefetch hints on a third stream (``l2_wo`` / ``l2_wo_q``, b1 +0.6 / +0.85 ms).
-    ``fp8_gemv``: one-row FP8 projections on the CUDA-core GEMV (kernels.fp8_linear.GEMV_MAX_M 1 <-> 0)."""
-    from .kernels import dispatch, fp8_linear, pdl
+    ``fp8_gemv``: one-row FP8 projections on the CUDA-core GEMV (kernels.fp8_linear.GEMV_MAX_M 1 <-> 0).
+    ``defer_comb``: the mHC post and Sinkhorn on the side stream (model.graphed.DEFER_COMB, toggled);
+    ``early_int2``: the INT2 decode kernels load the expert index and their first K step's weights before the PDL
+    wait (kernels.int2_moe_idp.EARLY_LOAD, toggled); the same for the FP8 GEMV (session 11's ``early_gemv``)
+    measured no gain and was removed. Out of
+    ``VARIANTS`` since session 11 (settled over several runs, still selectable here): ``single_stream`` (b1 +0.6
+    ms in session 10) and ``int2_idp`` (b1 +0.4, b8 +2.9)."""
+    from .kernels import dispatch, fp8_linear, int2_moe_idp, pdl
     from .model import graphed
     saved = (graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE, fp8_linear.PREFETCH_STEPS,
-             fp8_linear.GEMV_MAX_M)
+             fp8_linear.GEMV_MAX_M, graphed.DEFER_COMB, int2_moe_idp.EARLY_LOAD)
     if name == "single_stream":
         graphed.CONCURRENT = False
     elif name == "pdl":
@@ -198,6 +205,10 @@ def _variant(name: str):
         dispatch.DECODE_IDP = not dispatch.DECODE_IDP
     elif name == "fp8_gemv":
         fp8_linear.GEMV_MAX_M = 0 if fp8_linear.GEMV_MAX_M else 1
+    elif name == "defer_comb":
+        graphed.DEFER_COMB = not graphed.DEFER_COMB
+    elif name == "early_int2":
+        int2_moe_idp.EARLY_LOAD = not int2_moe_idp.EARLY_LOAD
     elif name == "q_norm_prologue":
         graphed.Q_NORM_PROLOGUE = not graphed.Q_NORM_PROLOGUE
     elif name.startswith("fp8_prefetch") and name[len("fp8_prefetch"):].isdigit():
@@ -209,7 +220,7 @@ def _variant(name: str):
         yield
     finally:
         (graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE,
-         fp8_linear.PREFETCH_STEPS, fp8_linear.GEMV_MAX_M) = saved
+         fp8_linear.PREFETCH_STEPS, fp8_linear.GEMV_MAX_M, graphed.DEFER_COMB, int2_moe_idp.EARLY_LOAD) = saved
 
 
 def _decode_case(model, B: int, ctx: int, opts: BenchOptions, dev, res: dict) -> None:

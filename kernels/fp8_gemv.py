@@ -53,7 +53,7 @@ def _fp8_gemv_kernel(
     rn = n0 + tl.arange(0, ROWS)
     nm = rn < N
     srow = s_ptr + (n0 // 128) * KB      # ROWS divides 128: one scale row per program
-    pdl_wait(PDL)
+    pdl_wait(PDL)   # (the first K step's weights loaded before it: no gain on the H200, session 11, b1 4.70 vs 4.69 ms)
     if GROUPED:
         xrow = x_ptr + (m.to(tl.int64) * G + n0 // (N // G)) * K
     else:
@@ -121,10 +121,11 @@ def fp8_gemv(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, cfg: Gem
     return y
 
 
-# Per-(N, K) configs of ``bf16_gemv`` -- empty: the whole step was measured with the default (2, 8, 4); the H200 sweep
-# (``bench/sweep_fp8.py --bf16``, bench/results/h200_bf16_gemv_sweep_v13.json) has (1, 16, 4) faster at both shapes
-# (CSA 8.30 -> 7.09 us, HCA 4.26 -> 3.68), to adopt once a whole-step run includes it.
-TUNED_BF16: dict = {}
+# Per-(N, K) configs of ``bf16_gemv``, H200 sweep (``bench/sweep_fp8.py --bf16``,
+# bench/results/h200_bf16_gemv_sweep_v13.json): V4-Flash CSA layers' stacked compressor + indexer projections
+# 8.30 -> 7.09 us against the default (2, 8, 4), HCA layers' 4.26 -> 3.68. Adopted in session 11, when the side
+# branch that runs them also took the deferred mHC Sinkhorn (model.graphed.DEFER_COMB) and lost slack.
+TUNED_BF16: dict = {(2624, 4096): GemvConfig(1, 16, 4), (1024, 4096): GemvConfig(1, 16, 4)}
 
 
 def bf16_gemv(x: torch.Tensor, w: torch.Tensor, cfg: GemvConfig | None = None) -> torch.Tensor:

@@ -81,6 +81,12 @@ def idp_configs_many() -> list[IdpConfig]:
 
 ABITS_DEFAULT = 16
 
+EARLY_LOAD = True
+"""Launches with ``prefetch`` read the expert index and their first K step's weights before the PDL wait: the
+index comes from the router, at least two launches back (prep, or gate/up, runs in between and waited for it
+before releasing this launch), the weights from no launch at all. H200, session 11 (the bench's ``early_int2``
+variant, same run): b1 4.74 -> 4.69 ms, b8 10.37 -> 10.17 (b8's run-to-run noise is ~0.1 ms)."""
+
 
 def pick_idp_config(T: int) -> IdpConfig:
     """Default tile per token count (H200 sweeps, kernels/BENCHMARKS.md): T <= 3 the split-K gate/up of
@@ -267,14 +273,17 @@ def _gate_up_kernel(xa_ptr, sx_ptr, qs_ptr, idx_ptr, rw_ptr, TOPK,
                     w1_ptr, s1_ptr, z1_ptr, w3_ptr, s3_ptr, z3_ptr,
                     gu_ptr, cnt_ptr, ha_ptr, hsx_ptr, hqs_ptr, I, KW, limit,
                     BLOCK_N: tl.constexpr, W: tl.constexpr, SPLIT_K: tl.constexpr, QMAX: tl.constexpr,
-                    NA: tl.constexpr, A16: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
+                    NA: tl.constexpr, A16: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+                    EARLY: tl.constexpr = False):
     """Grid (pairs, I / BLOCK_N, SPLIT_K): rows of W1 and W3 of the pair's expert against the token's
     planes; the tile's (last-arriving, with SPLIT_K > 1) program applies SwiGLU and the routing weight
-    and stores h quantised as the down launch's planes."""
-    pdl_wait(PDL)
+    and stores h quantised as the down launch's planes. EARLY (with PREFETCH): the expert index and the
+    first K step's weights load before the PDL wait (see ``EARLY_LOAD``)."""
+    if not EARLY:
+        pdl_wait(PDL)
     s = tl.program_id(0)
     pid_n = tl.program_id(1)
-    e = tl.load(idx_ptr + s).to(tl.int64)
+    e = tl.load(idx_ptr + s, cache_modifier=".cg").to(tl.int64)
     t = (s // TOPK).to(tl.int64)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     zrow = tl.zeros([BLOCK_N, 1], tl.int32)
@@ -288,9 +297,17 @@ def _gate_up_kernel(xa_ptr, sx_ptr, qs_ptr, idx_ptr, rw_ptr, TOPK,
     k_lo = tl.program_id(2) * per
     acc1 = tl.zeros([BLOCK_N, W // 4], tl.float32)
     acc3 = tl.zeros([BLOCK_N, W // 4], tl.float32)
-    acc1, acc3 = _gemv_steps(acc1, acc3, w1_ptr, s1_ptr, z1_ptr, w3_ptr, s3_ptr, z3_ptr,
-                             xa_ptr + t * NA * KW, qs_ptr + t * (KW // 4), sx_ptr + t * (KW // 4),
-                             rows, zrow, k_lo, k_lo + per, KW, BLOCK_N, W, True, A16, PREFETCH)
+    if EARLY:
+        wa, sa, za = _load_rows(w1_ptr, s1_ptr, z1_ptr, rows, k_lo, KW, W)
+        wb, sb, zb = _load_rows(w3_ptr, s3_ptr, z3_ptr, rows, k_lo, KW, W)
+        pdl_wait(PDL)
+        acc1, acc3 = _gemv_pipelined(acc1, acc3, wa, sa, za, wb, sb, zb, w1_ptr, s1_ptr, z1_ptr, w3_ptr, s3_ptr,
+                                     z3_ptr, xa_ptr + t * NA * KW, qs_ptr + t * (KW // 4), sx_ptr + t * (KW // 4),
+                                     rows, zrow, k_lo, k_lo + per, KW, BLOCK_N, W, True, A16)
+    else:
+        acc1, acc3 = _gemv_steps(acc1, acc3, w1_ptr, s1_ptr, z1_ptr, w3_ptr, s3_ptr, z3_ptr,
+                                 xa_ptr + t * NA * KW, qs_ptr + t * (KW // 4), sx_ptr + t * (KW // 4),
+                                 rows, zrow, k_lo, k_lo + per, KW, BLOCK_N, W, True, A16, PREFETCH)
     g = tl.sum(acc1, axis=1)
     u = tl.sum(acc3, axis=1)
     rw = tl.load(rw_ptr + s)
@@ -316,12 +333,13 @@ def _gate_up_kernel(xa_ptr, sx_ptr, qs_ptr, idx_ptr, rw_ptr, TOPK,
 @triton.jit
 def _down_kernel(ha_ptr, hsx_ptr, hqs_ptr, TOPK, idx_ptr, w2_ptr, s2_ptr, z2_ptr, y_ptr, D, KW,
                  BLOCK_N: tl.constexpr, W: tl.constexpr, SPLIT_K: tl.constexpr, NA: tl.constexpr,
-                 A16: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
+                 A16: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr, EARLY: tl.constexpr = False):
     """Grid (pairs, D / BLOCK_N, SPLIT_K): rows of W2 of the pair's expert against the pair's h planes;
-    fp32 atomics into y [T, D] (zeroed by the prep launch)."""
-    pdl_wait(PDL)
+    fp32 atomics into y [T, D] (zeroed by the prep launch). EARLY: as in ``_gate_up_kernel``."""
+    if not EARLY:
+        pdl_wait(PDL)
     s = tl.program_id(0)
-    e = tl.load(idx_ptr + s).to(tl.int64)
+    e = tl.load(idx_ptr + s, cache_modifier=".cg").to(tl.int64)
     t = (s // TOPK).to(tl.int64)
     s64 = s.to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -332,9 +350,16 @@ def _down_kernel(ha_ptr, hsx_ptr, hqs_ptr, TOPK, idx_ptr, w2_ptr, s2_ptr, z2_ptr
     per = KW // SPLIT_K
     k_lo = tl.program_id(2) * per
     acc = tl.zeros([BLOCK_N, W // 4], tl.float32)
-    acc, _ = _gemv_steps(acc, acc, w2_ptr, s2_ptr, z2_ptr, w2_ptr, s2_ptr, z2_ptr,
-                         ha_ptr + s64 * NA * KW, hqs_ptr + s64 * (KW // 4), hsx_ptr + s64 * (KW // 4),
-                         rows, zrow, k_lo, k_lo + per, KW, BLOCK_N, W, False, A16, PREFETCH)
+    if EARLY:
+        wa, sa, za = _load_rows(w2_ptr, s2_ptr, z2_ptr, rows, k_lo, KW, W)
+        pdl_wait(PDL)
+        acc, _ = _gemv_pipelined(acc, acc, wa, sa, za, wa, sa, za, w2_ptr, s2_ptr, z2_ptr, w2_ptr, s2_ptr, z2_ptr,
+                                 ha_ptr + s64 * NA * KW, hqs_ptr + s64 * (KW // 4), hsx_ptr + s64 * (KW // 4),
+                                 rows, zrow, k_lo, k_lo + per, KW, BLOCK_N, W, False, A16)
+    else:
+        acc, _ = _gemv_steps(acc, acc, w2_ptr, s2_ptr, z2_ptr, w2_ptr, s2_ptr, z2_ptr,
+                             ha_ptr + s64 * NA * KW, hqs_ptr + s64 * (KW // 4), hsx_ptr + s64 * (KW // 4),
+                             rows, zrow, k_lo, k_lo + per, KW, BLOCK_N, W, False, A16, PREFETCH)
     tl.atomic_add(y_ptr + t * D + rows, tl.sum(acc, axis=1), sem="relaxed")
 
 
@@ -404,12 +429,12 @@ def int2_moe_idp(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
         as_int32(w1_packed), w1_scale, w1_zero_packed, as_int32(w3_packed), w3_scale, w3_zero_packed,
         gu_buf, cnt, ha, hsx, hqs, I, D // 16, float(limit),
         BLOCK_N=gu.block_n, W=gu_w, SPLIT_K=gu_split, QMAX=qmax, NA=na, A16=a16, PREFETCH=gu.prefetch,
-        num_warps=gu.warps, **la)
+        EARLY=gu.prefetch and EARLY_LOAD, num_warps=gu.warps, **la)
     dn = cfg.down
     _down_kernel[(S, D // dn.block_n, dn_split)](
         ha, hsx, hqs, k, idx_f, as_int32(w2_packed), w2_scale, w2_zero_packed, y, D, I // 16,
         BLOCK_N=dn.block_n, W=dn_w, SPLIT_K=dn_split, NA=na, A16=a16, PREFETCH=dn.prefetch,
-        num_warps=dn.warps, **la)
+        EARLY=dn.prefetch and EARLY_LOAD, num_warps=dn.warps, **la)
     return y
 
 

@@ -15,6 +15,11 @@ One launch, ``_hc_pre_kernel``, grid ``(T, slices)`` (``pre_launch``: slices, K 
    sublayer input ``y = sum_k pre_k X_k`` over D in chunks, stored in X's dtype -- optionally followed
    by the sublayer's RMSNorm (``out_norm``: the attention / FFN input norm, one launch fewer), and
    resets the counter. (Two launches before: the finish waited a full launch gap for the partials.)
+   With ``defer_comb`` the finish stores the normalised mixing logits instead of post and comb, and
+   ``hc_comb`` (the sigmoid and Sinkhorn of ``kernels/mhc_sinkhorn.py``) computes them in a launch of
+   its own -- the fused decode step runs it on its side stream, since only the sublayer's input y is
+   on the critical path and post / comb are first read by the mHC post after the sublayer (H200, one
+   token: 7.97 us per call, 5.87 with 1 Sinkhorn iteration instead of 20).
 
 Post, ``_hc_post_kernel`` grid ``(T, cdiv(D, BLOCK_D))``: ``out_k = post_k f + sum_j comb[j, k] res_j``
 in fp32, stored in the streams' dtype.
@@ -27,7 +32,7 @@ import triton.language as tl
 
 from .pdl import launch_args, pdl_wait, prefetch_l2
 
-from .mhc_sinkhorn import sinkhorn_tile
+from .mhc_sinkhorn import hc_split, sinkhorn_tile
 from .workspace import split_workspace
 
 # Pre launch (K slices of the mixing GEMV per token, channels per K step, warps per program), by token count.
@@ -49,16 +54,18 @@ SINGLE_MAX_D = 4096  # up to this D the finishing program keeps the row in regis
 
 @triton.jit
 def _hc_pre_kernel(x_ptr, fn_ptr, part_ptr, cnt_ptr, scale_ptr, base_ptr, nw_ptr, y_ptr, post_ptr, comb_ptr,
-                   f_ptr, f2_ptr, res_ptr, pin_ptr, cin_ptr,
+                   mix_ptr, f_ptr, f2_ptr, res_ptr, pin_ptr, cin_ptr,
                    K, D, NM, per, norm_eps, hc_eps, out_eps,
                    NMP: tl.constexpr, SB: tl.constexpr, HC: tl.constexpr, ITERS: tl.constexpr,
                    BD: tl.constexpr, BK: tl.constexpr, HAS_NORM: tl.constexpr, SINGLE: tl.constexpr,
-                   POST: tl.constexpr, HAS_F2: tl.constexpr, PDL: tl.constexpr):
+                   POST: tl.constexpr, HAS_F2: tl.constexpr, DEFER: tl.constexpr, PDL: tl.constexpr):
     # x [T, K] (streams flattened, any float dtype), fn [NM, K] fp32, part [T, slices, NMP] fp32,
     # cnt [T] int32 arrival counters (zero on entry, reset by the finishing program).
     # POST: the previous sublayer's mHC post first -- x = post_in_k f + sum_j comb_in[j, k] res_j is
     # computed slice by slice from f [T, D] (+ f2), res [T, K], pin [T, HC], cin [T, HC, HC] and
     # stored to x_ptr (the new streams), then mixed as usual.
+    # DEFER: post and comb are not computed; the normalised mixing logits go to mix [T, NM] instead (for
+    # ``hc_comb`` -- the Sinkhorn -- in a launch off the critical path).
     t = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     ns = tl.num_programs(1)
@@ -106,13 +113,16 @@ def _hc_pre_kernel(x_ptr, fn_ptr, part_ptr, cnt_ptr, scale_ptr, base_ptr, nw_ptr
         rc = i[:, None] * HC + i[None, :]                                                  # [HC, HC]
         # gather mix entries from the [NMP] vector (no dynamic indexing of registers in Triton)
         mpre = tl.sum(tl.where(r[None, :] == i[:, None], tot[None, :], 0.0), axis=1) * rs  # [HC]
-        mpost = tl.sum(tl.where(r[None, :] == (HC + i)[:, None], tot[None, :], 0.0), axis=1) * rs
-        mc = tl.sum(tl.where(r[None, None, :] == (2 * HC + rc)[:, :, None], tot[None, None, :], 0.0), axis=2) * rs
         pre = tl.sigmoid(mpre * tl.load(scale_ptr) + tl.load(base_ptr + i)) + hc_eps
-        post = 2.0 * tl.sigmoid(mpost * tl.load(scale_ptr + 1) + tl.load(base_ptr + HC + i))
-        m = sinkhorn_tile(mc * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * HC + rc), hc_eps, ITERS)
-        tl.store(post_ptr + t * HC + i, post)
-        tl.store(comb_ptr + t * HC * HC + rc, m)
+        if DEFER:
+            tl.store(mix_ptr + t * NM + r, tot * rs, mask=r < NM)
+        else:
+            mpost = tl.sum(tl.where(r[None, :] == (HC + i)[:, None], tot[None, :], 0.0), axis=1) * rs
+            mc = tl.sum(tl.where(r[None, None, :] == (2 * HC + rc)[:, :, None], tot[None, None, :], 0.0), axis=2) * rs
+            post = 2.0 * tl.sigmoid(mpost * tl.load(scale_ptr + 1) + tl.load(base_ptr + HC + i))
+            m = sinkhorn_tile(mc * tl.load(scale_ptr + 2) + tl.load(base_ptr + 2 * HC + rc), hc_eps, ITERS)
+            tl.store(post_ptr + t * HC + i, post)
+            tl.store(comb_ptr + t * HC * HC + rc, m)
         # sublayer input y = sum_k pre_k X_k, rounded to y's dtype; then (HAS_NORM) its RMSNorm
         if SINGLE:   # D <= BD: the whole row in registers, the hc stream rows loaded independently
             d = tl.arange(0, BD)
@@ -209,18 +219,22 @@ def check_pre(X: torch.Tensor, fn: torch.Tensor, out_norm: torch.Tensor | None, 
 
 def hc_pre_fused(X: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int,
                  hc_eps: float, norm_eps: float, out_norm: torch.Tensor | None = None,
-                 out_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 out_eps: float = 1e-6, defer_comb: bool = False) -> tuple[torch.Tensor, ...]:
     """X [..., hc, D] -> (y [..., D] in X's dtype, post [..., hc] fp32, comb [..., hc, hc] fp32).
-    ``out_norm`` [D] (an RMSNorm weight, eps ``out_eps``): y comes back normalised, ``norm(y)``."""
-    return _pre(X, None, fn, scale, base, iters, hc_eps, norm_eps, out_norm, out_eps)[1:]
+    ``out_norm`` [D] (an RMSNorm weight, eps ``out_eps``): y comes back normalised, ``norm(y)``.
+    ``defer_comb``: -> (y, mix [..., (2+hc)*hc] fp32) instead -- the launch skips post and the Sinkhorn
+    (~2 of 8 us at V4 shapes) and ``hc_comb(mix, ...)`` computes them later, e.g. on a side stream."""
+    return _pre(X, None, fn, scale, base, iters, hc_eps, norm_eps, out_norm, out_eps, defer=defer_comb)[1:]
 
 
 def hc_post_pre_fused(f: torch.Tensor, res: torch.Tensor, post_in: torch.Tensor, comb_in: torch.Tensor,
                       f2: torch.Tensor | None, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, iters: int,
-                      hc_eps: float, norm_eps: float, out_norm: torch.Tensor | None = None, out_eps: float = 1e-6):
+                      hc_eps: float, norm_eps: float, out_norm: torch.Tensor | None = None, out_eps: float = 1e-6,
+                      defer_comb: bool = False):
     """``hc_post_fused(f, res, post_in, comb_in, f2)`` followed by ``hc_pre_fused`` of its result, in one
     launch -> (new streams [..., hc, D], y, post, comb): the mixing programs compute their slice of the
-    new streams themselves (one launch and one round trip of the streams fewer per block site)."""
+    new streams themselves (one launch and one round trip of the streams fewer per block site).
+    ``defer_comb``: (new streams, y, mix) as in ``hc_pre_fused``."""
     T, hc, D = _check(res, "hc_post_pre_fused")
     bad = f.shape[-1] != D or f.numel() != T * D or post_in.numel() != T * hc or comb_in.numel() != T * hc * hc
     if bad or (f2 is not None and f2.numel() != T * D):
@@ -228,10 +242,18 @@ def hc_post_pre_fused(f: torch.Tensor, res: torch.Tensor, post_in: torch.Tensor,
                          f"post {tuple(post_in.shape)}, comb {tuple(comb_in.shape)} do not agree")
     post_args = (f.contiguous(), (f2 if f2 is not None else f).contiguous(), res.contiguous(),
                  post_in.float().contiguous(), comb_in.float().contiguous())
-    return _pre(res, post_args, fn, scale, base, iters, hc_eps, norm_eps, out_norm, out_eps, f2 is not None)
+    return _pre(res, post_args, fn, scale, base, iters, hc_eps, norm_eps, out_norm, out_eps, f2 is not None,
+                defer_comb)
 
 
-def _pre(X, post_args, fn, scale, base, iters, hc_eps, norm_eps, out_norm, out_eps, has_f2=False):
+def hc_comb(mix: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int,
+            hc_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The deferred part of a ``defer_comb`` pre: mix [..., (2+hc)*hc] -> (post [..., hc], comb [..., hc, hc])
+    fp32, one small launch (``kernels/mhc_sinkhorn.py``, the same sigmoid and Sinkhorn code)."""
+    return hc_split(mix, scale, base, hc, iters, hc_eps)[1:]
+
+
+def _pre(X, post_args, fn, scale, base, iters, hc_eps, norm_eps, out_norm, out_eps, has_f2=False, defer=False):
     T, hc, D, NM, K = check_pre(X, fn, out_norm, "hc_pre_fused")
     lead = X.shape[:-2]
     fuse_post = post_args is not None
@@ -250,13 +272,16 @@ def _pre(X, post_args, fn, scale, base, iters, hc_eps, norm_eps, out_norm, out_e
     y = torch.empty(T, D, dtype=X.dtype, device=X.device)
     post = torch.empty(T, hc, dtype=torch.float32, device=X.device)
     comb = torch.empty(T, hc, hc, dtype=torch.float32, device=X.device)
+    mix = torch.empty(T, NM, dtype=torch.float32, device=X.device) if defer else comb
     nw = out_norm.float().contiguous() if out_norm is not None else post
     _hc_pre_kernel[(T, ns)](x, fn.contiguous(), part, cnt, scale.float().contiguous(), base.float().contiguous(),
-                            nw, y, post, comb, *post_args, K, D, NM, per, float(norm_eps), float(hc_eps),
+                            nw, y, post, comb, mix, *post_args, K, D, NM, per, float(norm_eps), float(hc_eps),
                             float(out_eps), NMP=NMP, SB=triton.next_power_of_2(ns), HC=hc, ITERS=iters,
                             BD=triton.next_power_of_2(D) if D <= SINGLE_MAX_D else 1024, BK=bk,
                             HAS_NORM=out_norm is not None, SINGLE=D <= SINGLE_MAX_D,
-                            POST=fuse_post, HAS_F2=has_f2, num_warps=warps, **launch_args(X.device))
+                            POST=fuse_post, HAS_F2=has_f2, DEFER=defer, num_warps=warps, **launch_args(X.device))
+    if defer:
+        return x.view(X.shape), y.reshape(*lead, D), mix.reshape(*lead, NM)
     return (x.view(X.shape), y.reshape(*lead, D), post.reshape(*lead, hc), comb.reshape(*lead, hc, hc))
 
 

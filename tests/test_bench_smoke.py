@@ -156,6 +156,13 @@ def test_decode_variants_toggle_restore_and_tabulate():
     with _variant("fp8_prefetch2"):
         assert fp8_linear.PREFETCH_STEPS == (0 if base == 2 else 2)
     assert fp8_linear.PREFETCH_STEPS == base
+    from dsv4lib.kernels import int2_moe_idp
+    from dsv4lib.model import graphed
+    for name, mod, flag in (("defer_comb", graphed, "DEFER_COMB"), ("early_int2", int2_moe_idp, "EARLY_LOAD")):
+        before = getattr(mod, flag)
+        with _variant(name):
+            assert getattr(mod, flag) is (not before)
+        assert getattr(mod, flag) is before
     with pytest.raises(ValueError, match="unknown bench variant"):
         with _variant("fp8_prefetchX"):
             pass

@@ -358,3 +358,34 @@ def test_decode_attention_kernel_matches_torch(dtype):
         assert (rr.float() - r.float()).abs().max() > 10 * tol * max(1.0, r.float().abs().max().item())   # it rotated
     with pytest.raises(ValueError, match="decode_attention"):
         decode_attention(q, win.float() if dtype != torch.float32 else win.half(), None, None, p, None, sink, 1.0)
+
+
+@torch.no_grad()
+def test_deferred_mhc_comb_in_the_fused_step(monkeypatch):
+    """graphed.DEFER_COMB (post and comb of every mHC post+pre launch computed by a second launch, on the side
+    stream on a GPU, in place on the CPU): the fused static step gives the logits of the undeferred step and
+    the deferred launch really ran for every site but the first."""
+    import dsv4lib.kernels.mhc_step as mhc
+    from dsv4lib.fullscale import synthetic_model, without_mtp
+    from dsv4lib.model import graphed
+    cfg = without_mtp(ModelConfig.tiny())
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    m = synthetic_model(cfg, dev, torch.bfloat16, seed=5)
+    ids = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(6)).to(dev)
+
+    def run():
+        sc = new_static_cache(m, 2, 8)
+        return torch.stack([static_decode_step(m, sc, ids[:, i:i + 1], fused=True) for i in range(6)], 1).float()
+    monkeypatch.setattr(graphed, "DEFER_COMB", False)
+    ref = run()
+    calls = []
+    real = mhc.hc_comb
+    monkeypatch.setattr(mhc, "hc_comb", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(graphed, "DEFER_COMB", True)
+    got = run()
+    assert len(calls) == 6 * (2 * len(m.layers) - 1)
+    assert not graphed.FUSED_FAILURES.get("hc_post_pre")
+    if dev == "cpu":
+        assert torch.equal(got, ref)
+    else:   # (the Sinkhorn's 4-element sums may be ordered differently by the two launches)
+        assert (got - ref).abs().max().item() <= 1e-3 * ref.abs().max().item()

@@ -75,21 +75,25 @@ for (gn, gk), c in sorted(TUNED_GEMV.items()) + [((0, 0), GemvConfig()), ((1, 1)
         check(f"fp8_gemv {gn}x{gk} {c} grouped={grouped} norm={norm} even={even}", _fp8_gemv_kernel, gsig,
               dict(M=1, ROWS=c.rows, UNROLL=c.unroll, STAGES=c.stages, GROUPED=grouped, NORM=norm, EVEN=even, SCALED=True),
               num_warps=c.warps, num_stages=1)
-check("bf16_gemv 2x8x4 even", _fp8_gemv_kernel, dict(gsig, w_ptr="*bf16", s_ptr="*bf16", nw_ptr="*bf16"),
-      dict(M=1, ROWS=2, UNROLL=8, STAGES=1, GROUPED=False, NORM=False, EVEN=True, SCALED=False), num_warps=4, num_stages=1)
+from dsv4lib.kernels.fp8_gemv import TUNED_BF16
+for c in sorted(set(TUNED_BF16.values()) | {GemvConfig(2, 8, 4)}, key=str):
+    check(f"bf16_gemv {c} even", _fp8_gemv_kernel, dict(gsig, w_ptr="*bf16", s_ptr="*bf16", nw_ptr="*bf16"),
+          dict(M=1, ROWS=c.rows, UNROLL=c.unroll, STAGES=c.stages, GROUPED=False, NORM=False, EVEN=True, SCALED=False),
+          num_warps=c.warps, num_stages=1)
 from dsv4lib.kernels.mhc_step import PRE_MANY, PRE_ONE, _hc_pre_kernel
-for (has_norm, post), (nsplit, bk, warps) in zip(((False, False), (True, False), (True, True), (True, True)),
-                                                 (PRE_ONE, PRE_ONE, PRE_ONE, PRE_MANY)):
+for (has_norm, post, defer), (nsplit, bk, warps) in zip(
+        ((False, False, False), (True, False, False), (True, True, False), (True, True, False), (True, True, True),
+         (True, True, True)), (PRE_ONE, PRE_ONE, PRE_ONE, PRE_MANY, PRE_ONE, PRE_MANY)):
     sig = {"x_ptr": "*bf16", "fn_ptr": "*fp32", "part_ptr": "*fp32", "cnt_ptr": "*i32", "scale_ptr": "*fp32",
            "base_ptr": "*fp32", "nw_ptr": "*fp32", "y_ptr": "*bf16", "post_ptr": "*fp32", "comb_ptr": "*fp32",
-           "f_ptr": "*fp32", "f2_ptr": "*bf16", "res_ptr": "*bf16", "pin_ptr": "*fp32", "cin_ptr": "*fp32",
+           "mix_ptr": "*fp32", "f_ptr": "*fp32", "f2_ptr": "*bf16", "res_ptr": "*bf16", "pin_ptr": "*fp32", "cin_ptr": "*fp32",
            "K": "i32", "D": "i32", "NM": "i32", "per": "i32", "norm_eps": "fp32", "hc_eps": "fp32",
            "out_eps": "fp32", "NMP": "constexpr", "SB": "constexpr", "HC": "constexpr", "ITERS": "constexpr",
            "BD": "constexpr", "BK": "constexpr", "HAS_NORM": "constexpr", "SINGLE": "constexpr",
-           "POST": "constexpr", "HAS_F2": "constexpr"}
+           "POST": "constexpr", "HAS_F2": "constexpr", "DEFER": "constexpr"}
     cons = dict(NMP=32, SB=min(nsplit, 16384 // bk), HC=4, ITERS=20, BD=4096, BK=bk, HAS_NORM=has_norm, SINGLE=True,
-                POST=post, HAS_F2=post)
-    name = f"hc_pre norm={has_norm} post={post} bk={bk} warps={warps}"
+                POST=post, HAS_F2=post, DEFER=defer)
+    name = f"hc_pre norm={has_norm} post={post} defer={defer} bk={bk} warps={warps}"
     check(name, _hc_pre_kernel, sig, cons, num_warps=warps)
 from dsv4lib.kernels.moe_step import _router_fused_kernel
 for T, hsh, tb, be in ((1, False, 2, 2), (1, True, 2, 2), (8, False, 8, 2), (8, False, 2, 2), (8, False, 2, 4)):
@@ -174,10 +178,11 @@ gu = {"xa_ptr": "*i32", "sx_ptr": "*fp32", "qs_ptr": "*i32", "idx_ptr": "*i64", 
       "w1_ptr": "*i32", "s1_ptr": "*fp16", "z1_ptr": "*i8", "w3_ptr": "*i32", "s3_ptr": "*fp16", "z3_ptr": "*i8",
       "gu_ptr": "*fp32", "cnt_ptr": "*fp32", "ha_ptr": "*i32", "hsx_ptr": "*fp32", "hqs_ptr": "*i32",
       "I": "i32", "KW": "i32", "limit": "fp32", "BLOCK_N": "constexpr", "W": "constexpr", "SPLIT_K": "constexpr",
-      "QMAX": "constexpr", "NA": "constexpr", "A16": "constexpr", "PREFETCH": "constexpr"}
+      "QMAX": "constexpr", "NA": "constexpr", "A16": "constexpr", "PREFETCH": "constexpr", "EARLY": "constexpr"}
 dn = {"ha_ptr": "*i32", "hsx_ptr": "*fp32", "hqs_ptr": "*i32", "TOPK": "i32", "idx_ptr": "*i64", "w2_ptr": "*i32",
       "s2_ptr": "*fp16", "z2_ptr": "*i8", "y_ptr": "*fp32", "D": "i32", "KW": "i32", "BLOCK_N": "constexpr",
-      "W": "constexpr", "SPLIT_K": "constexpr", "NA": "constexpr", "A16": "constexpr", "PREFETCH": "constexpr"}
+      "W": "constexpr", "SPLIT_K": "constexpr", "NA": "constexpr", "A16": "constexpr", "PREFETCH": "constexpr",
+      "EARLY": "constexpr"}
 pr = {"x_ptr": "*bf16", "xa_ptr": "*i32", "sx_ptr": "*fp32", "qs_ptr": "*i32", "ws_ptr": "*fp32", "NZ": "i32",
       "KW": "i32", "NX": "i32", "GW": "constexpr", "BLOCK_Z": "constexpr", "QMAX": "constexpr", "NA": "constexpr",
       "A16": "constexpr"}
@@ -187,10 +192,12 @@ for a16 in (True, False):
     for i, c in enumerate(idp_configs()[:3] + idp_configs_many()[:1]):   # the T=1 and T>=4 defaults + two
         g, d = c.gate_up, c.down
         check(f"gate_up a16={a16} cfg {i}", _gate_up_kernel, gu,
-              dict(BLOCK_N=g.block_n, W=g.w, SPLIT_K=g.split, PREFETCH=g.prefetch, **q), num_warps=g.warps)
+              dict(BLOCK_N=g.block_n, W=g.w, SPLIT_K=g.split, PREFETCH=g.prefetch, EARLY=g.prefetch, **q),
+              num_warps=g.warps)
         q2 = {k: v for k, v in q.items() if k != "QMAX"}
         check(f"down a16={a16} cfg {i}", _down_kernel, dn,
-              dict(BLOCK_N=d.block_n, W=d.w, SPLIT_K=d.split, PREFETCH=d.prefetch, **q2), num_warps=d.warps)
+              dict(BLOCK_N=d.block_n, W=d.w, SPLIT_K=d.split, PREFETCH=d.prefetch, EARLY=d.prefetch, **q2),
+              num_warps=d.warps)
 from dsv4lib.kernels.int2_moe_prefill import _gate_up_kernel as _pf_gate_up
 # INT2 prefill gate/up (inline lop3 + f16x2 in the tile dequant), the T=2048 launch config
 gsig = {"x_ptr": "*fp16", "sorted_ptr": "*i32", "bexp_ptr": "*i32", "S": "i32", "TOPK": "i32", "rw_ptr": "*fp32",

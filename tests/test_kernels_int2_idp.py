@@ -109,6 +109,19 @@ def test_idp_configs_split_prefetch(cfg):
     assert torch.allclose(y, y2, rtol=1e-6, atol=1e-6 * y.abs().max().item())   # GPU: atomics' order
 
 
+def test_idp_early_load_same_result(monkeypatch):
+    """``EARLY_LOAD`` (expert index and first K step loaded before the PDL wait) computes what the plain kernels
+    do: bit-equal on the CPU (same arithmetic), the default configs at one token and three."""
+    import dsv4lib.kernels.int2_moe_idp as idp
+    for T in (1, 3):
+        args = _moe(T, 4, 6, 256, 256, seed=40 + T)
+        monkeypatch.setattr(idp, "EARLY_LOAD", False)
+        ref = int2_moe_idp(*args, 6.0)
+        monkeypatch.setattr(idp, "EARLY_LOAD", True)
+        got = int2_moe_idp(*args, 6.0)
+        assert torch.equal(got, ref) if got.device.type == "cpu" else torch.allclose(got, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_idp_bf16_input_and_default_config():
     args = _moe(1, 6, 8, 256, 128, seed=5, dtype=torch.bfloat16)
     y = int2_moe_idp(*args, 7.0, config=idp_configs()[0])

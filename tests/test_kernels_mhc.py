@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dsv4lib.kernels.mhc_step import (hc_post_fused, hc_post_pre_fused, hc_post_reference, hc_pre_fused,
+from dsv4lib.kernels.mhc_step import (hc_comb, hc_post_fused, hc_post_pre_fused, hc_post_reference, hc_pre_fused,
                                       hc_pre_reference)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -59,6 +59,32 @@ def test_hc_pre_fused_with_norm(dtype, D, single_max, monkeypatch):
         assert (post - rpost).abs().max() <= 1e-5 and (comb - rcomb).abs().max() <= 1e-5
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         assert (y.float() - ry.float()).abs().max() <= tol * ry.float().abs().max(), seed
+
+
+@pytest.mark.parametrize("hc,T", [(4, 1), (4, 3), (2, 3)])
+def test_hc_pre_deferred_comb(hc, T):
+    """``defer_comb``: the launch returns the mixing logits instead of post / comb, y unchanged, and ``hc_comb``
+    of them gives the in-launch post and comb (and the eager reference's); also through ``hc_post_pre_fused``."""
+    from dsv4lib.model.linear import RMSNorm
+    X, fn, scale, base = _inputs(torch.bfloat16, B=T, hc=hc, D=300, seed=31)
+    norm = RMSNorm(300, eps=1e-5).to(DEV)
+    y, post, comb = hc_pre_fused(X, fn, scale, base, 20, 1e-6, 1e-6, norm.weight, norm.eps)
+    dy, mix = hc_pre_fused(X, fn, scale, base, 20, 1e-6, 1e-6, norm.weight, norm.eps, defer_comb=True)
+    assert mix.shape == (T, 1, (2 + hc) * hc) and mix.dtype == torch.float32
+    assert torch.equal(dy, y)
+    dpost, dcomb = hc_comb(mix, scale, base, hc, 20, 1e-6)
+    assert dpost.shape == post.shape and dcomb.shape == comb.shape
+    assert (dpost - post).abs().max() <= 1e-6 and (dcomb - comb).abs().max() <= 1e-6
+    _, rpost, rcomb = hc_pre_reference(X, fn, scale, base, 20, 1e-6, 1e-6)
+    assert (dpost - rpost).abs().max() <= 1e-5 and (dcomb - rcomb).abs().max() <= 1e-5
+    assert (dcomb.sum(-2) - 1).abs().max() < 1e-3                        # the Sinkhorn ran
+    f = torch.randn(T, 1, 300, generator=torch.Generator().manual_seed(32)).to(DEV, torch.bfloat16)
+    Xn, y2, post2, comb2 = hc_post_pre_fused(f, X, post, comb, None, fn, scale, base, 20, 1e-6, 1e-6, norm.weight, norm.eps)
+    dXn, dy2, mix2 = hc_post_pre_fused(f, X, post, comb, None, fn, scale, base, 20, 1e-6, 1e-6, norm.weight, norm.eps,
+                                       defer_comb=True)
+    assert torch.equal(dXn, Xn) and torch.equal(dy2, y2)
+    dpost2, dcomb2 = hc_comb(mix2, scale, base, hc, 20, 1e-6)
+    assert (dpost2 - post2).abs().max() <= 1e-6 and (dcomb2 - comb2).abs().max() <= 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -551,23 +551,42 @@ def _moe_fusable(ffn) -> bool:
     return not ffn._hooks and ffn.limit > 0
 
 
-def _post_pre(layer, X: torch.Tensor, site: str, fz: bool, norm, pending):
+DEFER_COMB = True
+"""Fused step with a side stream: the mHC post+pre launch leaves post and comb (the Sinkhorn: ~2 of its 8 us
+at b1) to a small launch on the side stream (kernels/mhc_step.py ``defer_comb`` / ``hc_comb``); they are
+first read by the mHC post after the sublayer, past the next join. Not on CUDA without a side stream (it would
+add a launch to the chain). False: computed inside the launch (the bench's A/B switch)."""
+
+
+def _post_pre(layer, X: torch.Tensor, site: str, fz: bool, norm, pending, ctx: StepContext | None = None):
     """The previous sublayer's pending mHC post (``(f, f2, post, comb)`` or None), then this site's mHC
-    pre and ``norm`` -> (X, normed sublayer input, post, comb). Fused: one launch for both
-    (kernels/mhc_step.py ``hc_post_pre_fused``); otherwise ``hc_post_step`` then ``hc_pre_step``."""
+    pre and ``norm`` -> (X, normed sublayer input, post, comb, mix). Fused: one launch for both
+    (kernels/mhc_step.py ``hc_post_pre_fused``); otherwise ``hc_post_step`` then ``hc_pre_step``.
+    ``mix``: None, or with ``DEFER_COMB`` and a side stream the mixing logits that post and comb are
+    being computed from on ``ctx.side`` -- the caller keeps it referenced until its next :func:`_join`."""
     def separate():
         Xn = X if pending is None else hc_post_step(pending[0], X, pending[2], pending[3], fz, pending[1])
-        return (Xn, *hc_pre_step(layer, Xn, site, fz, norm))
+        return (Xn, *hc_pre_step(layer, Xn, site, fz, norm), None)
     c = layer.cfg
     hc = c.hc_mult
     if pending is None or not fz or X.dtype == torch.float64 or hc & (hc - 1):
         return separate()
-    from dsv4lib.kernels.mhc_step import hc_post_pre_fused
+    from dsv4lib.kernels.mhc_step import hc_comb, hc_post_pre_fused
     f, f2, pp, pc = pending
     fn, scale, base = (getattr(layer, f"{site}_{k}") for k in ("fn", "scale", "base"))
-    return _guarded("hc_post_pre", lambda: hc_post_pre_fused(f, X, pp, pc, f2, fn, scale, base, c.hc_sinkhorn_iters,
-                                                             c.hc_eps, c.rms_norm_eps, norm.weight, norm.eps),
-                    separate)
+    # (on the CPU -- the interpreter -- the deferred launch runs in place: the same code path as a GPU's)
+    defer = DEFER_COMB and (getattr(ctx, "side", None) is not None or not X.is_cuda)
+
+    def fused():
+        r = hc_post_pre_fused(f, X, pp, pc, f2, fn, scale, base, c.hc_sinkhorn_iters, c.hc_eps, c.rms_norm_eps,
+                              norm.weight, norm.eps, defer_comb=defer)
+        if not defer:
+            return (*r, None)
+        Xn, y, mix = r
+        with _branch(ctx):                     # post and comb off the critical path
+            post, comb = hc_comb(mix, scale, base, hc, c.hc_sinkhorn_iters, c.hc_eps)
+        return Xn, y, post, comb, mix
+    return _guarded("hc_post_pre", fused, separate)
 
 
 def block_step(layer, X: torch.Tensor, ctx: StepContext, ids: torch.Tensor, lc: StaticLayerCache,
@@ -576,13 +595,20 @@ def block_step(layer, X: torch.Tensor, ctx: StepContext, ids: torch.Tensor, lc: 
     ``(f, f2, post, comb)`` not yet added into X -- its mHC post runs inside this block's first mHC pre
     (one launch fewer when fused). Returns (X, this block's pending FFN output) the same way."""
     fz = ctx.fused
-    X, x, post, comb = _post_pre(layer, X, "hc_attn", fz, layer.attn_norm, pending)   # x: attn_norm(input)
+    # mix_a / mix_f: inputs of side-stream work (DEFER_COMB), referenced here until the joins in attention_step
+    # and below
+    X, x, post, comb, mix_a = _post_pre(layer, X, "hc_attn", fz, layer.attn_norm, pending, ctx)   # x: attn_norm(input)
     a = attention_step(layer.attn, x, ctx, lc)
-    X, xn, post, comb = _post_pre(layer, X, "hc_ffn", fz, layer.ffn_norm, (a, None, post, comb))
+    X, xn, post, comb, mix_f = _post_pre(layer, X, "hc_ffn", fz, layer.ffn_norm, (a, None, post, comb), ctx)
     if _fusable(ctx, xn) and _moe_fusable(layer.ffn):
         y, sh = moe_step(layer.ffn, xn, ids, ctx)
-        return X, (y, sh, post, comb)
-    return X, (layer.ffn(xn, ids), None, post, comb)
+        out = X, (y, sh, post, comb)
+    else:
+        out = X, (layer.ffn(xn, ids), None, post, comb)
+    if mix_f is not None and out[1][1] is None:   # moe_step joined the side stream when it ran a shared expert there
+        _join(ctx)
+    del mix_a, mix_f
+    return out
 
 
 def check_static_ready(model) -> None:
