@@ -77,6 +77,11 @@ def bench_attention(a, old) -> list[dict]:
                 # as the model calls it: the inverse RoPE of the output's trailing 64 channels in the combine
                 rope = (torch.rand(32, device="cuda", generator=g), -torch.rand(32, device="cuda", generator=g))
                 row["new_rope_us"] = graph_us(lambda i: new_da.decode_attention(*args, rope=rope), a.calls, a.reps)
+                # all heads in one program (before session 11's head groups), same run
+                row["one_group_rope_us"] = graph_us(lambda i: new_da.decode_attention(*args, rope=rope, groups=1),
+                                                    a.calls, a.reps)
+                row["one_group_max_diff"] = (new_da.decode_attention(*args, rope=rope, groups=1).float()
+                                             - new_da.decode_attention(*args, rope=rope).float()).abs().max().item()
                 if old is not None:
                     row["old_us"] = graph_us(lambda i: old.decode_attention(*args), a.calls, a.reps)
                     row["old_rope_us"] = graph_us(lambda i: old.decode_attention(*args, rope=rope), a.calls, a.reps)
@@ -87,7 +92,8 @@ def bench_attention(a, old) -> list[dict]:
                 rows.append(row)
                 print(f"attn {kind:8s} B{B} ctx{ctx:6d}: new {row['new_us']:7.1f} us  old "
                       f"{row.get('old_us', float('nan')):7.1f} us  torch {row['torch_us']:7.1f} us  rel err {err:.1e}"
-                      f"  | with RoPE: new {row['new_rope_us']:7.1f} old {row.get('old_rope_us', float('nan')):7.1f} us"
+                      f"  | with RoPE: new {row['new_rope_us']:7.1f} one head group {row['one_group_rope_us']:7.1f}"
+                      f" (max diff {row['one_group_max_diff']:.1e}) old {row.get('old_rope_us', float('nan')):7.1f} us"
                       f" max|new-old| {row.get('rope_max_diff_new_old', float('nan')):.1e}"
                       + (f"  kernels {row['kernels_us']}" if a.kernels else ""), flush=True)
     return rows

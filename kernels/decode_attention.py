@@ -7,8 +7,9 @@ indexer top-k; valid iff sel < thr) or all T of them (HCA; valid iff j < thr). P
 ``o = sum_n softmax([q.k_n * scale, sink_h])_n k_n`` in fp32 (the sink takes probability mass
 but adds no value), rounded to q's dtype.
 
-Launch 1: program (b, split) takes ALL heads of batch row b (the MMA M dimension; MQA means every
-head reads the same keys, so each key row is fetched once per split) against ``NB`` blocks of
+Launch 1: program (b, split, head group) takes a group of the heads of batch row b (the MMA M
+dimension; MQA means every head reads the same keys: with one group each key row is fetched once per
+split; ``head_groups`` splits the heads only while the grid stays within a wave) against ``NB`` blocks of
 ``BN`` keys. The 512-wide head dim is walked in chunks of ``BC`` so the tiles fit in registers:
 scores ``s [HP, BN] = sum_chunks q[:, chunk] @ k[:, chunk]^T``, then for each output chunk
 ``acc [HP, BC] = p @ v[:, chunk]`` is written straight out (no [HP, c] accumulator is held).
@@ -95,13 +96,15 @@ def _attn_partial_kernel(q_ptr, win_ptr, ent_ptr, sel_ptr, pos_ptr, thr_ptr, scr
                          m_ptr, l_ptr, acc_ptr, scale,
                          H, W, N, T, win_sb, ent_sb, q_sb, sel_sb, NB, S,
                          C: tl.constexpr, HP: tl.constexpr, BNc: tl.constexpr, BCc: tl.constexpr,
-                         HAS_SEL: tl.constexpr, LOWP: tl.constexpr, ONE: tl.constexpr, PDL: tl.constexpr):
+                         HAS_SEL: tl.constexpr, LOWP: tl.constexpr, ONE: tl.constexpr, HPT: tl.constexpr,
+                         PDL: tl.constexpr):
+    # HP: heads per program (a group of the padded heads: program_id(2)); HPT: all padded heads
     pdl_wait(PDL)
     b = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     pos = tl.load(pos_ptr)
     thr = tl.load(thr_ptr)
-    h = tl.arange(0, HP)
+    h = tl.program_id(2) * HP + tl.arange(0, HP)
     hm = h < H
     o = (b * S + sp) * H + h                                                  # [HP] rows of the partials
     lo = sp * NB * BNc
@@ -120,7 +123,7 @@ def _attn_partial_kernel(q_ptr, win_ptr, ent_ptr, sel_ptr, pos_ptr, thr_ptr, scr
             tl.store(acc_ptr + o[:, None] * C + cc[None, :], acc, mask=hm[:, None])
     else:
         # NB blocks: scores to the scratch [HP, NB*BN] with an online max/sum, then p @ v per chunk
-        scr = scr_ptr + (b * S + sp) * HP * NB * BNc
+        scr = scr_ptr + (b * S + sp) * HPT * NB * BNc
         kk = tl.arange(0, BNc)
         m = tl.full([HP], float("-inf"), tl.float32)
         lsum = tl.zeros([HP], tl.float32)
@@ -190,11 +193,25 @@ def _plan(B: int, N: int, bn: int, max_programs: int) -> tuple[int, int]:
     return triton.cdiv(nblk, nb), nb
 
 
+GROUP_HEADS = True   # False: all heads in one program (the bench's ``attn_groups`` variant)
+
+
+def head_groups(B: int, S: int, HP: int) -> int:
+    """Head groups per (row, split) program of launch 1: the largest power of two that keeps >= 16 heads per
+    group (the MMA M) and the grid within one wave of SMs. At batch 1 a short context has few key blocks (V4-Flash
+    at 1K: 5-20 splits), so all 64 heads in one program left most SMs idle, each program loading the whole q and
+    writing a 64 x 512 fp32 partial; groups split that work (each re-reads the keys, from L2)."""
+    g = 1
+    while GROUP_HEADS and HP // (2 * g) >= 16 and B * S * 2 * g <= WAVE:
+        g *= 2
+    return g
+
+
 def decode_attention(q: torch.Tensor, win: torch.Tensor, ent: torch.Tensor | None, sel: torch.Tensor | None,
                      pos: torch.Tensor, thr: torch.Tensor | None, sink: torch.Tensor, scale: float,
                      *, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
                      bn: int | None = None, bc: int | None = None, num_warps: int | None = None,
-                     max_programs: int = MAX_PROGRAMS) -> torch.Tensor:
+                     max_programs: int = MAX_PROGRAMS, groups: int | None = None) -> torch.Tensor:
     """q [B, H, c] -> o [B, H, c] in q's dtype (see the module docstring). ``ent`` None: window only;
     ``sel`` [B, K] int64 (CSA) or None (HCA: all entries); ``pos``/``thr`` [] int64 on the device.
     ``rope`` = (cos, sin) [R/2] fp32: the output's trailing R channels are then rotated in the combine
@@ -230,6 +247,9 @@ def decode_attention(q: torch.Tensor, win: torch.Tensor, ent: torch.Tensor | Non
     S, NB = _plan(B, N, bn, max_programs)
     bc = min(bc or (d_bc if NB == 1 else min(d_bc, 64)), C)
     HP = max(16, triton.next_power_of_2(H))
+    hg = groups or head_groups(B, S, HP)
+    if hg & (hg - 1) or HP % hg or HP // hg < 16:
+        raise ValueError(f"kernels.decode_attention: {hg} head groups of {HP} padded heads (need a power of two, >= 16 each)")
     f32 = torch.float32
     m = torch.empty(B, S, H, dtype=f32, device=q.device)
     lsum = torch.empty_like(m)
@@ -237,10 +257,10 @@ def decode_attention(q: torch.Tensor, win: torch.Tensor, ent: torch.Tensor | Non
     scr = torch.empty(B * S * HP * NB * bn if NB > 1 else 1, dtype=f32, device=q.device)
     e = ent if ent is not None else win
     thr_ = thr if thr is not None else pos
-    _attn_partial_kernel[(B, S)](
+    _attn_partial_kernel[(B, S, hg)](
         q, win, e, sel if sel is not None else pos, pos, thr_, scr, m, lsum, acc, float(scale),
         H, W, N, T, win.stride(0), e.stride(0), q.stride(0), sel.stride(0) if sel is not None else 0, NB, S,
-        C=C, HP=HP, BNc=bn, BCc=bc, HAS_SEL=sel is not None, LOWP=lowp, ONE=NB == 1,
+        C=C, HP=HP // hg, BNc=bn, BCc=bc, HAS_SEL=sel is not None, LOWP=lowp, ONE=NB == 1, HPT=HP,
         num_warps=num_warps, num_stages=1, **launch_args(q.device))   # no software pipelining: the NB-block loops overflow shared memory
     out = torch.empty(B, H, C, dtype=q.dtype, device=q.device)
     CB = min(C, COMBINE[0])

@@ -156,9 +156,10 @@ def test_decode_variants_toggle_restore_and_tabulate():
     with _variant("fp8_prefetch2"):
         assert fp8_linear.PREFETCH_STEPS == (0 if base == 2 else 2)
     assert fp8_linear.PREFETCH_STEPS == base
-    from dsv4lib.kernels import int2_moe_idp
+    from dsv4lib.kernels import decode_attention, int2_moe_idp
     from dsv4lib.model import graphed
-    for name, mod, flag in (("defer_comb", graphed, "DEFER_COMB"), ("early_int2", int2_moe_idp, "EARLY_LOAD")):
+    for name, mod, flag in (("defer_comb", graphed, "DEFER_COMB"), ("early_int2", int2_moe_idp, "EARLY_LOAD"),
+                            ("attn_groups", decode_attention, "GROUP_HEADS")):
         before = getattr(mod, flag)
         with _variant(name):
             assert getattr(mod, flag) is (not before)

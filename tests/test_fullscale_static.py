@@ -325,7 +325,7 @@ def test_decode_attention_kernel_matches_torch(dtype):
     """kernels/decode_attention.py (interpreted on CPU) == the torch window+entries+sink attention:
     window only, HCA (all entries, future masked) and CSA (gathered top-k, strided sel), early positions;
     one key block per program and (bn=16, one split) several blocks per program through the score
-    scratch. fp16 runs the tensor-core path (p @ v as hi + lo halves); bf16 on the CPU interpreter
+    scratch; the heads in groups of 16-32 per program (``groups``; H = 64 defaults to 4 groups). fp16 runs the tensor-core path (p @ v as hi + lo halves); bf16 on the CPU interpreter
     runs upcast (its bf16 tl.dot is wrong), on a GPU the tensor-core path."""
     from dsv4lib.kernels.decode_attention import decode_attention, decode_attention_reference
     from dsv4lib.kernels.rmsnorm_rope import rmsnorm_rope_reference
@@ -333,7 +333,8 @@ def test_decode_attention_kernel_matches_torch(dtype):
     g = torch.Generator().manual_seed(11)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     cases = [(2, 4, 128, 8, 9, None, 5), (2, 4, 128, 8, 9, None, 30), (1, 20, 64, 8, 16, 12, 40),
-             (2, 16, 64, 128, 40, None, 200), (2, 4, 128, 8, 16, 8, 3), (1, 4, 64, 8, 0, None, 2)]
+             (2, 16, 64, 128, 40, None, 200), (2, 4, 128, 8, 16, 8, 3), (1, 4, 64, 8, 0, None, 2),
+             (1, 64, 32, 8, 16, 12, 40)]
     for B, H, C, W, T, K, pos in cases:
         q = (torch.randn(B, H, C, generator=g) * 0.2).to(dev, dtype)
         win = torch.randn(B, W, C, generator=g).to(dev, dtype)
@@ -345,7 +346,10 @@ def test_decode_attention_kernel_matches_torch(dtype):
             sel = torch.stack([torch.randperm(T, generator=g) for _ in range(B)]).to(dev)[:, :K]   # strided rows
         r = decode_attention_reference(q, win, ent, sel, p, thr, sink, C ** -0.5)
         tol = {torch.float32: 1e-5, torch.bfloat16: 8e-3, torch.float16: 2e-3}[dtype]
-        for kw in ({}, {"bn": 16, "max_programs": B}):
+        HP = max(16, 1 << (H - 1).bit_length())
+        kws = [{}, {"bn": 16, "max_programs": B}] + [{"groups": g} for g in (2, 4) if HP // g >= 16]   # head groups
+        kws += [{"bn": 16, "max_programs": B, "groups": HP // 16}] if HP > 16 else []                 # + scratch
+        for kw in kws:
             a = decode_attention(q, win, ent, sel, p, thr if T else None, sink, C ** -0.5, **kw)
             assert a.dtype == dtype
             assert (a.float() - r.float()).abs().max() <= tol * max(1.0, r.float().abs().max().item()), (B, H, T, kw)

@@ -120,6 +120,16 @@ more = [("rmsnorm_rope scatter", _rmsnorm_rope_kernel,
           "sin_ptr": "*fp32", "out_ptr": "*bf16", "H": "i32", "S": "i32", "out_sb": "i32", "C": "constexpr",
           "CB": "constexpr", "SB": "constexpr", "ROPE": "constexpr"},
          dict(C=512, CB=min(512, COMBINE[0]), SB=8, ROPE=64), COMBINE[1])]
+from dsv4lib.kernels.decode_attention import LOWP_CFG, _attn_partial_kernel
+asig = {"q_ptr": "*bf16", "win_ptr": "*bf16", "ent_ptr": "*bf16", "sel_ptr": "*i64", "pos_ptr": "*i64",
+        "thr_ptr": "*i64", "scr_ptr": "*fp32", "m_ptr": "*fp32", "l_ptr": "*fp32", "acc_ptr": "*fp32", "scale": "fp32",
+        "H": "i32", "W": "i32", "N": "i32", "T": "i32", "win_sb": "i32", "ent_sb": "i32", "q_sb": "i32",
+        "sel_sb": "i32", "NB": "i32", "S": "i32", "C": "constexpr", "HP": "constexpr", "BNc": "constexpr",
+        "BCc": "constexpr", "HAS_SEL": "constexpr", "LOWP": "constexpr", "ONE": "constexpr", "HPT": "constexpr"}
+for hp, one in ((64, True), (16, True), (16, False)):   # all heads in one program; 4 groups of 16 (V4 at b1)
+    more.append((f"attn_partial heads per program={hp} one block={one}", _attn_partial_kernel, asig,
+                 dict(C=512, HP=hp, BNc=LOWP_CFG[0], BCc=LOWP_CFG[1] if one else 64, HAS_SEL=True, LOWP=True, ONE=one,
+                      HPT=64), LOWP_CFG[2]))
 for name, fn, sig, cons, warps in more:
     check(name, fn, sig, cons, num_warps=warps)
 from dsv4lib.kernels import mhc_prefill as mp
