@@ -8,7 +8,9 @@ completed and its writes are visible -- and then releases its own dependents
 (``griddepcontrol.launch_dependents``), so the next kernel's programs can be made resident early.
 Semantics are those of plain stream order; only the gaps shrink. Kernels whose weights no predecessor
 writes start on them before the wait: the router loads its weight rows, the mHC pre prefetches its
-mixing weights to L2. The same for the FP8 GEMV's weight slice measured slower on the H200 in two
+mixing weights to L2, the INT2 decode kernels load their first K step and the expert index (written by the router
+two launches back: a launch is made resident only after all programs of its predecessor passed their own wait, so
+the launch before that has completed). The same for the FP8 GEMV's weight slice measured slower on the H200 in two
 sessions (b1 step 6.04 -> 6.42 ms, then 6.07 -> 6.37; b8 14.22 -> 14.64: early-resident programs
 prefetching whole slices compete with the running kernel for bandwidth) and was removed.
 
