@@ -166,11 +166,11 @@ PREFILL_SWITCHES = (("fused_mhc", "model.transformer", "FUSED_MHC_PREFILL", "mHC
                     ("side_stream", "model.attention", "PREFILL_SIDE_STREAM", "compressors on a side stream"),
                     ("shared_side", "model.moe", "PREFILL_SHARED_SIDE", "shared expert on a side stream"))
 
-VARIANTS = ("pdl", "fp8_gemv", "defer_comb", "early_int2", "attn_groups")
+VARIANTS = ("defer_comb", "second_side", "early_int2", "attn_groups")
 VARIANT_LABELS = {"single_stream": "1-stream", "pdl": "PDL toggled", "int2_idp": "INT2 idp toggled",
                   "fp8_gemv": "FP8 CUDA-core GEMV toggled", "defer_comb": "mHC Sinkhorn deferred toggled",
                   "early_gemv": "GEMV early loads toggled", "early_int2": "INT2 early loads toggled",
-                  "attn_groups": "attention head groups toggled",
+                  "attn_groups": "attention head groups toggled", "second_side": "Sinkhorn on a third stream toggled",
                   "fp8_prefetch1": "FP8 prefetch 1", "fp8_prefetch2": "FP8 prefetch 2",
                   "q_norm_prologue": "q_norm prologue toggled", "split_decode": "split-K INT2 decode",
                   "l2_wo": "L2 prefetch wo", "l2_wo_q": "L2 prefetch wo+q"}
@@ -192,13 +192,15 @@ def _variant(name: str):
     ``early_int2``: the INT2 decode kernels load the expert index and their first K step's weights before the PDL
     wait (kernels.int2_moe_idp.EARLY_LOAD, toggled); the same for the FP8 GEMV (session 11's ``early_gemv``)
     measured no gain and was removed; ``attn_groups``: decode attention's heads split over programs at small grids
-    (kernels.decode_attention.GROUP_HEADS, toggled). Out of
+    (kernels.decode_attention.GROUP_HEADS, toggled); ``second_side``: the deferred Sinkhorn on a third stream
+    (model.graphed.SECOND_SIDE, toggled). Out of
     ``VARIANTS`` since session 11 (settled over several runs, still selectable here): ``single_stream`` (b1 +0.6
-    ms in session 10) and ``int2_idp`` (b1 +0.4, b8 +2.9)."""
+    ms in session 10), ``int2_idp`` (b1 +0.4, b8 +2.9), ``pdl`` (b1 +0.4) and ``fp8_gemv`` (b1 +0.7)."""
     from .kernels import decode_attention, dispatch, fp8_linear, int2_moe_idp, pdl
     from .model import graphed
     saved = (graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE, fp8_linear.PREFETCH_STEPS,
-             fp8_linear.GEMV_MAX_M, graphed.DEFER_COMB, int2_moe_idp.EARLY_LOAD, decode_attention.GROUP_HEADS)
+             fp8_linear.GEMV_MAX_M, graphed.DEFER_COMB, int2_moe_idp.EARLY_LOAD, decode_attention.GROUP_HEADS,
+             graphed.SECOND_SIDE)
     if name == "single_stream":
         graphed.CONCURRENT = False
     elif name == "pdl":
@@ -213,6 +215,8 @@ def _variant(name: str):
         int2_moe_idp.EARLY_LOAD = not int2_moe_idp.EARLY_LOAD
     elif name == "attn_groups":
         decode_attention.GROUP_HEADS = not decode_attention.GROUP_HEADS
+    elif name == "second_side":
+        graphed.SECOND_SIDE = not graphed.SECOND_SIDE
     elif name == "q_norm_prologue":
         graphed.Q_NORM_PROLOGUE = not graphed.Q_NORM_PROLOGUE
     elif name.startswith("fp8_prefetch") and name[len("fp8_prefetch"):].isdigit():
@@ -225,7 +229,7 @@ def _variant(name: str):
     finally:
         (graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE,
          fp8_linear.PREFETCH_STEPS, fp8_linear.GEMV_MAX_M, graphed.DEFER_COMB, int2_moe_idp.EARLY_LOAD,
-         decode_attention.GROUP_HEADS) = saved
+         decode_attention.GROUP_HEADS, graphed.SECOND_SIDE) = saved
 
 
 def _decode_case(model, B: int, ctx: int, opts: BenchOptions, dev, res: dict) -> None:

@@ -44,12 +44,13 @@ bench/results/h200_prefill_ab_side_stream.json). The full-scale bench times the 
 _SIDE: dict = {}
 
 
-def side_stream(device) -> torch.cuda.Stream:
+def side_stream(device, index: int = 0) -> torch.cuda.Stream:
     """One second stream per CUDA device, shared by this prefill branch and the fused decode step's concurrent
-    branches (model/graphed.py: its warm-up, capture and uncaptured steps)."""
-    key = torch.device(device)
+    branches (model/graphed.py: its warm-up, capture and uncaptured steps); ``index`` 1: a third one (the decode
+    step's deferred mHC Sinkhorn, beside the other branches)."""
+    key = (torch.device(device), index)
     if key not in _SIDE:
-        _SIDE[key] = torch.cuda.Stream(key)
+        _SIDE[key] = torch.cuda.Stream(key[0])
     return _SIDE[key]
 
 

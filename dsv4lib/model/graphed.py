@@ -49,6 +49,8 @@ class StepContext:
     zero: torch.Tensor
     ninf: torch.Tensor
     side: object = None     # torch.cuda.Stream for the fused step's concurrent branches, or None
+    side2: object = None    # a third stream (the deferred mHC Sinkhorn: DEFER_COMB), or None
+    side2_open: bool = False   # work issued on side2 since the last join
 
 
 CONCURRENT = True
@@ -56,15 +58,17 @@ CONCURRENT = True
 A CUDA graph captures the fork/join as parallel branches. False: one stream (the bench's A/B switch)."""
 
 class _branch:
-    """``with _branch(ctx): ...`` runs the block on ``ctx.side`` after everything issued so far on the
+    """``with _branch(ctx): ...`` runs the block on ``ctx.side`` (``second``: ``ctx.side2``) after everything issued so far on the
     current stream (fork); :func:`_join` makes the current stream wait for it. Without a side stream
     (CPU, torch step, ``CONCURRENT=False``) the block runs in place. The fused step forks only work
     whose inputs stay referenced until the join and whose outputs are read after it, so the caching
     allocator cannot hand a block to one stream while the other still uses it."""
 
-    def __init__(self, ctx: StepContext | None) -> None:
-        self.side = getattr(ctx, "side", None)
+    def __init__(self, ctx: StepContext | None, second: bool = False) -> None:
+        self.side = getattr(ctx, "side2" if second else "side", None)
         self._cm = None
+        if second and self.side is not None:
+            ctx.side2_open = True
 
     def __enter__(self):
         if self.side is not None:
@@ -82,6 +86,9 @@ class _branch:
 def _join(ctx: StepContext | None) -> None:
     if getattr(ctx, "side", None) is not None:
         torch.cuda.current_stream(ctx.side.device).wait_stream(ctx.side)
+    if getattr(ctx, "side2_open", False):   # (only when used: a stream that took no part in a capture cannot be waited on)
+        torch.cuda.current_stream(ctx.side2.device).wait_stream(ctx.side2)
+        ctx.side2_open = False
 
 
 def step_context(model, cache: StaticCache, fused: bool) -> StepContext:
@@ -118,8 +125,9 @@ def step_context(model, cache: StaticCache, fused: bool) -> StepContext:
     W = cache.layers[0].window.shape[1]
     win_bias = torch.where(torch.arange(W, device=dev) <= pos, zero, ninf)   # [W]
     side = side_stream(dev) if fused and CONCURRENT and pos.is_cuda else None
+    side2 = side_stream(dev, 1) if side is not None and SECOND_SIDE else None
     return StepContext(pos, fused, rot, rot_inv, cs, comp_cs, (pos % W).view(1), win_bias, ent_bias, ent_thr,
-                       idx_thr, idx_future, zero, ninf, side)
+                       idx_thr, idx_future, zero, ninf, side, side2)
 
 
 def selects_all(attn, lc: StaticLayerCache) -> bool:
@@ -551,6 +559,11 @@ def _moe_fusable(ffn) -> bool:
     return not ffn._hooks and ffn.limit > 0
 
 
+SECOND_SIDE = True
+"""With DEFER_COMB: the deferred Sinkhorn launch runs on a third stream (``StepContext.side2``), beside the side
+stream's compressor projections / shared expert instead of ahead of them (on one side stream it delayed the
+compressor branch, which the attention core waits for, by its 3.5 us). False: on the side stream (the bench's A/B)."""
+
 DEFER_COMB = True
 """Fused step with a side stream: the mHC post+pre launch leaves post and comb (the Sinkhorn: ~2 of its 8 us
 at b1) to a small launch on the side stream (kernels/mhc_step.py ``defer_comb`` / ``hc_comb``); they are
@@ -583,7 +596,7 @@ def _post_pre(layer, X: torch.Tensor, site: str, fz: bool, norm, pending, ctx: S
         if not defer:
             return (*r, None)
         Xn, y, mix = r
-        with _branch(ctx):                     # post and comb off the critical path
+        with _branch(ctx, second=ctx is not None and ctx.side2 is not None):   # post and comb off the critical path
             post, comb = hc_comb(mix, scale, base, hc, c.hc_sinkhorn_iters, c.hc_eps)
         return Xn, y, post, comb, mix
     return _guarded("hc_post_pre", fused, separate)
