@@ -3,7 +3,8 @@
 * ``mhc``: the mHC decode launch (``kernels/mhc_step.py`` ``hc_post_pre_fused``: the previous sublayer's post, the
   mixing GEMV, Sinkhorn and the next sublayer's normed input; hc 4, D 4096, 20 Sinkhorn iterations) by (K slices,
   K step, warps) -- ``pre_launch``; ``iters=1`` is not a valid V4 setting, it is timed to show what the 20 Sinkhorn
-  iterations cost;
+  iterations cost; ``--defer``: the launch as the fused step runs it (``defer_comb``: the Sinkhorn left to ``hc_comb``),
+  to re-sweep the knobs without the finishing program's Sinkhorn;
 * ``router``: the fused router (``kernels/moe_step.py`` ``router_fused``: logits GEMV + top-6 of 256, bf16 weights)
   by tokens per program (``ROUTER_TOKENS``), the routing checked against the default setting.
 
@@ -48,8 +49,9 @@ def bench_mhc(a) -> dict:
         pin = torch.rand(B, hc, device=dev, generator=g)
         cin = torch.rand(B, hc, hc, device=dev, generator=g) / hc
 
-        def call(i, iters=20):
-            return M.hc_post_pre_fused(f, X, pin, cin, f2, fns[i % L], scale, base, iters, 1e-6, 1e-6, nw, 1e-6)
+        def call(i, iters=20):   # --defer: as the fused step calls it since session 11 (the Sinkhorn in hc_comb)
+            return M.hc_post_pre_fused(f, X, pin, cin, f2, fns[i % L], scale, base, iters, 1e-6, 1e-6, nw, 1e-6,
+                                       defer_comb=a.defer)
         ref = [t.float() for t in call(0)]
         defaults = M.pre_launch(B)
         knobs = [defaults] + [c for c in itertools.product((128, 64, 32, 16), (128, 512), (4, 8)) if c != defaults]
@@ -102,6 +104,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--what", nargs="+", choices=("mhc", "router"), default=["mhc", "router"])
     ap.add_argument("--layers", type=int, default=43)
+    ap.add_argument("--defer", action="store_true", help="mhc: the deferred launch (mixing logits out, no Sinkhorn)")
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--out", type=Path, default=Path("decode_launches.json"))

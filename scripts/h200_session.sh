@@ -40,7 +40,8 @@ else
   # forks there; the knobs compile for sm_90)
   timeout 220 python3 -m pytest -q tests/test_model_attention_chunks.py tests/test_kernels_int2.py tests/test_kernels_mhc.py \
       tests/test_kernels_moe_step.py tests/test_fullscale_static.py tests/test_model_moe_hooks.py tests/test_kernels_fp8_mxfp4.py \
-      -k "side_stream or shared_expert_branch or align or hc_pre or router or attention or fp8" \
+      tests/test_kernels_int2_idp.py \
+      -k "side_stream or shared_expert_branch or align or hc_pre or router or attention or fp8 or deferred or early" \
       > "$OUT/optin_tests.log" 2>&1
   tail -2 "$OUT/optin_tests.log"
 fi

@@ -566,7 +566,7 @@ compressor branch, which the attention core waits for, by its 3.5 us). False: on
 
 DEFER_COMB = True
 """Fused step with a side stream: the mHC post+pre launch leaves post and comb (the Sinkhorn: ~2 of its 8 us
-at b1) to a small launch on the side stream (kernels/mhc_step.py ``defer_comb`` / ``hc_comb``); they are
+at b1) to a small launch on a side stream (``SECOND_SIDE``; kernels/mhc_step.py ``defer_comb`` / ``hc_comb``); they are
 first read by the mHC post after the sublayer, past the next join. Not on CUDA without a side stream (it would
 add a launch to the chain). False: computed inside the launch (the bench's A/B switch)."""
 
@@ -576,7 +576,8 @@ def _post_pre(layer, X: torch.Tensor, site: str, fz: bool, norm, pending, ctx: S
     pre and ``norm`` -> (X, normed sublayer input, post, comb, mix). Fused: one launch for both
     (kernels/mhc_step.py ``hc_post_pre_fused``); otherwise ``hc_post_step`` then ``hc_pre_step``.
     ``mix``: None, or with ``DEFER_COMB`` and a side stream the mixing logits that post and comb are
-    being computed from on ``ctx.side`` -- the caller keeps it referenced until its next :func:`_join`."""
+    being computed from on ``ctx.side2`` (``ctx.side`` without ``SECOND_SIDE``) -- the caller keeps it
+    referenced until its next :func:`_join`."""
     def separate():
         Xn = X if pending is None else hc_post_step(pending[0], X, pending[2], pending[3], fz, pending[1])
         return (Xn, *hc_pre_step(layer, Xn, site, fz, norm), None)
