@@ -34,9 +34,8 @@ def int2_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
     """Routed INT2 experts: ``sum_j W2_e(weight_j * swiglu(W1_e x, W3_e x, limit))`` -> fp32 ``[T, D]``."""
     args = (x, idx, weight, w1_packed, w1_scale, w1_zero_packed, w3_packed, w3_scale, w3_zero_packed,
             w2_packed, w2_scale, w2_zero_packed, limit)
-    half = x.dtype in (torch.bfloat16, torch.float16)
     if x.shape[0] <= DECODE_MAX_TOKENS:
-        if DECODE_IDP and half:
+        if DECODE_IDP and x.dtype in (torch.bfloat16, torch.float16):
             return int2_moe_idp(*args)
         return int2_moe_decode(*args)
     return int2_moe_prefill(*args)

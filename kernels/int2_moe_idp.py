@@ -236,13 +236,16 @@ def _gemv_pipelined(acc1, acc3, wa, sa, za, wb, sb, zb, w1_ptr, s1_ptr, z1_ptr, 
 @triton.jit
 def _gemv_steps(acc1, acc3, w1_ptr, s1_ptr, z1_ptr, w3_ptr, s3_ptr, z3_ptr, xa_ptr, qs_ptr, sx_ptr,
                 rows, zrow, k_lo, k_hi, KW, BN: tl.constexpr, W: tl.constexpr, TWO: tl.constexpr,
-                A16: tl.constexpr, PREFETCH: tl.constexpr):
-    """acc [BN, W/4] += the groups of words [k_lo, k_hi) of one (TWO: two) matrices against the planes."""
+                A16: tl.constexpr, PREFETCH: tl.constexpr, EARLY: tl.constexpr = False, PDL: tl.constexpr = False):
+    """acc [BN, W/4] += the groups of words [k_lo, k_hi) of one (TWO: two) matrices against the planes.
+    EARLY (with PREFETCH; the caller has not waited yet): the PDL wait comes after the first step's loads."""
     if PREFETCH:
         wa, sa, za = _load_rows(w1_ptr, s1_ptr, z1_ptr, rows, k_lo, KW, W)
         wb, sb, zb = wa, sa, za
         if TWO:
             wb, sb, zb = _load_rows(w3_ptr, s3_ptr, z3_ptr, rows, k_lo, KW, W)
+        if EARLY:
+            pdl_wait(PDL)
         acc1, acc3 = _gemv_pipelined(acc1, acc3, wa, sa, za, wb, sb, zb, w1_ptr, s1_ptr, z1_ptr, w3_ptr, s3_ptr,
                                      z3_ptr, xa_ptr, qs_ptr, sx_ptr, rows, zrow, k_lo, k_hi, KW, BN, W, TWO, A16)
     else:
@@ -297,17 +300,9 @@ def _gate_up_kernel(xa_ptr, sx_ptr, qs_ptr, idx_ptr, rw_ptr, TOPK,
     k_lo = tl.program_id(2) * per
     acc1 = tl.zeros([BLOCK_N, W // 4], tl.float32)
     acc3 = tl.zeros([BLOCK_N, W // 4], tl.float32)
-    if EARLY:
-        wa, sa, za = _load_rows(w1_ptr, s1_ptr, z1_ptr, rows, k_lo, KW, W)
-        wb, sb, zb = _load_rows(w3_ptr, s3_ptr, z3_ptr, rows, k_lo, KW, W)
-        pdl_wait(PDL)
-        acc1, acc3 = _gemv_pipelined(acc1, acc3, wa, sa, za, wb, sb, zb, w1_ptr, s1_ptr, z1_ptr, w3_ptr, s3_ptr,
-                                     z3_ptr, xa_ptr + t * NA * KW, qs_ptr + t * (KW // 4), sx_ptr + t * (KW // 4),
-                                     rows, zrow, k_lo, k_lo + per, KW, BLOCK_N, W, True, A16)
-    else:
-        acc1, acc3 = _gemv_steps(acc1, acc3, w1_ptr, s1_ptr, z1_ptr, w3_ptr, s3_ptr, z3_ptr,
-                                 xa_ptr + t * NA * KW, qs_ptr + t * (KW // 4), sx_ptr + t * (KW // 4),
-                                 rows, zrow, k_lo, k_lo + per, KW, BLOCK_N, W, True, A16, PREFETCH)
+    acc1, acc3 = _gemv_steps(acc1, acc3, w1_ptr, s1_ptr, z1_ptr, w3_ptr, s3_ptr, z3_ptr,
+                             xa_ptr + t * NA * KW, qs_ptr + t * (KW // 4), sx_ptr + t * (KW // 4),
+                             rows, zrow, k_lo, k_lo + per, KW, BLOCK_N, W, True, A16, PREFETCH, EARLY, PDL)
     g = tl.sum(acc1, axis=1)
     u = tl.sum(acc3, axis=1)
     rw = tl.load(rw_ptr + s)
@@ -350,16 +345,9 @@ def _down_kernel(ha_ptr, hsx_ptr, hqs_ptr, TOPK, idx_ptr, w2_ptr, s2_ptr, z2_ptr
     per = KW // SPLIT_K
     k_lo = tl.program_id(2) * per
     acc = tl.zeros([BLOCK_N, W // 4], tl.float32)
-    if EARLY:
-        wa, sa, za = _load_rows(w2_ptr, s2_ptr, z2_ptr, rows, k_lo, KW, W)
-        pdl_wait(PDL)
-        acc, _ = _gemv_pipelined(acc, acc, wa, sa, za, wa, sa, za, w2_ptr, s2_ptr, z2_ptr, w2_ptr, s2_ptr, z2_ptr,
-                                 ha_ptr + s64 * NA * KW, hqs_ptr + s64 * (KW // 4), hsx_ptr + s64 * (KW // 4),
-                                 rows, zrow, k_lo, k_lo + per, KW, BLOCK_N, W, False, A16)
-    else:
-        acc, _ = _gemv_steps(acc, acc, w2_ptr, s2_ptr, z2_ptr, w2_ptr, s2_ptr, z2_ptr,
-                             ha_ptr + s64 * NA * KW, hqs_ptr + s64 * (KW // 4), hsx_ptr + s64 * (KW // 4),
-                             rows, zrow, k_lo, k_lo + per, KW, BLOCK_N, W, False, A16, PREFETCH)
+    acc, _ = _gemv_steps(acc, acc, w2_ptr, s2_ptr, z2_ptr, w2_ptr, s2_ptr, z2_ptr,
+                         ha_ptr + s64 * NA * KW, hqs_ptr + s64 * (KW // 4), hsx_ptr + s64 * (KW // 4),
+                         rows, zrow, k_lo, k_lo + per, KW, BLOCK_N, W, False, A16, PREFETCH, EARLY, PDL)
     tl.atomic_add(y_ptr + t * D + rows, tl.sum(acc, axis=1), sem="relaxed")
 
 

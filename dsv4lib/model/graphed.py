@@ -58,16 +58,17 @@ CONCURRENT = True
 A CUDA graph captures the fork/join as parallel branches. False: one stream (the bench's A/B switch)."""
 
 class _branch:
-    """``with _branch(ctx): ...`` runs the block on ``ctx.side`` (``second``: ``ctx.side2``) after everything issued so far on the
+    """``with _branch(ctx): ...`` runs the block on ``ctx.side`` (``second``: ``ctx.side2`` if there is one) after everything issued so far on the
     current stream (fork); :func:`_join` makes the current stream wait for it. Without a side stream
     (CPU, torch step, ``CONCURRENT=False``) the block runs in place. The fused step forks only work
     whose inputs stay referenced until the join and whose outputs are read after it, so the caching
     allocator cannot hand a block to one stream while the other still uses it."""
 
     def __init__(self, ctx: StepContext | None, second: bool = False) -> None:
-        self.side = getattr(ctx, "side2" if second else "side", None)
+        side2 = getattr(ctx, "side2", None) if second else None
+        self.side = side2 if side2 is not None else getattr(ctx, "side", None)
         self._cm = None
-        if second and self.side is not None:
+        if side2 is not None:
             ctx.side2_open = True
 
     def __enter__(self):
@@ -597,7 +598,7 @@ def _post_pre(layer, X: torch.Tensor, site: str, fz: bool, norm, pending, ctx: S
         if not defer:
             return (*r, None)
         Xn, y, mix = r
-        with _branch(ctx, second=ctx is not None and ctx.side2 is not None):   # post and comb off the critical path
+        with _branch(ctx, second=True):          # post and comb off the critical path
             post, comb = hc_comb(mix, scale, base, hc, c.hc_sinkhorn_iters, c.hc_eps)
         return Xn, y, post, comb, mix
     return _guarded("hc_post_pre", fused, separate)
