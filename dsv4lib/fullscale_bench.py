@@ -48,6 +48,7 @@ class BenchOptions:
     ab_rounds: int = 3                        # prefill switch A/B: alternating default / toggled rounds
     components: bool = True
     fused: bool = True                        # static step with the Triton step kernels (graphed.py)
+    variants: tuple[str, ...] | None = None   # A/B switches timed beside the default (None: VARIANTS)
     seed: int = 0
     targets: dict = field(default_factory=lambda: {"decode_b1_1k_tok_s": 250.0, "b8_over_b1": 5.0,
                                                    "prefill_2k_tok_s": 8000.0, "mmlu_minutes": 15.0,
@@ -173,7 +174,8 @@ VARIANT_LABELS = {"single_stream": "1-stream", "pdl": "PDL toggled", "int2_idp":
                   "attn_groups": "attention head groups toggled", "second_side": "Sinkhorn on a third stream toggled",
                   "fp8_prefetch1": "FP8 prefetch 1", "fp8_prefetch2": "FP8 prefetch 2",
                   "q_norm_prologue": "q_norm prologue toggled", "split_decode": "split-K INT2 decode",
-                  "l2_wo": "L2 prefetch wo", "l2_wo_q": "L2 prefetch wo+q"}
+                  "l2_wo": "L2 prefetch wo", "l2_wo_q": "L2 prefetch wo+q", "l2_pf": "L2 bulk prefetch toggled",
+                  "l2_pf_wo": "L2 bulk prefetch wo only", "l2_pf_q": "L2 bulk prefetch q only"}
 
 
 @contextlib.contextmanager
@@ -193,14 +195,16 @@ def _variant(name: str):
     wait (kernels.int2_moe_idp.EARLY_LOAD, toggled); the same for the FP8 GEMV (session 11's ``early_gemv``)
     measured no gain and was removed; ``attn_groups``: decode attention's heads split over programs at small grids
     (kernels.decode_attention.GROUP_HEADS, toggled); ``second_side``: the deferred Sinkhorn on a third stream
-    (model.graphed.SECOND_SIDE, toggled). Out of
+    (model.graphed.SECOND_SIDE, toggled); ``l2_pf`` / ``l2_pf_wo`` / ``l2_pf_q``: bulk L2 prefetches of the next
+    32 MB GEMV's weight during a latency-bound phase (model.graphed.L2_PREFETCH toggled between the default and
+    {"wo", "q"} / {"wo"} / {"q"}). Out of
     ``VARIANTS`` since session 11 (settled over several runs, still selectable here): ``single_stream`` (b1 +0.6
     ms in session 10), ``int2_idp`` (b1 +0.4, b8 +2.9), ``pdl`` (b1 +0.4) and ``fp8_gemv`` (b1 +0.7)."""
     from .kernels import decode_attention, dispatch, fp8_linear, int2_moe_idp, pdl
     from .model import graphed
     saved = (graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE, fp8_linear.PREFETCH_STEPS,
              fp8_linear.GEMV_MAX_M, graphed.DEFER_COMB, int2_moe_idp.EARLY_LOAD, decode_attention.GROUP_HEADS,
-             graphed.SECOND_SIDE)
+             graphed.SECOND_SIDE, graphed.L2_PREFETCH)
     if name == "single_stream":
         graphed.CONCURRENT = False
     elif name == "pdl":
@@ -217,6 +221,9 @@ def _variant(name: str):
         decode_attention.GROUP_HEADS = not decode_attention.GROUP_HEADS
     elif name == "second_side":
         graphed.SECOND_SIDE = not graphed.SECOND_SIDE
+    elif name in ("l2_pf", "l2_pf_wo", "l2_pf_q"):
+        want = {"l2_pf": frozenset({"wo", "q"}), "l2_pf_wo": frozenset({"wo"}), "l2_pf_q": frozenset({"q"})}[name]
+        graphed.L2_PREFETCH = frozenset() if graphed.L2_PREFETCH == want else want
     elif name == "q_norm_prologue":
         graphed.Q_NORM_PROLOGUE = not graphed.Q_NORM_PROLOGUE
     elif name.startswith("fp8_prefetch") and name[len("fp8_prefetch"):].isdigit():
@@ -229,7 +236,7 @@ def _variant(name: str):
     finally:
         (graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE,
          fp8_linear.PREFETCH_STEPS, fp8_linear.GEMV_MAX_M, graphed.DEFER_COMB, int2_moe_idp.EARLY_LOAD,
-         decode_attention.GROUP_HEADS, graphed.SECOND_SIDE) = saved
+         decode_attention.GROUP_HEADS, graphed.SECOND_SIDE, graphed.L2_PREFETCH) = saved
 
 
 def _decode_case(model, B: int, ctx: int, opts: BenchOptions, dev, res: dict) -> None:
@@ -283,7 +290,7 @@ def _decode_case(model, B: int, ctx: int, opts: BenchOptions, dev, res: dict) ->
             case["graphed_vs_eager_max_abs"] = float((first - ref).abs().max())
         variants = {}
         if opts.fused:   # A/B in the same run, from the same cache state: one stream; PDL / INT2 idp toggled
-            for name in VARIANTS:
+            for name in (VARIANTS if opts.variants is None else opts.variants):
                 restore()
                 try:
                     with _variant(name):

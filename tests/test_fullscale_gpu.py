@@ -103,3 +103,42 @@ def test_decode_attention_full_shapes_bf16(topk):
     a = decode_attention(q, win, ent, sel, p, thr, sink, C ** -0.5).float()
     r = decode_attention_reference(q, win, ent, sel, p, thr, sink, C ** -0.5).float()
     assert (a - r).abs().max() <= 1e-2 * r.abs().max()
+
+
+@torch.no_grad()
+def test_l2_bulk_prefetch_keeps_the_step_bit_identical(monkeypatch):
+    """graphed.L2_PREFETCH ("wo": wo_a / wo_b when the attention core starts; "q": the block's wq_a|wkv and wq_b when
+    its first mHC pre starts) forks a fourth stream of bulk-prefetch launches: the graphed and the uncaptured fused
+    steps give the same bits as without them, and the hints were issued at every site (capped at
+    L2_PREFETCH_BYTES each)."""
+    import dsv4lib.kernels.l2_prefetch as l2
+    from dsv4lib.config import ModelConfig
+    from dsv4lib.fullscale import synthetic_model, without_mtp
+    from dsv4lib.model import graphed
+    from dsv4lib.model.static_cache import fill_synthetic, new_static_cache
+    cfg = without_mtp(ModelConfig.tiny())
+    m = synthetic_model(cfg, "cuda", torch.bfloat16, seed=21)
+    ids = torch.randint(0, cfg.vocab_size, (2, 1), generator=torch.Generator().manual_seed(22)).cuda()
+
+    def run(captured):
+        sc = new_static_cache(m, 2, 40)
+        fill_synthetic(sc, 20, torch.Generator(device="cuda").manual_seed(23))
+        if captured:
+            dec = graphed.GraphedDecoder(m, sc)
+            return torch.stack([dec.step(ids).clone() for _ in range(3)])
+        return torch.stack([graphed.static_decode_step(m, sc, ids, fused=True) for _ in range(3)])
+    ref = [run(False), run(True)]
+    calls = []
+    real = l2.l2_prefetch
+
+    def counted(t, max_bytes=None, record=False, chunk=l2.CHUNK):
+        calls.append(min(max_bytes, t.numel() * t.element_size()))
+        return real(t, max_bytes, record, chunk)
+    monkeypatch.setattr(l2, "l2_prefetch", counted)
+    monkeypatch.setattr(graphed, "L2_PREFETCH", frozenset({"wo", "q"}))
+    got = [run(False), run(True)]
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+    L = len(m.layers)
+    assert len(calls) >= 3 * 4 * L                                        # 3 uncaptured steps, 2 sites x 2 weights
+    assert all(0 < c <= graphed.L2_PREFETCH_BYTES for c in calls)
+    assert not graphed.FUSED_FAILURES, graphed.FUSED_FAILURES

@@ -143,6 +143,11 @@ def check_plain(name, fn, sig, cons, **options):
     except Exception as e:  # noqa: BLE001 - reported per case
         out[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
 
+# bulk L2 prefetch (graphed.L2_PREFETCH): the inline cp.async.bulk.prefetch.L2 must assemble for sm_90
+from dsv4lib.kernels import l2_prefetch as l2p
+check_plain("l2 bulk prefetch", l2p._l2_bulk_prefetch_kernel, {"base_ptr": "*u8", "nbytes": "i64", "rec_ptr": "*u8",
+            "CHUNK": "constexpr", "LANES": "constexpr", "RECORD": "constexpr"},
+            dict(CHUNK=l2p.CHUNK, LANES=l2p.LANES, RECORD=False), num_warps=1)
 # INT2 prefill routing align (opt-in ALIGN_KERNEL): histogram, one planning program, stable scatter
 from dsv4lib.kernels import int2_moe_prefill as ip
 check_plain("int2 align hist", ip._align_hist_kernel, {"idx_ptr": "*i64", "hist_ptr": "*i32", "tot_ptr": "*i32",
@@ -293,7 +298,7 @@ def test_kernels_compile_for_sm90():
     """fp8_linear: the fallback configs and every tuned one (TUNED), at M = 1 and M > 1; the CUDA-core FP8 GEMV at
     its tuned configs (TUNED_GEMV); mHC pre; fused router;
     RMSNorm+RoPE scattered into the window; attention combine with the output RoPE; the mHC prefill kernels;
-    the INT2 idp decode kernels and the INT2 prefill gate/up (their inline PTX never runs in the interpreter); and
+    the INT2 idp decode kernels, the INT2 prefill gate/up and the bulk L2 prefetch (their inline PTX never runs in the interpreter); and
     the prefill GEMM kernels at their launch configs keep their wgmma instructions asynchronous in ptxas."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

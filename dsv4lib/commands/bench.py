@@ -21,6 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-components", action="store_true")
     p.add_argument("--unfused", action="store_true",
                    help="static/graphed step on the torch path instead of the Triton step kernels (docs/FULLSCALE_NOTES.md)")
+    p.add_argument("--variants", default=None,
+                   help="comma-separated A/B switches timed beside the default (dsv4lib.fullscale_bench.VARIANT_LABELS; "
+                        "default: fullscale_bench.VARIANTS, '' for none)")
     p.add_argument("--out", default=None, help="write the results JSON here (after every section)")
 
 
@@ -28,11 +31,16 @@ def run(args: argparse.Namespace) -> int:
     from dsv4lib.checkpoint.atomic import write_json
     from dsv4lib.fullscale_bench import BenchOptions, format_table, run_benchmark
 
+    from dsv4lib.fullscale_bench import VARIANT_LABELS
+    unknown = [v for v in (args.variants or "").split(",") if v and v not in VARIANT_LABELS]
+    if unknown:
+        raise SystemExit(f"bench --variants: unknown {unknown}; known: {sorted(VARIANT_LABELS)}")
     cases = tuple(tuple(int(v) for v in c.split("x")) for c in args.decode.split(",") if c)
     opts = BenchOptions(preset=args.preset, decode=cases, decode_steps=args.steps, eager_steps=args.eager_steps,
                         prefill_ctx_max=args.prefill_ctx_max, prefill_len=args.prefill_len,
                         mmlu_batch=args.mmlu_batch, mmlu_len=args.mmlu_len, components=not args.no_components,
-                        fused=not args.unfused)
+                        fused=not args.unfused,
+                        variants=None if args.variants is None else tuple(v for v in args.variants.split(",") if v))
     write = (lambda r: write_json(args.out, r)) if args.out else (lambda r: None)
     res = run_benchmark(opts, write, log=lambda s: print(s, flush=True))
     print(format_table(res))
