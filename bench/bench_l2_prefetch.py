@@ -14,8 +14,14 @@ the main stream stands for the latency-bound phase, then the GEMV. Columns, us p
   the phase's start, joined after the last site;
 - ``bulk inline``: the prefetch launch on the main stream right before the phase (no fork);
 - ``warm``: the GEMV alone over one weight again and again (L2-resident: the floor a prefetch can reach);
-- ``gemv``: the GEMV alone over the rotated weights (no phase).
+- ``gemv``: the GEMV alone over the rotated weights (no phase);
+- ``read``: torch's int32 sum over the same rotated bytes (a plain streaming read of 32 MB, for scale).
 Predicted (session 12): ``wo_a`` in the step 12.7 us; from L2 ~6 us, so ``bulk side`` ~= phase + 6.
+Measured (H200, `bench/results/h200_l2_prefetch_v15.*`): ``warm`` is 0-13 % below ``cold`` (wo_a 10.1 vs 11.0 us,
+wq_b 11.4 vs 11.4, wo_b 9.8 vs 11.3): these GEMVs run at the same ~3 TB/s from L2 as from HBM, so no prefetch can
+buy more than that; prefetched sites gained <= 0.7 us after a 9-15 us phase and lost 6 us without one, and the step
+with the prefetches forked (session 12's ``L2_PREFETCH`` in model/graphed.py, removed) went b1 4.49 -> 4.60-4.74 ms.
+The kernel stays as this script's instrument; the model does not use it.
 """
 from __future__ import annotations
 
@@ -94,6 +100,7 @@ def run_shape(name, N, K, G, copies, phases, chunks, reps, dev, hz) -> list[dict
         return body
 
     gemv_us = _graph_time(lambda: [gemv(i) for i in range(copies)], copies, reps)
+    read_us = _graph_time(lambda: [ws[i][0].view(torch.int32).sum() for i in range(copies)], copies, reps)
     warm_us = _graph_time(lambda: [gemv(0) for _ in range(copies)], copies, reps)
     for phase in phases:
         cold = _graph_time(sites(phase, "cold", 0), copies, reps)
@@ -103,7 +110,7 @@ def run_shape(name, N, K, G, copies, phases, chunks, reps, dev, hz) -> list[dict
             inline_us = _graph_time(sites(phase, "inline", chunk), copies, reps)
             rows.append({"shape": name, "MB": nb / 2**20, "phase_us": phase, "phase_only_us": phase_only,
                          "chunk": chunk, "cold": cold, "bulk_side": side_us, "bulk_inline": inline_us,
-                         "gemv": gemv_us, "warm": warm_us})
+                         "gemv": gemv_us, "warm": warm_us, "read": read_us})
     return rows
 
 
@@ -113,7 +120,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--copies", type=int, default=12)
     ap.add_argument("--phases", type=float, nargs="*", default=[0.0, 8.0, 14.0])
-    ap.add_argument("--chunks", type=int, nargs="*", default=[32 << 10, 128 << 10])
+    ap.add_argument("--chunks", type=int, nargs="*", default=[32 << 10])
     ap.add_argument("--reps", type=int, default=20)
     a = ap.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -130,10 +137,10 @@ def main(argv=None) -> dict:
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
     print(f"{res['device']}  copy {res['copy_GBps']:.0f} GB/s  (us per site; phase = spin kernel before the GEMV)")
-    print(f"{'shape':<16}{'MB':>5}{'phase':>7}{'chunk':>8}{'cold':>8}{'side':>8}{'inline':>8}{'gemv':>8}{'warm':>8}")
+    print(f"{'shape':<16}{'MB':>5}{'phase':>7}{'chunk':>8}{'cold':>8}{'side':>8}{'inline':>8}{'gemv':>8}{'warm':>8}{'read':>8}")
     for r in res["rows"]:
         print(f"{r['shape']:<16}{r['MB']:>5.0f}{r['phase_only_us']:>7.1f}{r['chunk'] >> 10:>7}K{r['cold']:>8.2f}"
-              f"{r['bulk_side']:>8.2f}{r['bulk_inline']:>8.2f}{r['gemv']:>8.2f}{r['warm']:>8.2f}")
+              f"{r['bulk_side']:>8.2f}{r['bulk_inline']:>8.2f}{r['gemv']:>8.2f}{r['warm']:>8.2f}{r['read']:>8.2f}")
     return res
 
 

@@ -195,16 +195,15 @@ def _variant(name: str):
     wait (kernels.int2_moe_idp.EARLY_LOAD, toggled); the same for the FP8 GEMV (session 11's ``early_gemv``)
     measured no gain and was removed; ``attn_groups``: decode attention's heads split over programs at small grids
     (kernels.decode_attention.GROUP_HEADS, toggled); ``second_side``: the deferred Sinkhorn on a third stream
-    (model.graphed.SECOND_SIDE, toggled); ``l2_pf`` / ``l2_pf_wo`` / ``l2_pf_q``: bulk L2 prefetches of the next
-    32 MB GEMV's weight during a latency-bound phase (model.graphed.L2_PREFETCH toggled between the default and
-    {"wo", "q"} / {"wo"} / {"q"}). Out of
+    (model.graphed.SECOND_SIDE, toggled). Session 12's bulk L2 prefetches (``l2_pf*``: b1 4.49 -> 4.60-4.74 ms)
+    were removed like session 9's hints (bench/bench_l2_prefetch.py says why). Out of
     ``VARIANTS`` since session 11 (settled over several runs, still selectable here): ``single_stream`` (b1 +0.6
     ms in session 10), ``int2_idp`` (b1 +0.4, b8 +2.9), ``pdl`` (b1 +0.4) and ``fp8_gemv`` (b1 +0.7)."""
     from .kernels import decode_attention, dispatch, fp8_linear, int2_moe_idp, pdl
     from .model import graphed
     saved = (graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE, fp8_linear.PREFETCH_STEPS,
              fp8_linear.GEMV_MAX_M, graphed.DEFER_COMB, int2_moe_idp.EARLY_LOAD, decode_attention.GROUP_HEADS,
-             graphed.SECOND_SIDE, graphed.L2_PREFETCH)
+             graphed.SECOND_SIDE)
     if name == "single_stream":
         graphed.CONCURRENT = False
     elif name == "pdl":
@@ -221,9 +220,6 @@ def _variant(name: str):
         decode_attention.GROUP_HEADS = not decode_attention.GROUP_HEADS
     elif name == "second_side":
         graphed.SECOND_SIDE = not graphed.SECOND_SIDE
-    elif name in ("l2_pf", "l2_pf_wo", "l2_pf_q"):
-        want = {"l2_pf": frozenset({"wo", "q"}), "l2_pf_wo": frozenset({"wo"}), "l2_pf_q": frozenset({"q"})}[name]
-        graphed.L2_PREFETCH = frozenset() if graphed.L2_PREFETCH == want else want
     elif name == "q_norm_prologue":
         graphed.Q_NORM_PROLOGUE = not graphed.Q_NORM_PROLOGUE
     elif name.startswith("fp8_prefetch") and name[len("fp8_prefetch"):].isdigit():
@@ -236,7 +232,7 @@ def _variant(name: str):
     finally:
         (graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE,
          fp8_linear.PREFETCH_STEPS, fp8_linear.GEMV_MAX_M, graphed.DEFER_COMB, int2_moe_idp.EARLY_LOAD,
-         decode_attention.GROUP_HEADS, graphed.SECOND_SIDE, graphed.L2_PREFETCH) = saved
+         decode_attention.GROUP_HEADS, graphed.SECOND_SIDE) = saved
 
 
 def _decode_case(model, B: int, ctx: int, opts: BenchOptions, dev, res: dict) -> None:

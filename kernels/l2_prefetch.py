@@ -11,6 +11,10 @@ session"). Here one instruction hints a whole ``CHUNK`` (default 32 KB) and the 
 weight is 32 one-warp programs that exit right after issuing. A prefetch is only a hint: nothing is written, no
 register waits for the data, results cannot change.
 
+Measured (H200, session 12, bench/bench_l2_prefetch.py): refuted again, and why -- the 32 MB GEMVs run at about the
+same rate from L2 as from HBM (an L2-resident weight 0-13 % faster), and the step with the prefetches forked was
+slower (b1 4.49 -> 4.60-4.74 ms). The model does not use this kernel; it stays as that script's instrument.
+
 ``_l2_bulk_prefetch_kernel``, grid ``cdiv(nbytes, LANES * CHUNK)``: lane l of program p hints bytes
 ``[(p LANES + l) CHUNK, ... + CHUNK)`` clipped to ``nbytes``. ``RECORD`` (tests) writes each lane's (offset, size)
 to ``rec`` instead, so the CPU interpreter -- which cannot run the PTX -- checks the addressing: every byte of the

@@ -193,3 +193,21 @@ def test_b8_target_reports_the_equal_bandwidth_ratio():
     assert t["equal_bandwidth_ratio"] == pytest.approx(4.0)            # 9.6 / 2.4 GB per token
     assert t["b8_bandwidth_over_b1"] == pytest.approx(1.0)
     assert t["b8_bandwidth_over_b1_needed"] == pytest.approx(5.0 / 4.0)
+
+
+def test_bench_variants_option_checks_names(capsys):
+    """``bench --variants`` picks the A/B switches of a run; a name the bench does not know stops it before the
+    model is built, naming the name."""
+    from dsv4lib.cli import main
+    with pytest.raises(SystemExit, match=r"unknown \['nope'\]"):
+        main(["bench", "--preset", "tiny", "--variants", "pdl,nope"])
+
+
+def test_bench_l2_prefetch_smoke(tmp_path):
+    """bench/bench_l2_prefetch.py --smoke runs on the CPU (the prefetch is a no-op there) and writes every column."""
+    sys.path.insert(0, str(ROOT))
+    from bench.bench_l2_prefetch import main
+    res = main(["--smoke", "--out", str(tmp_path / "l2.json")])
+    row = res["rows"][0]
+    assert {"cold", "bulk_side", "bulk_inline", "gemv", "warm", "read"} <= set(row)
+    assert all(row[k] > 0 for k in ("cold", "bulk_side", "bulk_inline", "gemv", "warm", "read"))

@@ -51,39 +51,11 @@ class StepContext:
     side: object = None     # torch.cuda.Stream for the fused step's concurrent branches, or None
     side2: object = None    # a third stream (the deferred mHC Sinkhorn: DEFER_COMB), or None
     side2_open: bool = False   # work issued on side2 since the last join
-    pf: object = None       # a fourth stream for the L2 prefetch launches (L2_PREFETCH), or None
-    pf_open: bool = False   # prefetches issued since the last join (the step joins pf once, at its end)
 
 
 CONCURRENT = True
 """Fused CUDA step: run the independent pieces of a layer on a second stream (see :func:`_branch`).
 A CUDA graph captures the fork/join as parallel branches. False: one stream (the bench's A/B switch)."""
-
-L2_PREFETCH: frozenset = frozenset()
-"""Fused CUDA step: bulk L2 prefetches (kernels/l2_prefetch.py) forked on a fourth stream where HBM idles before a
-32 MB GEMV. ``"wo"``: when the attention core starts, this layer's ``wo_a`` (then ``wo_b``) weights; ``"q"``: when
-the block's first mHC pre starts (after the previous block's MoE), its ``wq_a|wkv`` and ``wq_b`` weights. Each site
-hints at most ``L2_PREFETCH_BYTES``. Hints only: the step's results are bit-identical (tests/test_fullscale_gpu.py).
-Session 9's per-line hints (256 four-warp programs per 32 MB) made the step slower; these are 32 one-warp programs."""
-L2_PREFETCH_BYTES = 40 << 20
-
-
-def _prefetch(ctx: StepContext | None, weights: list) -> None:
-    """Fork ``ctx.pf`` here and hint ``weights`` (contiguous ones, in order, up to L2_PREFETCH_BYTES) into L2."""
-    pf = getattr(ctx, "pf", None)
-    if pf is None:
-        return
-    from dsv4lib.kernels.l2_prefetch import l2_prefetch
-    pf.wait_stream(torch.cuda.current_stream(pf.device))
-    left = L2_PREFETCH_BYTES
-    with torch.cuda.stream(pf):
-        for w in weights:
-            if left <= 0 or w is None or not w.is_contiguous():
-                continue
-            l2_prefetch(w, left)
-            left -= w.numel() * w.element_size()
-    ctx.pf_open = True
-
 
 class _branch:
     """``with _branch(ctx): ...`` runs the block on ``ctx.side`` (``second``: ``ctx.side2`` if there is one) after everything issued so far on the
@@ -155,9 +127,8 @@ def step_context(model, cache: StaticCache, fused: bool) -> StepContext:
     win_bias = torch.where(torch.arange(W, device=dev) <= pos, zero, ninf)   # [W]
     side = side_stream(dev) if fused and CONCURRENT and pos.is_cuda else None
     side2 = side_stream(dev, 1) if side is not None and SECOND_SIDE else None
-    pf = side_stream(dev, 2) if side is not None and L2_PREFETCH else None
     return StepContext(pos, fused, rot, rot_inv, cs, comp_cs, (pos % W).view(1), win_bias, ent_bias, ent_thr,
-                       idx_thr, idx_future, zero, ninf, side, side2, pf=pf)
+                       idx_thr, idx_future, zero, ninf, side, side2)
 
 
 def selects_all(attn, lc: StaticLayerCache) -> bool:
@@ -469,8 +440,6 @@ def attention_step(attn, x: torch.Tensor, ctx: StepContext, lc: StaticLayerCache
     if kv is not None:
         lc.window.index_copy_(1, ctx.win_slot, kv.to(lc.window.dtype))
     _join(ctx)                                                          # window key and compressors written
-    if "wo" in L2_PREFETCH:   # the attention core is latency-bound: bring the output projections into L2
-        _prefetch(ctx, [getattr(attn.wo_a, "weight", None), getattr(attn.wo_b, "weight", None)])
     if attn.ratio:
         ent = lc.comp.entries                                           # [B, T, c]
         if not all_sel:
@@ -641,10 +610,6 @@ def block_step(layer, X: torch.Tensor, ctx: StepContext, ids: torch.Tensor, lc: 
     ``(f, f2, post, comb)`` not yet added into X -- its mHC post runs inside this block's first mHC pre
     (one launch fewer when fused). Returns (X, this block's pending FFN output) the same way."""
     fz = ctx.fused
-    if "q" in L2_PREFETCH:   # the mHC pre is latency-bound: bring this block's query / key projections into L2
-        a = layer.attn
-        st = _stacked_base([a.wq_a, a.wkv])
-        _prefetch(ctx, [st[0] if st is not None else getattr(a.wq_a, "weight", None), getattr(a.wq_b, "weight", None)])
     # mix_a / mix_f: inputs of side-stream work (DEFER_COMB), referenced here until the joins in attention_step
     # and below
     X, x, post, comb, mix_a = _post_pre(layer, X, "hc_attn", fz, layer.attn_norm, pending, ctx)   # x: attn_norm(input)
@@ -686,8 +651,6 @@ def static_decode_step(model, cache: StaticCache, ids: torch.Tensor, fused: bool
     pending = None
     for i, layer in enumerate(model.layers):
         X, pending = block_step(layer, X, ctx, ids, cache.layers[i], pending)
-    if ctx.pf_open:   # the prefetches wrote nothing; a capture needs every stream joined
-        torch.cuda.current_stream(ctx.pf.device).wait_stream(ctx.pf)
     f, f2, post, comb = pending
     X = hc_post_step(f, X, post, comb, fused, f2)
     cache.pos.add_(1)
