@@ -3,7 +3,6 @@
     python3 bench/sweep_fp8.py --out fp8_sweep.json            # H200: ~2 min (about 100 compiles)
     python3 bench/sweep_fp8.py --smoke --out /tmp/s.json       # tiny shapes, CPU interpreter
     python3 bench/sweep_fp8.py --chain --out fp8_chain.json    # H200: the dependent pairs of the step, ~1 min
-    python3 bench/sweep_fp8.py --persist --shapes wq_b,wo_b --out p.json   # fixed-grid GEMV variants at M = 1
 
 For every projection the fused decode step reads through ``fp8_linear`` (stacked groups included) and the
 row counts it uses at batch 1 and 8, every candidate tile / split-K / warps / stages (split-K with the
@@ -19,7 +18,6 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
 
 import torch
 
@@ -138,14 +136,6 @@ def bf16_rows(shapes, dev, reps: int, smoke: bool, cp: float) -> list[dict]:
     return rows
 
 
-def persist_candidates(dflt: GemvConfig, kb: int) -> list[GemvConfig]:
-    """--persist: the default GEMV config and a few neighbours, each on a fixed grid of 1-8 programs per SM
-    (``GemvConfig.persist``) that loops over the tiles."""
-    base = [dflt] + [GemvConfig(r, u, w) for r, u, w in ((1, 16, 4), (2, 8, 4), (4, 4, 1), (2, 4, 1), (4, 4, 2), (1, 8, 2))
-                     if GemvConfig(r, u, w) != dflt and kb % u == 0]
-    return [replace(c, persist=p) for c in base for p in (1, 2, 4, 8)]
-
-
 def candidates(m: int, kb: int) -> list[FP8Config | GemvConfig]:
     """Tile / split / warps / stages grid for m activation rows and kb 128-wide K blocks; for m <= 2 also the
     CUDA-core GEMV's rows / unroll / warps (kernels/fp8_gemv.py)."""
@@ -176,9 +166,6 @@ def main(argv=None) -> int:
     ap.add_argument("--chain", action="store_true",
                     help="time the dependent pairs (wo_a -> wo_b, wq_a|wkv -> wq_b) with the second GEMV's candidates")
     ap.add_argument("--gemv-only", action="store_true", help="time only the default and the CUDA-core GEMV configs")
-    ap.add_argument("--persist", action="store_true",
-                    help="M = 1 only: the default CUDA-core GEMV against fixed-grid (persistent) variants of it and its neighbours")
-    ap.add_argument("--shapes", default=None, help="comma-separated layer names of SHAPES to sweep (default: all)")
     ap.add_argument("--bf16", action="store_true",
                     help="the CUDA-core GEMV on the step's stacked bf16 projections (compressors + indexer) instead")
     ap.add_argument("--tokens", default=None, help="comma-separated token counts to sweep (default: 1 and 8)")
@@ -206,8 +193,6 @@ def main(argv=None) -> int:
                                 f"{b['pair_us']:12.2f} {100 * b['pair_frac_copy']:6.1f}  {b['cfg']}")
         return 0
     rows = []
-    if args.shapes:
-        shapes = [sh for sh in shapes if sh[0] in args.shapes.split(",")]
     for name, N, K, ms, G in shapes:
         nbytes = N * K
         copies = 1 if args.smoke else max(2, min(64, -(-256 * 2**20 // nbytes)))
@@ -216,18 +201,8 @@ def main(argv=None) -> int:
         for m in (m for m in ms if only is None or m in only):
             x = torch.randn(m, *((G,) if G > 1 else ()), K, device=dev, dtype=torch.bfloat16)
             ref = fp8_linear_reference(x, *ws[0], groups=G).float()
-            run = lambda cfg: fp8_linear(x, *ws[0], config=cfg, groups=G)  # noqa: E731
-            if args.persist:
-                if m != 1:
-                    continue
-                dflt = pick_config(m, N, K)
-                cands = [dflt] + persist_candidates(dflt, triton.cdiv(K, 128))[:None if not args.smoke else 3]
-                for cfg in cands:
-                    err = ((run(cfg).float() - ref).norm() / ref.norm()).item()
-                    if not err < 1e-2:
-                        raise AssertionError(f"{name} M={m} {cfg}: rel err {err:.2e}")
-            else:
-                cands = checked_candidates(m, N, K, args.smoke, 3, run, ref, f"{name} M={m}", gemv_only=args.gemv_only)
+            cands = checked_candidates(m, N, K, args.smoke, 3, lambda cfg: fp8_linear(x, *ws[0], config=cfg, groups=G),
+                                       ref, f"{name} M={m}", gemv_only=args.gemv_only)
             timings = []
             for cfg in cands:
                 fn = lambda cfg=cfg: [fp8_linear(x, w, s, config=cfg, groups=G) for w, s in ws]

@@ -34,7 +34,6 @@ class GemvConfig:
     unroll: int = 4          # 128-wide K blocks per loop step (one load each for weights and activations)
     warps: int = 4
     stages: int = 1          # > 1: Triton's cp.async pipeline over the K loop (copies x once per row into smem)
-    persist: int = 0         # > 0: a fixed grid of this many programs per SM, each looping over tiles (0: one per tile)
 
 
 @triton.jit
@@ -45,29 +44,16 @@ def _fp8_gemv_kernel(
     # NORM: x rows RMS-normalised on load, ``(nw * (x * rsqrt(mean(x^2) + eps))).to(x dtype)`` (nw fp32 [K])
     nw_ptr, eps,
     ROWS: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr, GROUPED: tl.constexpr, NORM: tl.constexpr,
-    EVEN: tl.constexpr, PDL: tl.constexpr, SCALED: tl.constexpr = True, PERSIST: tl.constexpr = False,
+    EVEN: tl.constexpr, PDL: tl.constexpr, SCALED: tl.constexpr = True,
 ):
-    pdl_wait(PDL)   # (the first K step's weights loaded before it: no gain on the H200, session 11, b1 4.70 vs 4.69 ms)
-    if PERSIST:   # a fixed grid; program p takes tiles p, p + grid, ... (no program launch per tile)
-        for tile in range(tl.program_id(0), tl.cdiv(N, ROWS) * M, tl.num_programs(0)):
-            _gemv_tile(tile, x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, KB, G, nw_ptr, eps,
-                       ROWS, UNROLL, STAGES, GROUPED, NORM, EVEN, SCALED)
-    else:
-        _gemv_tile(tl.program_id(0), x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, KB, G, nw_ptr, eps,
-                   ROWS, UNROLL, STAGES, GROUPED, NORM, EVEN, SCALED)
-
-
-@triton.jit
-def _gemv_tile(pid, x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, KB, G, nw_ptr, eps,
-               ROWS: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr, GROUPED: tl.constexpr,
-               NORM: tl.constexpr, EVEN: tl.constexpr, SCALED: tl.constexpr):
-    """Output rows ``[ROWS * (pid // M), ...)`` of activation row ``pid % M``."""
+    pid = tl.program_id(0)
     pid_n = pid // M                    # programs of the same rows are adjacent: their weight reads share L2
     m = pid % M
     n0 = pid_n * ROWS
     rn = n0 + tl.arange(0, ROWS)
     nm = rn < N
     srow = s_ptr + (n0 // 128) * KB      # ROWS divides 128: one scale row per program
+    pdl_wait(PDL)   # (the first K step's weights loaded before it: no gain on the H200, session 11, b1 4.70 vs 4.69 ms)
     if GROUPED:
         xrow = x_ptr + (m.to(tl.int64) * G + n0 // (N // G)) * K
     else:
@@ -111,18 +97,6 @@ def _gemv_tile(pid, x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, KB, G, nw_ptr, eps,
     tl.store(y_ptr + m.to(tl.int64) * N + rn, y.to(y_ptr.dtype.element_ty), mask=nm)
 
 
-_SMS: dict = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of ``device`` (4 off the GPU: the interpreter's persistent grid still loops)."""
-    if device.type != "cuda":
-        return 4
-    if device not in _SMS:
-        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _SMS[device]
-
-
 def fp8_gemv(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, cfg: GemvConfig, groups: int = 1,
              norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """``x2 [M*groups, K]`` (contiguous; rows are (m, g) pairs when grouped) against e4m3 ``w [N, K]`` with fp32
@@ -139,11 +113,10 @@ def fp8_gemv(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, cfg: Gem
     scaled = s is not None
     s = s if scaled else w                                                # unused
     nw, eps = (norm[0].contiguous(), float(norm[1])) if norm is not None else (s, 0.0)
-    tiles = triton.cdiv(N, rows) * M
-    grid = (min(tiles, cfg.persist * _sm_count(x2.device)) if cfg.persist else tiles,)
+    grid = (triton.cdiv(N, rows) * M,)
     _fp8_gemv_kernel[grid](x2, w, s, y, M, N, K, triton.cdiv(K, 128), groups, nw, eps,
                            ROWS=rows, UNROLL=unroll, STAGES=cfg.stages, GROUPED=groups > 1, NORM=norm is not None,
-                           EVEN=N % rows == 0 and K % (128 * unroll) == 0, SCALED=scaled, PERSIST=cfg.persist > 0,
+                           EVEN=N % rows == 0 and K % (128 * unroll) == 0, SCALED=scaled,
                            num_warps=cfg.warps, num_stages=1, **launch_args(x2.device))
     return y
 

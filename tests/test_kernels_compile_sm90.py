@@ -69,19 +69,16 @@ from dsv4lib.kernels.fp8_linear import TUNED_GEMV
 gsig = {"x_ptr": "*bf16", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "y_ptr": "*bf16", "M": "constexpr", "N": "i32",
         "K": "i32", "KB": "i32", "G": "i32", "nw_ptr": "*fp32", "eps": "fp32", "ROWS": "constexpr",
         "UNROLL": "constexpr", "STAGES": "constexpr", "GROUPED": "constexpr", "NORM": "constexpr", "EVEN": "constexpr",
-        "SCALED": "constexpr", "PERSIST": "constexpr"}
-for (gn, gk), c in sorted(TUNED_GEMV.items()) + [((0, 0), GemvConfig()), ((1, 1), GemvConfig(2, 4, 2, 2)),
-                                                 ((2, 2), GemvConfig(4, 4, 1, persist=4))]:
+        "SCALED": "constexpr"}
+for (gn, gk), c in sorted(TUNED_GEMV.items()) + [((0, 0), GemvConfig()), ((1, 1), GemvConfig(2, 4, 2, 2))]:
     for grouped, norm, even in ((gn == 8192 and gk == 4096, gn == 32768, True), (False, False, False)):
         check(f"fp8_gemv {gn}x{gk} {c} grouped={grouped} norm={norm} even={even}", _fp8_gemv_kernel, gsig,
-              dict(M=1, ROWS=c.rows, UNROLL=c.unroll, STAGES=c.stages, GROUPED=grouped, NORM=norm, EVEN=even, SCALED=True,
-                   PERSIST=c.persist > 0),
+              dict(M=1, ROWS=c.rows, UNROLL=c.unroll, STAGES=c.stages, GROUPED=grouped, NORM=norm, EVEN=even, SCALED=True),
               num_warps=c.warps, num_stages=1)
 from dsv4lib.kernels.fp8_gemv import TUNED_BF16
 for c in sorted(set(TUNED_BF16.values()) | {GemvConfig(2, 8, 4)}, key=str):
     check(f"bf16_gemv {c} even", _fp8_gemv_kernel, dict(gsig, w_ptr="*bf16", s_ptr="*bf16", nw_ptr="*bf16"),
-          dict(M=1, ROWS=c.rows, UNROLL=c.unroll, STAGES=c.stages, GROUPED=False, NORM=False, EVEN=True, SCALED=False,
-               PERSIST=c.persist > 0),
+          dict(M=1, ROWS=c.rows, UNROLL=c.unroll, STAGES=c.stages, GROUPED=False, NORM=False, EVEN=True, SCALED=False),
           num_warps=c.warps, num_stages=1)
 from dsv4lib.kernels.mhc_step import PRE_MANY, PRE_ONE, _hc_pre_kernel
 for (has_norm, post, defer), (nsplit, bk, warps) in zip(

@@ -103,8 +103,7 @@ def test_fp8_full_shapes_gpu(M, N, K):
     (1, 200, 384, GemvConfig(8, 2, 2), torch.float32),           # ragged N and K: masked
     (3, 130, 256, GemvConfig(4, 1, 1), torch.float32),           # several rows, partial last row block
     (2, 64, 512, GemvConfig(32, 8, 4), torch.bfloat16),          # one step covers all of K
-    (1, 96, 200, GemvConfig(16, 2, 4, 2), torch.bfloat16),       # the cp.async-pipelined loop
-    (3, 130, 256, GemvConfig(4, 1, 1, persist=2), torch.float32)])   # fixed grid looping over the tiles
+    (1, 96, 200, GemvConfig(16, 2, 4, 2), torch.bfloat16)])      # the cp.async-pipelined loop
 def test_fp8_gemv_matches_reference(M, N, K, cfg, dtype):
     """The CUDA-core GEMV (kernels/fp8_gemv.py) against the dequantise-then-matmul reference in float64, and
     against the tensor-core kernel on the same input (they differ only in fp32 summation order and in the tensor-core
@@ -136,22 +135,6 @@ def test_bf16_gemv_matches_linear(N, K, cfg):
     assert _rel(y, ref) < 8e-3 and _rel(y, torch.nn.functional.linear(x, w)) < 8e-3
     with pytest.raises(ValueError, match="bf16"):
         bf16_gemv(x, w.float())
-
-
-@pytest.mark.parametrize("M,G,norm", [(1, 1, False), (3, 1, False), (2, 4, False), (1, 1, True)])
-def test_fp8_gemv_persistent_equals_one_program_per_tile(M, G, norm):
-    """``GemvConfig.persist``: a fixed grid (programs per SM; 4 "SMs" off the GPU) whose programs loop over the
-    tiles computes every tile exactly as the one-program-per-tile launch does: the same bits, ragged last tiles,
-    several activation rows, grouped and RMSNorm-prologue modes included."""
-    from dsv4lib.kernels.fp8_linear import fp8_linear as kernel
-    g = torch.Generator(device=DEV).manual_seed(11 + M + G)
-    N, K = (G * 64, 256) if G > 1 else (200, 384)
-    w, s = random_fp8(N, K, DEV, g)
-    x = torch.randn(M, *((G,) if G > 1 else ()), K, device=DEV, generator=g).to(torch.bfloat16)
-    kw = dict(groups=G, norm=(torch.rand(K, device=DEV, generator=g) + 0.5, 1e-6) if norm else None)
-    one = kernel(x, w, s, config=GemvConfig(8, 1, 1), **kw)
-    for persist in (1, 3):
-        assert torch.equal(kernel(x, w, s, config=GemvConfig(8, 1, 1, persist=persist), **kw), one)
 
 
 def test_fp8_gemv_grouped_norm_and_bad_config():
