@@ -33,8 +33,8 @@ def _hc_split_kernel(
     mix_ptr, scale_ptr, base_ptr,
     # outputs: pre [T, HC], post [T, HC], comb [T, HC, HC] fp32
     pre_ptr, post_ptr, comb_ptr,
-    # Sinkhorn epsilon, iterations (column passes), streams
-    eps, ITERS: tl.constexpr, HC: tl.constexpr,
+    # Sinkhorn epsilon, iterations (column passes), streams; PRE False: pre is not stored (the deferred decode launch)
+    eps, ITERS: tl.constexpr, HC: tl.constexpr, PRE: tl.constexpr = True,
 ):
     t = tl.program_id(0).to(tl.int64)
     NM: tl.constexpr = (2 + HC) * HC
@@ -47,14 +47,16 @@ def _hc_split_kernel(
     post = 2.0 * tl.sigmoid(tl.load(row + HC + i) * s1 + tl.load(base_ptr + HC + i))
     rc = i[:, None] * HC + i[None, :]                                    # [HC, HC]
     m = sinkhorn_tile(tl.load(row + 2 * HC + rc) * s2 + tl.load(base_ptr + 2 * HC + rc), eps, ITERS)
-    tl.store(pre_ptr + t * HC + i, pre)
+    if PRE:
+        tl.store(pre_ptr + t * HC + i, pre)
     tl.store(post_ptr + t * HC + i, post)
     tl.store(comb_ptr + t * HC * HC + rc, m)
 
 
 def hc_split(mix: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int, iters: int,
-             eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """mix [..., (2+hc)*hc] fp32 -> (pre [..., hc], post [..., hc], comb [..., hc, hc]) fp32."""
+             eps: float, want_pre: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """mix [..., (2+hc)*hc] fp32 -> (pre [..., hc], post [..., hc], comb [..., hc, hc]) fp32; pre is None
+    without ``want_pre`` (the launch skips it)."""
     if hc < 1 or hc & (hc - 1):
         raise ValueError(f"kernels.hc_split: hc={hc} must be a power of two")
     if mix.shape[-1] != (2 + hc) * hc or mix.dtype != torch.float32:
@@ -62,12 +64,12 @@ def hc_split(mix: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int
     lead = mix.shape[:-1]
     m2 = mix.reshape(-1, mix.shape[-1]).contiguous()
     T = m2.shape[0]
-    pre = torch.empty(T, hc, dtype=torch.float32, device=mix.device)
-    post = torch.empty_like(pre)
+    post = torch.empty(T, hc, dtype=torch.float32, device=mix.device)
+    pre = torch.empty_like(post) if want_pre else post                   # (not written without want_pre)
     comb = torch.empty(T, hc, hc, dtype=torch.float32, device=mix.device)
     _hc_split_kernel[(T,)](m2, scale.float().contiguous(), base.float().contiguous(), pre, post, comb,
-                           float(eps), ITERS=iters, HC=hc, num_warps=1)
-    return pre.reshape(*lead, hc), post.reshape(*lead, hc), comb.reshape(*lead, hc, hc)
+                           float(eps), ITERS=iters, HC=hc, PRE=want_pre, num_warps=1)
+    return (pre.reshape(*lead, hc) if want_pre else None), post.reshape(*lead, hc), comb.reshape(*lead, hc, hc)
 
 
 def hc_split_reference(mix, scale, base, hc: int, iters: int, eps: float):

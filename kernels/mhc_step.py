@@ -250,7 +250,7 @@ def hc_comb(mix: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc: int,
             hc_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The deferred part of a ``defer_comb`` pre: mix [..., (2+hc)*hc] -> (post [..., hc], comb [..., hc, hc])
     fp32, one small launch (``kernels/mhc_sinkhorn.py``, the same sigmoid and Sinkhorn code)."""
-    return hc_split(mix, scale, base, hc, iters, hc_eps)[1:]
+    return hc_split(mix, scale, base, hc, iters, hc_eps, want_pre=False)[1:]
 
 
 def _pre(X, post_args, fn, scale, base, iters, hc_eps, norm_eps, out_norm, out_eps, has_f2=False, defer=False):
@@ -270,9 +270,13 @@ def _pre(X, post_args, fn, scale, base, iters, hc_eps, norm_eps, out_norm, out_e
     part = torch.empty(T, ns, NMP, dtype=torch.float32, device=X.device)
     _, cnt = split_workspace(X.device, 0, T)
     y = torch.empty(T, D, dtype=X.dtype, device=X.device)
-    post = torch.empty(T, hc, dtype=torch.float32, device=X.device)
-    comb = torch.empty(T, hc, hc, dtype=torch.float32, device=X.device)
-    mix = torch.empty(T, NM, dtype=torch.float32, device=X.device) if defer else comb
+    if defer:   # the finish stores the mixing logits only
+        mix = torch.empty(T, NM, dtype=torch.float32, device=X.device)
+        post = comb = mix                                              # not written (DEFER)
+    else:
+        post = torch.empty(T, hc, dtype=torch.float32, device=X.device)
+        comb = torch.empty(T, hc, hc, dtype=torch.float32, device=X.device)
+        mix = comb                                                     # not written
     nw = out_norm.float().contiguous() if out_norm is not None else post
     _hc_pre_kernel[(T, ns)](x, fn.contiguous(), part, cnt, scale.float().contiguous(), base.float().contiguous(),
                             nw, y, post, comb, mix, *post_args, K, D, NM, per, float(norm_eps), float(hc_eps),

@@ -143,6 +143,9 @@ def test_hc_split_kernel_matches_torch_sinkhorn():
         mix, scale, base = mix.cuda(), scale.cuda(), base.cuda()
     for got, ref in zip(hc_split(mix, scale, base, 4, 20, 1e-6), hc_split_reference(mix, scale, base, 4, 20, 1e-6)):
         assert got.shape == ref.shape and (got - ref).abs().max() <= 1e-5
+    pre, post, comb = hc_split(mix, scale, base, 4, 20, 1e-6, want_pre=False)   # the deferred decode launch
+    _, rpost, rcomb = hc_split_reference(mix, scale, base, 4, 20, 1e-6)
+    assert pre is None and (post - rpost).abs().max() <= 1e-5 and (comb - rcomb).abs().max() <= 1e-5
     with pytest.raises(ValueError, match="power of two"):
         hc_split(mix[..., :15], scale, base[:15], 3, 20, 1e-6)
 
@@ -393,3 +396,40 @@ def test_deferred_mhc_comb_in_the_fused_step(monkeypatch):
         assert torch.equal(got, ref)
     else:   # (the Sinkhorn's 4-element sums may be ordered differently by the two launches)
         assert (got - ref).abs().max().item() <= 1e-3 * ref.abs().max().item()
+
+
+def test_branch_and_join_wait_only_for_open_forks(monkeypatch):
+    """The fused step's fork / join bookkeeping (model/graphed.py ``_branch`` / ``_join``), with stand-in streams: a
+    join waits for each side stream that work was forked to since the last join, once; ``second`` forks go to the
+    third stream when there is one and to the side stream otherwise."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from dsv4lib.model import graphed
+
+    class Stream:
+        def __init__(self, name):
+            self.name, self.device, self.waited = name, "dev", []
+
+        def wait_stream(self, other):
+            self.waited.append(other.name)
+
+    main, side, side2 = Stream("main"), Stream("side"), Stream("side2")
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: main)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    ctx = SimpleNamespace(side=side, side2=side2, side_open=False, side2_open=False)
+    graphed._join(ctx)
+    assert main.waited == []                                            # nothing forked yet
+    with graphed._branch(ctx):
+        pass
+    with graphed._branch(ctx, second=True):
+        pass
+    assert side.waited == ["main"] and side2.waited == ["main"]         # each fork follows the main stream
+    graphed._join(ctx)
+    graphed._join(ctx)
+    assert main.waited == ["side", "side2"]                             # each once
+    ctx = SimpleNamespace(side=side, side2=None, side_open=False, side2_open=False)
+    with graphed._branch(ctx, second=True):                            # no third stream: the side stream
+        pass
+    graphed._join(ctx)
+    assert main.waited[-1] == "side" and len(main.waited) == 3

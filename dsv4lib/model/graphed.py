@@ -50,6 +50,7 @@ class StepContext:
     ninf: torch.Tensor
     side: object = None     # torch.cuda.Stream for the fused step's concurrent branches, or None
     side2: object = None    # a third stream (the deferred mHC Sinkhorn: DEFER_COMB), or None
+    side_open: bool = False    # work issued on side since the last join
     side2_open: bool = False   # work issued on side2 since the last join
 
 
@@ -59,7 +60,7 @@ A CUDA graph captures the fork/join as parallel branches. False: one stream (the
 
 class _branch:
     """``with _branch(ctx): ...`` runs the block on ``ctx.side`` (``second``: ``ctx.side2`` if there is one) after everything issued so far on the
-    current stream (fork); :func:`_join` makes the current stream wait for it. Without a side stream
+    current stream (fork); :func:`_join` makes the current stream wait for what was forked since the last join. Without a side stream
     (CPU, torch step, ``CONCURRENT=False``) the block runs in place. The fused step forks only work
     whose inputs stay referenced until the join and whose outputs are read after it, so the caching
     allocator cannot hand a block to one stream while the other still uses it."""
@@ -70,6 +71,8 @@ class _branch:
         self._cm = None
         if side2 is not None:
             ctx.side2_open = True
+        elif self.side is not None:
+            ctx.side_open = True
 
     def __enter__(self):
         if self.side is not None:
@@ -85,9 +88,12 @@ class _branch:
 
 
 def _join(ctx: StepContext | None) -> None:
-    if getattr(ctx, "side", None) is not None:
+    """The current stream waits for the side streams' work forked since the last join (nothing when none was: a
+    stream that took no part in a capture cannot be waited on, and a second wait adds nothing)."""
+    if getattr(ctx, "side_open", False):
         torch.cuda.current_stream(ctx.side.device).wait_stream(ctx.side)
-    if getattr(ctx, "side2_open", False):   # (only when used: a stream that took no part in a capture cannot be waited on)
+        ctx.side_open = False
+    if getattr(ctx, "side2_open", False):
         torch.cuda.current_stream(ctx.side2.device).wait_stream(ctx.side2)
         ctx.side2_open = False
 
@@ -620,8 +626,7 @@ def block_step(layer, X: torch.Tensor, ctx: StepContext, ids: torch.Tensor, lc: 
         out = X, (y, sh, post, comb)
     else:
         out = X, (layer.ffn(xn, ids), None, post, comb)
-    if mix_f is not None and out[1][1] is None:   # moe_step joined the side stream when it ran a shared expert there
-        _join(ctx)
+    _join(ctx)   # what is still open (the FFN site's deferred Sinkhorn when moe_step ran no shared expert)
     del mix_a, mix_f
     return out
 
