@@ -3,7 +3,6 @@
     python3 bench/sweep_fp8.py --out fp8_sweep.json            # H200: ~2 min (about 100 compiles)
     python3 bench/sweep_fp8.py --smoke --out /tmp/s.json       # tiny shapes, CPU interpreter
     python3 bench/sweep_fp8.py --chain --out fp8_chain.json    # H200: the dependent pairs of the step, ~1 min
-    python3 bench/sweep_fp8.py --tma --out fp8_tma.json        # H200: the TMA-fed GEMV's tiles at M = 1, ~1 min
 
 For every projection the fused decode step reads through ``fp8_linear`` (stacked groups included) and the
 row counts it uses at batch 1 and 8, every candidate tile / split-K / warps / stages (split-K with the
@@ -31,8 +30,6 @@ import triton  # noqa: E402
 from bench.bench_kernels import timed  # noqa: E402
 from dsv4lib.fullscale import copy_bandwidth  # noqa: E402
 from dsv4lib.kernels.fp8_gemv import GemvConfig  # noqa: E402
-from dsv4lib.kernels.fp8_gemv_tma import GemvTmaConfig  # noqa: E402
-from dsv4lib.kernels.fp8_gemv_tma import fits as tma_fits  # noqa: E402
 from dsv4lib.kernels.fp8_linear import FP8Config, fp8_linear, fp8_linear_reference, pick_config, random_fp8  # noqa: E402
 
 # (name, N, K, token counts at batch 1 and 8, groups) -- V4-Flash, the fused step's calls (dsv4lib/model/graphed.py);
@@ -139,13 +136,6 @@ def bf16_rows(shapes, dev, reps: int, smoke: bool, cp: float) -> list[dict]:
     return rows
 
 
-def tma_candidates(n: int, k: int, groups: int, smoke: bool) -> list[GemvTmaConfig]:
-    """--tma: the TMA-fed GEMV's rows per program / ring depth / warps that tile (n, k)."""
-    grid = [GemvTmaConfig(bn, st, w) for bn in ((8, 16) if smoke else (8, 16, 32, 64)) for st in ((2,) if smoke else (4, 8))
-            for w in ((1,) if smoke else (2, 4))]
-    return [c for c in grid if tma_fits(n, k, c, groups)]
-
-
 def candidates(m: int, kb: int) -> list[FP8Config | GemvConfig]:
     """Tile / split / warps / stages grid for m activation rows and kb 128-wide K blocks; for m <= 2 also the
     CUDA-core GEMV's rows / unroll / warps (kernels/fp8_gemv.py)."""
@@ -176,7 +166,6 @@ def main(argv=None) -> int:
     ap.add_argument("--chain", action="store_true",
                     help="time the dependent pairs (wo_a -> wo_b, wq_a|wkv -> wq_b) with the second GEMV's candidates")
     ap.add_argument("--gemv-only", action="store_true", help="time only the default and the CUDA-core GEMV configs")
-    ap.add_argument("--tma", action="store_true", help="M = 1 only: the CUDA-core default against the TMA-fed GEMV's tiles")
     ap.add_argument("--bf16", action="store_true",
                     help="the CUDA-core GEMV on the step's stacked bf16 projections (compressors + indexer) instead")
     ap.add_argument("--tokens", default=None, help="comma-separated token counts to sweep (default: 1 and 8)")
@@ -212,17 +201,8 @@ def main(argv=None) -> int:
         for m in (m for m in ms if only is None or m in only):
             x = torch.randn(m, *((G,) if G > 1 else ()), K, device=dev, dtype=torch.bfloat16)
             ref = fp8_linear_reference(x, *ws[0], groups=G).float()
-            run = lambda cfg: fp8_linear(x, *ws[0], config=cfg, groups=G)  # noqa: E731
-            if args.tma:
-                if m != 1:
-                    continue
-                cands = [pick_config(m, N, K)] + tma_candidates(N, K, G, args.smoke)
-                for cfg in cands:
-                    err = ((run(cfg).float() - ref).norm() / ref.norm()).item()
-                    if not err < 1e-2:
-                        raise AssertionError(f"{name} M={m} {cfg}: rel err {err:.2e}")
-            else:
-                cands = checked_candidates(m, N, K, args.smoke, 3, run, ref, f"{name} M={m}", gemv_only=args.gemv_only)
+            cands = checked_candidates(m, N, K, args.smoke, 3, lambda cfg: fp8_linear(x, *ws[0], config=cfg, groups=G),
+                                       ref, f"{name} M={m}", gemv_only=args.gemv_only)
             timings = []
             for cfg in cands:
                 fn = lambda cfg=cfg: [fp8_linear(x, w, s, config=cfg, groups=G) for w, s in ws]

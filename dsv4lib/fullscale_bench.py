@@ -175,8 +175,7 @@ VARIANT_LABELS = {"single_stream": "1-stream", "pdl": "PDL toggled", "int2_idp":
                   "fp8_prefetch1": "FP8 prefetch 1", "fp8_prefetch2": "FP8 prefetch 2",
                   "q_norm_prologue": "q_norm prologue toggled", "split_decode": "split-K INT2 decode",
                   "l2_wo": "L2 prefetch wo", "l2_wo_q": "L2 prefetch wo+q", "l2_pf": "L2 bulk prefetch toggled",
-                  "l2_pf_wo": "L2 bulk prefetch wo only", "l2_pf_q": "L2 bulk prefetch q only",
-                  "tma_gemv": "TMA GEMV toggled"}
+                  "l2_pf_wo": "L2 bulk prefetch wo only", "l2_pf_q": "L2 bulk prefetch q only"}
 
 
 @contextlib.contextmanager
@@ -196,8 +195,7 @@ def _variant(name: str):
     wait (kernels.int2_moe_idp.EARLY_LOAD, toggled); the same for the FP8 GEMV (session 11's ``early_gemv``)
     measured no gain and was removed; ``attn_groups``: decode attention's heads split over programs at small grids
     (kernels.decode_attention.GROUP_HEADS, toggled); ``second_side``: the deferred Sinkhorn on a third stream
-    (model.graphed.SECOND_SIDE, toggled); ``tma_gemv``: the 32 MB one-row projections on the TMA-fed GEMV
-    (kernels.fp8_linear.TMA_GEMV, toggled). Session 12's bulk L2 prefetches (``l2_pf*``: b1 4.49 -> 4.60-4.74 ms)
+    (model.graphed.SECOND_SIDE, toggled). Session 12's bulk L2 prefetches (``l2_pf*``: b1 4.49 -> 4.60-4.74 ms)
     were removed like session 9's hints (bench/bench_l2_prefetch.py says why). Out of
     ``VARIANTS`` since session 11 (settled over several runs, still selectable here): ``single_stream`` (b1 +0.6
     ms in session 10), ``int2_idp`` (b1 +0.4, b8 +2.9), ``pdl`` (b1 +0.4) and ``fp8_gemv`` (b1 +0.7)."""
@@ -205,7 +203,7 @@ def _variant(name: str):
     from .model import graphed
     saved = (graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE, fp8_linear.PREFETCH_STEPS,
              fp8_linear.GEMV_MAX_M, graphed.DEFER_COMB, int2_moe_idp.EARLY_LOAD, decode_attention.GROUP_HEADS,
-             graphed.SECOND_SIDE, fp8_linear.TMA_GEMV)
+             graphed.SECOND_SIDE)
     if name == "single_stream":
         graphed.CONCURRENT = False
     elif name == "pdl":
@@ -222,8 +220,6 @@ def _variant(name: str):
         decode_attention.GROUP_HEADS = not decode_attention.GROUP_HEADS
     elif name == "second_side":
         graphed.SECOND_SIDE = not graphed.SECOND_SIDE
-    elif name == "tma_gemv":
-        fp8_linear.TMA_GEMV = not fp8_linear.TMA_GEMV
     elif name == "q_norm_prologue":
         graphed.Q_NORM_PROLOGUE = not graphed.Q_NORM_PROLOGUE
     elif name.startswith("fp8_prefetch") and name[len("fp8_prefetch"):].isdigit():
@@ -236,7 +232,7 @@ def _variant(name: str):
     finally:
         (graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE,
          fp8_linear.PREFETCH_STEPS, fp8_linear.GEMV_MAX_M, graphed.DEFER_COMB, int2_moe_idp.EARLY_LOAD,
-         decode_attention.GROUP_HEADS, graphed.SECOND_SIDE, fp8_linear.TMA_GEMV) = saved
+         decode_attention.GROUP_HEADS, graphed.SECOND_SIDE) = saved
 
 
 def _decode_case(model, B: int, ctx: int, opts: BenchOptions, dev, res: dict) -> None:

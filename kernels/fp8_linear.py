@@ -34,8 +34,6 @@ import triton.language as tl
 
 from . import pdl
 from .fp8_gemv import GemvConfig, fp8_gemv
-from .fp8_gemv_tma import GemvTmaConfig, fp8_gemv_tma
-from .fp8_gemv_tma import fits as tma_fits
 from .pdl import launch_args, pdl_wait, prefetch_l2
 
 from .workspace import split_workspace, weight_workspace
@@ -106,22 +104,11 @@ def _split(tiles: int, kb: int) -> int:
     return split
 
 
-TMA_GEMV = False
-"""One-row calls of the shapes in ``TUNED_GEMV_TMA`` take the TMA-fed GEMV (``kernels/fp8_gemv_tma.py``) on CUDA
-(sm_90+) instead of the CUDA-core one (bench variant ``tma_gemv``; opt-in until the full-scale bench shows a gain)."""
-TUNED_GEMV_TMA = {(32768, 1024): GemvTmaConfig(32, 8, 4),    # wq_b
-                  (8192, 4096): GemvTmaConfig(16, 8, 4),     # wo_a (8 groups)
-                  (4096, 8192): GemvTmaConfig(16, 8, 4)}     # wo_b
-
-
-def pick_config(m: int, n: int, k: int, device: torch.device | None = None) -> FP8Config | GemvConfig | GemvTmaConfig:
+def pick_config(m: int, n: int, k: int) -> FP8Config | GemvConfig:
     """Tile for M activation rows: the CUDA-core GEMV for M <= ``GEMV_MAX_M`` (the sweep's winner for a tuned
     shape, else its default); otherwise the tensor-core kernel: the sweep's winner for a tuned shape, else GEMV
     tiles (M <= 16) or 64-row tiles (M <= 64) with split-K, and 128x128 tiles for prefill."""
     if m <= GEMV_MAX_M:
-        if (TMA_GEMV and (n, k) in TUNED_GEMV_TMA and device is not None and device.type == "cuda"
-                and torch.cuda.get_device_capability(device)[0] >= 9):
-            return TUNED_GEMV_TMA[(n, k)]
         return TUNED_GEMV.get((n, k), GemvConfig())
     bucket = 16 if m <= 16 else 64 if m <= 64 else None
     if bucket is not None and (n, k, bucket) in TUNED:
@@ -400,11 +387,7 @@ def fp8_linear(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, *,
     if (CHAINED_PREFILL and config is None and norm is None and M > 64 and x.dtype == torch.bfloat16
             and (groups == 1 or (CHAINED_GROUPED and (N // groups) % 16 == 0)) and (e8m0 or scales_are_pow2(s))):
         return fp8_gemm_chained(x2, w, s, groups=groups).reshape(*lead, N)
-    cfg = config or pick_config(M, N, K, x.device)
-    if isinstance(cfg, GemvTmaConfig):
-        if norm is None and tma_fits(N, K, cfg, groups):
-            return fp8_gemv_tma(x2, w, s, cfg, groups=groups).reshape(*lead, N)
-        cfg = TUNED_GEMV.get((N, K), GemvConfig())                     # (the RMSNorm prologue, uneven tiles)
+    cfg = config or pick_config(M, N, K)
     if isinstance(cfg, GemvConfig):
         return fp8_gemv(x2, w, s, cfg, groups=groups, norm=norm).reshape(*lead, N)
     if groups > 1:

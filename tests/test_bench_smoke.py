@@ -159,8 +159,7 @@ def test_decode_variants_toggle_restore_and_tabulate():
     from dsv4lib.kernels import decode_attention, int2_moe_idp
     from dsv4lib.model import graphed
     for name, mod, flag in (("defer_comb", graphed, "DEFER_COMB"), ("early_int2", int2_moe_idp, "EARLY_LOAD"),
-                            ("attn_groups", decode_attention, "GROUP_HEADS"), ("second_side", graphed, "SECOND_SIDE"),
-                            ("tma_gemv", fp8_linear, "TMA_GEMV")):
+                            ("attn_groups", decode_attention, "GROUP_HEADS"), ("second_side", graphed, "SECOND_SIDE")):
         before = getattr(mod, flag)
         with _variant(name):
             assert getattr(mod, flag) is (not before)

@@ -143,16 +143,7 @@ def check_plain(name, fn, sig, cons, **options):
     except Exception as e:  # noqa: BLE001 - reported per case
         out[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"
 
-# the TMA-fed FP8 GEMV (fp8_linear.TMA_GEMV) at its tuned tiles: the descriptor loads and the PDL wait assemble
-from dsv4lib.kernels.fp8_gemv_tma import _fp8_gemv_tma_kernel
-from dsv4lib.kernels.fp8_linear import TUNED_GEMV_TMA
-for (tn, tk), c in sorted(TUNED_GEMV_TMA.items()):
-    check(f"fp8_gemv_tma {tn}x{tk} {c}", _fp8_gemv_tma_kernel,
-          {"x_ptr": "*bf16", "w_desc": f"tensordesc<fp8e4nv[{c.bn}, 128]>", "s_ptr": "*fp32", "y_ptr": "*bf16",
-           "M": "constexpr", "N": "i32", "K": "i32", "KB": "i32", "G": "i32", "BN": "constexpr", "STAGES": "constexpr",
-           "GROUPED": "constexpr"},
-          dict(M=1, BN=c.bn, STAGES=c.stages, GROUPED=tn == 8192), num_warps=c.warps, num_stages=1)
-# bulk L2 prefetch (bench/bench_l2_prefetch.py's instrument): the inline cp.async.bulk.prefetch.L2 must assemble for sm_90
+# bulk L2 prefetch (graphed.L2_PREFETCH): the inline cp.async.bulk.prefetch.L2 must assemble for sm_90
 from dsv4lib.kernels import l2_prefetch as l2p
 check_plain("l2 bulk prefetch", l2p._l2_bulk_prefetch_kernel, {"base_ptr": "*u8", "nbytes": "i64", "rec_ptr": "*u8",
             "CHUNK": "constexpr", "LANES": "constexpr", "RECORD": "constexpr"},
