@@ -175,7 +175,8 @@ VARIANT_LABELS = {"single_stream": "1-stream", "pdl": "PDL toggled", "int2_idp":
                   "fp8_prefetch1": "FP8 prefetch 1", "fp8_prefetch2": "FP8 prefetch 2",
                   "q_norm_prologue": "q_norm prologue toggled", "split_decode": "split-K INT2 decode",
                   "l2_wo": "L2 prefetch wo", "l2_wo_q": "L2 prefetch wo+q", "l2_pf": "L2 bulk prefetch toggled",
-                  "l2_pf_wo": "L2 bulk prefetch wo only", "l2_pf_q": "L2 bulk prefetch q only"}
+                  "l2_pf_wo": "L2 bulk prefetch wo only", "l2_pf_q": "L2 bulk prefetch q only",
+                  "tma_gemv": "TMA GEMV toggled"}
 
 
 @contextlib.contextmanager
