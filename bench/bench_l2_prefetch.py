@@ -14,8 +14,7 @@ the main stream stands for the latency-bound phase, then the GEMV. Columns, us p
   the phase's start, joined after the last site;
 - ``bulk inline``: the prefetch launch on the main stream right before the phase (no fork);
 - ``warm``: the GEMV alone over one weight again and again (L2-resident: the floor a prefetch can reach);
-- ``gemv``: the GEMV alone over the rotated weights (no phase);
-- ``read``: torch's int32 sum over the same rotated bytes (a plain streaming read of 32 MB, for scale).
+- ``gemv``: the GEMV alone over the rotated weights (no phase).
 Predicted (session 12): ``wo_a`` in the step 12.7 us; from L2 ~6 us, so ``bulk side`` ~= phase + 6.
 Measured (H200, `bench/results/h200_l2_prefetch_v15.*`): ``warm`` is 0-13 % below ``cold`` (wo_a 10.1 vs 11.0 us,
 wq_b 11.4 vs 11.4, wo_b 9.8 vs 11.3): these GEMVs run at the same ~3 TB/s from L2 as from HBM, so no prefetch can
@@ -100,7 +99,6 @@ def run_shape(name, N, K, G, copies, phases, chunks, reps, dev, hz) -> list[dict
         return body
 
     gemv_us = _graph_time(lambda: [gemv(i) for i in range(copies)], copies, reps)
-    read_us = _graph_time(lambda: [ws[i][0].view(torch.int32).sum() for i in range(copies)], copies, reps)
     warm_us = _graph_time(lambda: [gemv(0) for _ in range(copies)], copies, reps)
     for phase in phases:
         cold = _graph_time(sites(phase, "cold", 0), copies, reps)
@@ -110,7 +108,7 @@ def run_shape(name, N, K, G, copies, phases, chunks, reps, dev, hz) -> list[dict
             inline_us = _graph_time(sites(phase, "inline", chunk), copies, reps)
             rows.append({"shape": name, "MB": nb / 2**20, "phase_us": phase, "phase_only_us": phase_only,
                          "chunk": chunk, "cold": cold, "bulk_side": side_us, "bulk_inline": inline_us,
-                         "gemv": gemv_us, "warm": warm_us, "read": read_us})
+                         "gemv": gemv_us, "warm": warm_us})
     return rows
 
 
@@ -137,10 +135,10 @@ def main(argv=None) -> dict:
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
     print(f"{res['device']}  copy {res['copy_GBps']:.0f} GB/s  (us per site; phase = spin kernel before the GEMV)")
-    print(f"{'shape':<16}{'MB':>5}{'phase':>7}{'chunk':>8}{'cold':>8}{'side':>8}{'inline':>8}{'gemv':>8}{'warm':>8}{'read':>8}")
+    print(f"{'shape':<16}{'MB':>5}{'phase':>7}{'chunk':>8}{'cold':>8}{'side':>8}{'inline':>8}{'gemv':>8}{'warm':>8}")
     for r in res["rows"]:
         print(f"{r['shape']:<16}{r['MB']:>5.0f}{r['phase_only_us']:>7.1f}{r['chunk'] >> 10:>7}K{r['cold']:>8.2f}"
-              f"{r['bulk_side']:>8.2f}{r['bulk_inline']:>8.2f}{r['gemv']:>8.2f}{r['warm']:>8.2f}{r['read']:>8.2f}")
+              f"{r['bulk_side']:>8.2f}{r['bulk_inline']:>8.2f}{r['gemv']:>8.2f}{r['warm']:>8.2f}")
     return res
 
 

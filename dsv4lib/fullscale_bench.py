@@ -10,9 +10,9 @@ filled with synthetic entries (``fill_synthetic``), which costs the same per dec
 from __future__ import annotations
 
 import contextlib
-
 import datetime
 import importlib
+import operator
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -179,61 +179,51 @@ VARIANT_LABELS = {"single_stream": "1-stream", "pdl": "PDL toggled", "int2_idp":
                   "tma_gemv": "TMA GEMV toggled"}
 
 
+# The fused step's decode A/B switches: name -> (module under dsv4lib, attribute, the toggled value from the current
+# one). The bench times each one in ``VARIANTS`` against the default, in the same run from the same cache state.
+# History (kept selectable): single_stream (no side-stream branches; b1 +0.6 ms in session 10), pdl (programmatic
+# dependent launch, kernels/pdl.py; b1 +0.4 off), int2_idp (the integer-dot-product INT2 decode; b1 +0.4, b8 +2.9
+# off), fp8_gemv (one-row projections on the CUDA-core GEMV; b1 +0.7 off) -- settled, out of VARIANTS since session
+# 11; q_norm_prologue (q_norm inside the wq_b GEMV: no gain, session 6); fp8_prefetchN (the FP8 GEMVs prefetch N K
+# blocks to L2 before the PDL wait: no gain in three runs, session 8). Session 11's defer_comb (the mHC Sinkhorn out
+# of the pre launch), early_int2 (the INT2 decode kernels' first loads before the PDL wait), attn_groups (decode
+# attention's head groups) and second_side (the deferred Sinkhorn on a third stream) are on by default. Removed with
+# their code (labels kept for old result files): split_decode (session 9, 3x slower at b8), l2_wo / l2_wo_q (session 9's
+# L2 hints, b1 +0.6 / +0.85 ms), l2_pf* (session 12's bulk L2 prefetch, b1 +0.11 to +0.25 ms), tma_gemv (session 12's
+# TMA-fed GEMV, 2-3x slower per call).
+DECODE_SWITCHES = {
+    "single_stream": ("model.graphed", "CONCURRENT", lambda v: False),
+    "pdl": ("kernels.pdl", "ENABLED", operator.not_),
+    "int2_idp": ("kernels.dispatch", "DECODE_IDP", operator.not_),
+    "fp8_gemv": ("kernels.fp8_linear", "GEMV_MAX_M", lambda v: 0 if v else 1),
+    "defer_comb": ("model.graphed", "DEFER_COMB", operator.not_),
+    "early_int2": ("kernels.int2_moe_idp", "EARLY_LOAD", operator.not_),
+    "attn_groups": ("kernels.decode_attention", "GROUP_HEADS", operator.not_),
+    "second_side": ("model.graphed", "SECOND_SIDE", operator.not_),
+    "q_norm_prologue": ("model.graphed", "Q_NORM_PROLOGUE", operator.not_),
+}
+
+
+def _switch(name: str) -> tuple:
+    if name in DECODE_SWITCHES:
+        return DECODE_SWITCHES[name]
+    if name.startswith("fp8_prefetch") and name[len("fp8_prefetch"):].isdigit():   # N K blocks (0 if N is the default)
+        n = int(name[len("fp8_prefetch"):])
+        return "kernels.fp8_linear", "PREFETCH_STEPS", lambda v: 0 if v == n else n
+    raise ValueError(f"unknown bench variant {name!r}; known: {sorted(DECODE_SWITCHES)} and fp8_prefetchN")
+
+
 @contextlib.contextmanager
 def _variant(name: str):
-    """The fused step's A/B switches, each against the default: ``single_stream`` (no concurrent
-    side-stream branches), ``pdl`` (programmatic dependent launch of the step's Triton kernels,
-    kernels/pdl.py, toggled), ``int2_idp`` (the integer-dot-product INT2 decode kernel,
-    kernels.dispatch.DECODE_IDP, toggled), ``fp8_prefetchN`` (the FP8 GEMVs prefetch their first N K blocks
-    to L2 before the PDL wait, kernels.fp8_linear.PREFETCH_STEPS = N; 0 if N is the default),
-    ``q_norm_prologue`` (q_norm inside the wq_b GEMV, model.graphed.Q_NORM_PROLOGUE, toggled; measured
-    no gain in session 6 and no longer in ``VARIANTS``; the fp8 prefetch ones left it in session 8 after three
-    runs without gain). Removed after session 9's v12 runs: the split-K tensor-core INT2 decode (``split_decode``,
-    3x slower at b8) and L2 prefetch hints on a third stream (``l2_wo`` / ``l2_wo_q``, b1 +0.6 / +0.85 ms).
-    ``fp8_gemv``: one-row FP8 projections on the CUDA-core GEMV (kernels.fp8_linear.GEMV_MAX_M 1 <-> 0).
-    ``defer_comb``: the mHC post and Sinkhorn on the side stream (model.graphed.DEFER_COMB, toggled);
-    ``early_int2``: the INT2 decode kernels load the expert index and their first K step's weights before the PDL
-    wait (kernels.int2_moe_idp.EARLY_LOAD, toggled); the same for the FP8 GEMV (session 11's ``early_gemv``)
-    measured no gain and was removed; ``attn_groups``: decode attention's heads split over programs at small grids
-    (kernels.decode_attention.GROUP_HEADS, toggled); ``second_side``: the deferred Sinkhorn on a third stream
-    (model.graphed.SECOND_SIDE, toggled). Session 12's bulk L2 prefetches (``l2_pf*``: b1 4.49 -> 4.60-4.74 ms)
-    were removed like session 9's hints (bench/bench_l2_prefetch.py says why). Out of
-    ``VARIANTS`` since session 11 (settled over several runs, still selectable here): ``single_stream`` (b1 +0.6
-    ms in session 10), ``int2_idp`` (b1 +0.4, b8 +2.9), ``pdl`` (b1 +0.4) and ``fp8_gemv`` (b1 +0.7)."""
-    from .kernels import decode_attention, dispatch, fp8_linear, int2_moe_idp, pdl
-    from .model import graphed
-    saved = (graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE, fp8_linear.PREFETCH_STEPS,
-             fp8_linear.GEMV_MAX_M, graphed.DEFER_COMB, int2_moe_idp.EARLY_LOAD, decode_attention.GROUP_HEADS,
-             graphed.SECOND_SIDE)
-    if name == "single_stream":
-        graphed.CONCURRENT = False
-    elif name == "pdl":
-        pdl.ENABLED = not pdl.ENABLED
-    elif name == "int2_idp":
-        dispatch.DECODE_IDP = not dispatch.DECODE_IDP
-    elif name == "fp8_gemv":
-        fp8_linear.GEMV_MAX_M = 0 if fp8_linear.GEMV_MAX_M else 1
-    elif name == "defer_comb":
-        graphed.DEFER_COMB = not graphed.DEFER_COMB
-    elif name == "early_int2":
-        int2_moe_idp.EARLY_LOAD = not int2_moe_idp.EARLY_LOAD
-    elif name == "attn_groups":
-        decode_attention.GROUP_HEADS = not decode_attention.GROUP_HEADS
-    elif name == "second_side":
-        graphed.SECOND_SIDE = not graphed.SECOND_SIDE
-    elif name == "q_norm_prologue":
-        graphed.Q_NORM_PROLOGUE = not graphed.Q_NORM_PROLOGUE
-    elif name.startswith("fp8_prefetch") and name[len("fp8_prefetch"):].isdigit():
-        n = int(name[len("fp8_prefetch"):])
-        fp8_linear.PREFETCH_STEPS = 0 if fp8_linear.PREFETCH_STEPS == n else n
-    else:
-        raise ValueError(f"unknown bench variant {name!r}")
+    """One decode switch (``DECODE_SWITCHES``, or ``fp8_prefetchN``) toggled inside the block, restored after it."""
+    path, attr, toggled = _switch(name)
+    mod = importlib.import_module(f"dsv4lib.{path}")
+    saved = getattr(mod, attr)
+    setattr(mod, attr, toggled(saved))
     try:
         yield
     finally:
-        (graphed.CONCURRENT, pdl.ENABLED, dispatch.DECODE_IDP, graphed.Q_NORM_PROLOGUE,
-         fp8_linear.PREFETCH_STEPS, fp8_linear.GEMV_MAX_M, graphed.DEFER_COMB, int2_moe_idp.EARLY_LOAD,
-         decode_attention.GROUP_HEADS, graphed.SECOND_SIDE) = saved
+        setattr(mod, attr, saved)
 
 
 def _decode_case(model, B: int, ctx: int, opts: BenchOptions, dev, res: dict) -> None:

@@ -164,6 +164,15 @@ def test_decode_variants_toggle_restore_and_tabulate():
         with _variant(name):
             assert getattr(mod, flag) is (not before)
         assert getattr(mod, flag) is before
+    import importlib
+
+    from dsv4lib.fullscale_bench import DECODE_SWITCHES
+    for name, (path, attr, _) in DECODE_SWITCHES.items():   # every switch names a real flag and changes it
+        mod = importlib.import_module(f"dsv4lib.{path}")
+        before = getattr(mod, attr)
+        with _variant(name):
+            assert getattr(mod, attr) != before, name
+        assert getattr(mod, attr) == before, name
     with pytest.raises(ValueError, match="unknown bench variant"):
         with _variant("fp8_prefetchX"):
             pass
@@ -209,5 +218,5 @@ def test_bench_l2_prefetch_smoke(tmp_path):
     from bench.bench_l2_prefetch import main
     res = main(["--smoke", "--out", str(tmp_path / "l2.json")])
     row = res["rows"][0]
-    assert {"cold", "bulk_side", "bulk_inline", "gemv", "warm", "read"} <= set(row)
-    assert all(row[k] > 0 for k in ("cold", "bulk_side", "bulk_inline", "gemv", "warm", "read"))
+    assert {"cold", "bulk_side", "bulk_inline", "gemv", "warm"} <= set(row)
+    assert all(row[k] > 0 for k in ("cold", "bulk_side", "bulk_inline", "gemv", "warm"))

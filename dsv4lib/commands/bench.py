@@ -29,17 +29,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dsv4lib.checkpoint.atomic import write_json
-    from dsv4lib.fullscale_bench import BenchOptions, _variant, format_table, run_benchmark
+    from dsv4lib.fullscale_bench import DECODE_SWITCHES, BenchOptions, _switch, format_table, run_benchmark
 
     unknown = []
     for v in filter(None, (args.variants or "").split(",")):
         try:
-            with _variant(v):   # sets and restores the switch: a name it does not know raises before the body
-                pass
+            _switch(v)
         except ValueError:
             unknown.append(v)
     if unknown:
-        raise SystemExit(f"bench --variants: unknown {unknown}; see dsv4lib.fullscale_bench._variant")
+        raise SystemExit(f"bench --variants: unknown {unknown}; known: {', '.join(DECODE_SWITCHES)}, fp8_prefetchN")
     cases = tuple(tuple(int(v) for v in c.split("x")) for c in args.decode.split(",") if c)
     opts = BenchOptions(preset=args.preset, decode=cases, decode_steps=args.steps, eager_steps=args.eager_steps,
                         prefill_ctx_max=args.prefill_ctx_max, prefill_len=args.prefill_len,
