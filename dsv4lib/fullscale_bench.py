@@ -47,6 +47,7 @@ class BenchOptions:
     mmlu_len: int = 192
     ab_rounds: int = 3                        # prefill switch A/B: alternating default / toggled rounds
     components: bool = True
+    prefill: bool = True                      # the 2K prefill (+ switches' A/B) and MMLU sections; False: decode only
     fused: bool = True                        # static step with the Triton step kernels (graphed.py)
     variants: tuple[str, ...] | None = None   # A/B switches timed beside the default (None: VARIANTS)
     seed: int = 0
@@ -342,6 +343,32 @@ def run_benchmark(opts: BenchOptions, write=lambda r: None, log=print) -> dict:
         f"{bpt['per_token'] / GB:.3f} GB/token")
     write(res)
 
+    if opts.prefill:
+        _prefill_section(model, cfg, opts, dev, res, log)
+        write(res)
+
+    for B, ctx in opts.decode:
+        try:
+            _decode_case(model, B, ctx, opts, dev, res)
+            log(f"decode b{B} ctx {ctx}: {res['decode'][-1]}")
+        except Exception as e:  # keep the other cases
+            res["decode"].append({"batch": B, "context": ctx, "error": repr(e)})
+            log(f"decode b{B} ctx {ctx} FAILED: {e!r}")
+        res["fused_kernel_failures"] = dict(FUSED_FAILURES)   # kernels that fell back to torch (none expected)
+        write(res)
+
+    if opts.prefill:
+        _mmlu_section(model, cfg, opts, dev, res, log)
+    if dev.type == "cuda":
+        res["peak_allocated_GB"] = torch.cuda.max_memory_allocated(dev) / GB
+    res["targets"] = targets(res, opts)
+    write(res)
+    return res
+
+
+def _prefill_section(model, cfg, opts: BenchOptions, dev, res: dict, log) -> None:
+    """Prefill of ``opts.prefill_len`` tokens (the default path's runs and the prefill switches' A/B) and the
+    bf16 path sensitivity -> ``res['prefill']``, ``res['bf16_path_sensitivity']``."""
     S = opts.prefill_len
     ids = torch.randint(0, cfg.vocab_size, (1, S), device=dev)
     prefill_last_logits(model, ids)   # compile / warm
@@ -386,18 +413,11 @@ def run_benchmark(opts: BenchOptions, write=lambda r: None, log=print) -> dict:
     del c
     log(f"bf16 path sensitivity {res['bf16_path_sensitivity']}")
     log(f"prefill {S}: {S / t:.0f} tok/s")
-    write(res)
 
-    for B, ctx in opts.decode:
-        try:
-            _decode_case(model, B, ctx, opts, dev, res)
-            log(f"decode b{B} ctx {ctx}: {res['decode'][-1]}")
-        except Exception as e:  # keep the other cases
-            res["decode"].append({"batch": B, "context": ctx, "error": repr(e)})
-            log(f"decode b{B} ctx {ctx} FAILED: {e!r}")
-        res["fused_kernel_failures"] = dict(FUSED_FAILURES)   # kernels that fell back to torch (none expected)
-        write(res)
 
+def _mmlu_section(model, cfg, opts: BenchOptions, dev, res: dict, log) -> None:
+    """Batched prefill of ``opts.mmlu_batch`` x ``opts.mmlu_len`` random tokens -> ``res['mmlu']`` (the full MMLU's
+    time extrapolated from its rate)."""
     Bm, Lm = opts.mmlu_batch, opts.mmlu_len
     ids = torch.randint(0, cfg.vocab_size, (Bm, Lm), device=dev)
     prefill_last_logits(model, ids)
@@ -406,11 +426,6 @@ def run_benchmark(opts: BenchOptions, write=lambda r: None, log=print) -> dict:
     res["mmlu"] = {"batch": Bm, "prompt_len": Lm, "batch_s": t, "tok_s": rate, "questions": MMLU_QUESTIONS,
                    "tokens": MMLU_TOKENS, "est_minutes": MMLU_TOKENS / rate / 60}
     log(f"mmlu batches {Bm}x{Lm}: {rate:.0f} tok/s -> {res['mmlu']['est_minutes']:.1f} min")
-    if dev.type == "cuda":
-        res["peak_allocated_GB"] = torch.cuda.max_memory_allocated(dev) / GB
-    res["targets"] = targets(res, opts)
-    write(res)
-    return res
 
 
 def targets(res: dict, opts: BenchOptions) -> dict:
@@ -431,10 +446,12 @@ def targets(res: dict, opts: BenchOptions) -> dict:
             eq = bpt1 / bpt8
             out["b8_over_b1"].update(equal_bandwidth_ratio=eq, b8_bandwidth_over_b1_needed=tg["b8_over_b1"] / eq,
                                      b8_bandwidth_over_b1=(b8 / b1) / eq)
-    p = res["prefill"].get("median_tok_s", res["prefill"]["tok_s"])
-    out["prefill_2k_tok_s"] = {"value": p, "target": tg["prefill_2k_tok_s"], "met": p >= tg["prefill_2k_tok_s"]}
-    m = res["mmlu"]["est_minutes"]
-    out["mmlu_minutes"] = {"value": m, "target": tg["mmlu_minutes"], "met": m <= tg["mmlu_minutes"]}
+    if "prefill" in res:
+        p = res["prefill"].get("median_tok_s", res["prefill"]["tok_s"])
+        out["prefill_2k_tok_s"] = {"value": p, "target": tg["prefill_2k_tok_s"], "met": p >= tg["prefill_2k_tok_s"]}
+    if "mmlu" in res:
+        m = res["mmlu"]["est_minutes"]
+        out["mmlu_minutes"] = {"value": m, "target": tg["mmlu_minutes"], "met": m <= tg["mmlu_minutes"]}
     r = res["resident_GB"]["total"]
     out["resident_gb"] = {"value": r, "target": tg["resident_gb"], "met": r <= tg["resident_gb"]}
     return out
@@ -457,7 +474,7 @@ def format_table(res: dict) -> str:
                      f"{d.get('static_uncaptured_ms', float('nan')):.2f} | {d.get('graphed_ms', float('nan')):.2f} | "
                      + "".join(f"{d.get(f'graphed_{v}_ms', float('nan')):.2f} | " for v in variants)
                      + f"{d.get('graphed_tok_s', float('nan')):.1f} | {d['bytes_per_token'] / GB:.3f} |")
-    p = res["prefill"]
+    p = res.get("prefill", {"tokens": 0, "tok_s": float("nan")})
     lines.append(f"prefill b1 x {p['tokens']}: {p['tok_s']:.0f} tok/s"
                  + (f" (median of all {p['default_runs']} default runs {p['median_tok_s']:.0f})" if "median_tok_s" in p else "")
                  + "".join(f" ({label} toggled: {p[key + '_toggled_tok_s']:.0f} vs "
@@ -466,9 +483,12 @@ def format_table(res: dict) -> str:
                               f"{p['tokens'] / p[key + '_default_min_s']:.0f}" if key + "_toggled_min_s" in p else "")
                            + ")"
                            for key, _, _, label in PREFILL_SWITCHES if key + "_toggled_tok_s" in p))
-    m = res["mmlu"]
-    lines.append(f"MMLU: {m['batch']}x{m['prompt_len']} batches {m['tok_s']:.0f} tok/s -> {m['tokens']} tokens "
-                 f"in {m['est_minutes']:.1f} min")
+    if "prefill" not in res:
+        lines[-1] = "prefill and MMLU: not run (--no-prefill)"
+    if "mmlu" in res:
+        m = res["mmlu"]
+        lines.append(f"MMLU: {m['batch']}x{m['prompt_len']} batches {m['tok_s']:.0f} tok/s -> {m['tokens']} tokens "
+                     f"in {m['est_minutes']:.1f} min")
     if "components_b1_ms" in res:
         lines.append("components (b1, ms/step): " + ", ".join(f"{k} {v:.2f}" for k, v in res["components_b1_ms"].items()
                                                              if v is not None))

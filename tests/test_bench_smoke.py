@@ -33,6 +33,20 @@ def test_fullscale_bench_tiny(tmp_path, monkeypatch):
     assert {"prefill_2k_tok_s", "mmlu_minutes", "resident_gb"} <= set(res["targets"])   # decode ones need the GPU
 
 
+def test_fullscale_bench_decode_only(tmp_path):
+    """``--no-prefill``: the decode cases alone (quick A/B runs); no prefill / MMLU results or targets, and the
+    table says so."""
+    from dsv4lib.cli import main
+    from dsv4lib.fullscale_bench import format_table
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--preset", "tiny", "--decode", "1x64", "--steps", "2", "--eager-steps", "1",
+                 "--no-prefill", "--no-components", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert "prefill" not in res and "mmlu" not in res and res["decode"][0]["eager_tok_s"] > 0
+    assert not {"prefill_2k_tok_s", "mmlu_minutes"} & set(res["targets"]) and "resident_gb" in res["targets"]
+    assert "prefill and MMLU: not run" in format_table(res)
+
+
 def test_sweep_fp8_smoke(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))
     sys.modules.pop("bench.sweep_fp8", None)

@@ -19,6 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mmlu-batch", type=int, default=32)
     p.add_argument("--mmlu-len", type=int, default=192)
     p.add_argument("--no-components", action="store_true")
+    p.add_argument("--no-prefill", action="store_true",
+                   help="decode cases only: skip the 2K prefill (and its switches' A/B) and the MMLU estimate")
     p.add_argument("--unfused", action="store_true",
                    help="static/graphed step on the torch path instead of the Triton step kernels (docs/FULLSCALE_NOTES.md)")
     p.add_argument("--variants", default=None,
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     opts = BenchOptions(preset=args.preset, decode=cases, decode_steps=args.steps, eager_steps=args.eager_steps,
                         prefill_ctx_max=args.prefill_ctx_max, prefill_len=args.prefill_len,
                         mmlu_batch=args.mmlu_batch, mmlu_len=args.mmlu_len, components=not args.no_components,
-                        fused=not args.unfused,
+                        prefill=not args.no_prefill, fused=not args.unfused,
                         variants=None if args.variants is None else tuple(v for v in args.variants.split(",") if v))
     write = (lambda r: write_json(args.out, r)) if args.out else (lambda r: None)
     res = run_benchmark(opts, write, log=lambda s: print(s, flush=True))
