@@ -24,8 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--unfused", action="store_true",
                    help="static/graphed step on the torch path instead of the Triton step kernels (docs/FULLSCALE_NOTES.md)")
     p.add_argument("--variants", default=None,
-                   help="comma-separated A/B switches timed beside the default (dsv4lib.fullscale_bench.VARIANT_LABELS; "
-                        "default: fullscale_bench.VARIANTS, '' for none)")
+                   help="comma-separated decode A/B switches timed beside the default (dsv4lib.fullscale_bench."
+                        "DECODE_SWITCHES, fp8_prefetchN; default: fullscale_bench.VARIANTS, '' for none)")
     p.add_argument("--out", default=None, help="write the results JSON here (after every section)")
 
 

@@ -59,9 +59,9 @@ CONCURRENT = True
 A CUDA graph captures the fork/join as parallel branches. False: one stream (the bench's A/B switch)."""
 
 class _branch:
-    """``with _branch(ctx): ...`` runs the block on ``ctx.side`` (``second``: ``ctx.side2`` if there is one) after everything issued so far on the
-    current stream (fork); :func:`_join` makes the current stream wait for what was forked since the last join. Without a side stream
-    (CPU, torch step, ``CONCURRENT=False``) the block runs in place. The fused step forks only work
+    """``with _branch(ctx): ...`` runs the block on ``ctx.side`` (``second``: ``ctx.side2`` if there is one) after
+    everything issued so far on the current stream (fork); :func:`_join` makes the current stream wait for what was
+    forked since the last join. Without a side stream (CPU, torch step, ``CONCURRENT=False``) the block runs in place. The fused step forks only work
     whose inputs stay referenced until the join and whose outputs are read after it, so the caching
     allocator cannot hand a block to one stream while the other still uses it."""
 
