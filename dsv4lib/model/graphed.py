@@ -61,9 +61,9 @@ A CUDA graph captures the fork/join as parallel branches. False: one stream (the
 class _branch:
     """``with _branch(ctx): ...`` runs the block on ``ctx.side`` (``second``: ``ctx.side2`` if there is one) after
     everything issued so far on the current stream (fork); :func:`_join` makes the current stream wait for what was
-    forked since the last join. Without a side stream (CPU, torch step, ``CONCURRENT=False``) the block runs in place. The fused step forks only work
-    whose inputs stay referenced until the join and whose outputs are read after it, so the caching
-    allocator cannot hand a block to one stream while the other still uses it."""
+    forked since the last join. Without a side stream (CPU, torch step, ``CONCURRENT=False``) the block runs in
+    place. The fused step forks only work whose inputs stay referenced until the join and whose outputs are read
+    after it, so the caching allocator cannot hand a block to one stream while the other still uses it."""
 
     def __init__(self, ctx: StepContext | None, second: bool = False) -> None:
         side2 = getattr(ctx, "side2", None) if second else None
