@@ -35,6 +35,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench.bench_kernels import timed  # noqa: E402
 from dsv4lib.fullscale import copy_bandwidth, time_cuda  # noqa: E402
 from dsv4lib.kernels.fp8_linear import fp8_linear, random_fp8  # noqa: E402
 from dsv4lib.kernels.l2_prefetch import l2_prefetch  # noqa: E402
@@ -50,15 +51,8 @@ def _spin(us: float, hz: float):
 
 
 def _graph_time(body, sites: int, reps: int) -> float:
-    """us per site of ``body()`` (which runs ``sites`` sites) replayed from a CUDA graph (host clock on CPU)."""
-    if not torch.cuda.is_available():
-        return time_cuda(body, 1) * 1e3 / sites
-    body()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        body()
-    return time_cuda(g.replay, reps, warmup=2) * 1e3 / sites
+    """us per site of ``body()`` (which runs ``sites`` sites), replayed from a CUDA graph (host clock on CPU)."""
+    return timed(body, reps, graph=True) * 1e6 / sites
 
 
 def spin_hz() -> float:

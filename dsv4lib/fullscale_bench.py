@@ -474,17 +474,19 @@ def format_table(res: dict) -> str:
                      f"{d.get('static_uncaptured_ms', float('nan')):.2f} | {d.get('graphed_ms', float('nan')):.2f} | "
                      + "".join(f"{d.get(f'graphed_{v}_ms', float('nan')):.2f} | " for v in variants)
                      + f"{d.get('graphed_tok_s', float('nan')):.1f} | {d['bytes_per_token'] / GB:.3f} |")
-    p = res.get("prefill", {"tokens": 0, "tok_s": float("nan")})
-    lines.append(f"prefill b1 x {p['tokens']}: {p['tok_s']:.0f} tok/s"
-                 + (f" (median of all {p['default_runs']} default runs {p['median_tok_s']:.0f})" if "median_tok_s" in p else "")
-                 + "".join(f" ({label} toggled: {p[key + '_toggled_tok_s']:.0f} vs "
-                           f"{p.get(key + '_default_tok_s', p['tok_s']):.0f} tok/s"
-                           + (f"; fastest rounds {p['tokens'] / p[key + '_toggled_min_s']:.0f} vs "
-                              f"{p['tokens'] / p[key + '_default_min_s']:.0f}" if key + "_toggled_min_s" in p else "")
-                           + ")"
-                           for key, _, _, label in PREFILL_SWITCHES if key + "_toggled_tok_s" in p))
-    if "prefill" not in res:
-        lines[-1] = "prefill and MMLU: not run (--no-prefill)"
+    if "prefill" in res:
+        p = res["prefill"]
+        lines.append(f"prefill b1 x {p['tokens']}: {p['tok_s']:.0f} tok/s"
+                     + (f" (median of all {p['default_runs']} default runs {p['median_tok_s']:.0f})"
+                        if "median_tok_s" in p else "")
+                     + "".join(f" ({label} toggled: {p[key + '_toggled_tok_s']:.0f} vs "
+                               f"{p.get(key + '_default_tok_s', p['tok_s']):.0f} tok/s"
+                               + (f"; fastest rounds {p['tokens'] / p[key + '_toggled_min_s']:.0f} vs "
+                                  f"{p['tokens'] / p[key + '_default_min_s']:.0f}" if key + "_toggled_min_s" in p else "")
+                               + ")"
+                               for key, _, _, label in PREFILL_SWITCHES if key + "_toggled_tok_s" in p))
+    else:
+        lines.append("prefill and MMLU: not run (--no-prefill)")
     if "mmlu" in res:
         m = res["mmlu"]
         lines.append(f"MMLU: {m['batch']}x{m['prompt_len']} batches {m['tok_s']:.0f} tok/s -> {m['tokens']} tokens "
