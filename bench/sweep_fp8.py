@@ -107,7 +107,7 @@ SMOKE_BF16 = [("a", 96, 256)]
 def bf16_rows(shapes, dev, reps: int, smoke: bool, cp: float) -> list[dict]:
     """The bf16 GEMV's default and candidate configs (checked against F.linear) next to torch's F.linear, over
     weight copies rotated through > 256 MB, CUDA-graph replay."""
-    from dsv4lib.kernels.fp8_gemv import TUNED_BF16, bf16_gemv
+    from dsv4lib.kernels.fp8_gemv import BF16_DEFAULT, TUNED_BF16, bf16_gemv
     rows = []
     for name, N, K in shapes:
         nbytes = 2 * N * K
@@ -116,7 +116,7 @@ def bf16_rows(shapes, dev, reps: int, smoke: bool, cp: float) -> list[dict]:
         ws = [torch.randn(N, K, device=dev, generator=g).to(torch.bfloat16) for _ in range(copies)]
         x = torch.randn(1, 1, K, device=dev, dtype=torch.bfloat16)
         ref = torch.nn.functional.linear(x.float(), ws[0].float())
-        dflt = TUNED_BF16.get((N, K), GemvConfig(2, 8, 4))
+        dflt = TUNED_BF16.get((N, K), BF16_DEFAULT)
         cands = [dflt] + [c for c in candidates(1, triton.cdiv(K, 128)) if isinstance(c, GemvConfig) and c != dflt
                           and c.rows * 16 * c.unroll >= 32 * c.warps and c.stages == 1]
         if smoke:

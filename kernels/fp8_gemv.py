@@ -126,6 +126,7 @@ def fp8_gemv(x2: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None, cfg: Gem
 # 8.30 -> 7.09 us against the default (2, 8, 4), HCA layers' 4.26 -> 3.68. Adopted in session 11, when the side
 # branch that runs them also took the deferred mHC Sinkhorn (model.graphed.DEFER_COMB) and lost slack.
 TUNED_BF16: dict = {(2624, 4096): GemvConfig(1, 16, 4), (1024, 4096): GemvConfig(1, 16, 4)}
+BF16_DEFAULT = GemvConfig(2, 8, 4)   # other shapes
 
 
 def bf16_gemv(x: torch.Tensor, w: torch.Tensor, cfg: GemvConfig | None = None) -> torch.Tensor:
@@ -138,5 +139,5 @@ def bf16_gemv(x: torch.Tensor, w: torch.Tensor, cfg: GemvConfig | None = None) -
     if x.shape[-1] != K or x.device != w.device:
         raise ValueError(f"kernels.bf16_gemv: x {tuple(x.shape)} on {x.device} against w {tuple(w.shape)} on {w.device}")
     x2 = x.reshape(-1, K).to(torch.bfloat16).contiguous()
-    y = fp8_gemv(x2, w, None, cfg or TUNED_BF16.get((N, K), GemvConfig(2, 8, 4)))
+    y = fp8_gemv(x2, w, None, cfg or TUNED_BF16.get((N, K), BF16_DEFAULT))
     return y.reshape(*x.shape[:-1], N)

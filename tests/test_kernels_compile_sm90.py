@@ -75,8 +75,8 @@ for (gn, gk), c in sorted(TUNED_GEMV.items()) + [((0, 0), GemvConfig()), ((1, 1)
         check(f"fp8_gemv {gn}x{gk} {c} grouped={grouped} norm={norm} even={even}", _fp8_gemv_kernel, gsig,
               dict(M=1, ROWS=c.rows, UNROLL=c.unroll, STAGES=c.stages, GROUPED=grouped, NORM=norm, EVEN=even, SCALED=True),
               num_warps=c.warps, num_stages=1)
-from dsv4lib.kernels.fp8_gemv import TUNED_BF16
-for c in sorted(set(TUNED_BF16.values()) | {GemvConfig(2, 8, 4)}, key=str):
+from dsv4lib.kernels.fp8_gemv import BF16_DEFAULT, TUNED_BF16
+for c in sorted(set(TUNED_BF16.values()) | {BF16_DEFAULT}, key=str):
     check(f"bf16_gemv {c} even", _fp8_gemv_kernel, dict(gsig, w_ptr="*bf16", s_ptr="*bf16", nw_ptr="*bf16"),
           dict(M=1, ROWS=c.rows, UNROLL=c.unroll, STAGES=c.stages, GROUPED=False, NORM=False, EVEN=True, SCALED=False),
           num_warps=c.warps, num_stages=1)
