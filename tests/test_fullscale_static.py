@@ -433,3 +433,40 @@ def test_branch_and_join_wait_only_for_open_forks(monkeypatch):
         pass
     graphed._join(ctx)
     assert main.waited[-1] == "side" and len(main.waited) == 3
+
+
+def test_on_side_forks_and_join_side_joins(monkeypatch):
+    """The fork / join pair the prefill's side-stream branches (model/attention.py compressors, model/moe.py shared
+    expert) and the decode step's ``_branch`` share: ``on_side(s)`` makes ``s`` wait for the current stream and runs the
+    block with ``s`` current; ``join_side(s)`` makes the current stream wait for ``s``; ``None`` runs in place."""
+    import contextlib
+
+    from dsv4lib.model.attention import join_side, on_side
+
+    class Stream:
+        def __init__(self, name):
+            self.name, self.device, self.waited = name, "dev", []
+
+        def wait_stream(self, other):
+            self.waited.append(other.name)
+
+    main, side = Stream("main"), Stream("side")
+    current = [main]
+
+    @contextlib.contextmanager
+    def stream(s):
+        current.append(s)
+        yield
+        current.pop()
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    with on_side(side):
+        assert current[-1] is side
+    assert side.waited == ["main"] and current == [main]
+    join_side(side)
+    assert main.waited == ["side"]
+    with on_side(None):
+        assert current == [main]
+    join_side(None)
+    assert main.waited == ["side"] and side.waited == ["main"]

@@ -4,7 +4,7 @@ RoPE on the output, grouped output projection (wo_a per group, then wo_b).
 """
 from __future__ import annotations
 
-from contextlib import nullcontext as _nullcontext
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -52,6 +52,24 @@ def side_stream(device, index: int = 0) -> torch.cuda.Stream:
     if key not in _SIDE:
         _SIDE[key] = torch.cuda.Stream(key[0])
     return _SIDE[key]
+
+
+@contextmanager
+def on_side(side: torch.cuda.Stream | None):
+    """``with on_side(s): ...`` runs the block on stream ``s`` after everything issued so far on the current stream
+    (a fork; ``s`` None: in place, e.g. off CUDA). :func:`join_side` is the matching join."""
+    if side is None:
+        yield
+        return
+    side.wait_stream(torch.cuda.current_stream(side.device))
+    with torch.cuda.stream(side):
+        yield
+
+
+def join_side(side: torch.cuda.Stream | None) -> None:
+    """The current stream waits for what was issued on ``side`` (nothing when ``side`` is None)."""
+    if side is not None:
+        torch.cuda.current_stream(side.device).wait_stream(side)
 
 
 def _record_state(st, stream) -> None:
@@ -106,11 +124,9 @@ class Attention(nn.Module):
             side = side_stream(x.device) if x.is_cuda else None   # off CUDA: in place, first
             comp_st = lc.comp if lc is not None else None
             idx_st = lc.index if lc is not None else None
-            if side is not None:
-                side.wait_stream(torch.cuda.current_stream(x.device))
-                _record_state(comp_st, side)
-                _record_state(idx_st, side)
-            with torch.cuda.stream(side) if side is not None else _nullcontext():
+            _record_state(comp_st, side)
+            _record_state(idx_st, side)
+            with on_side(side):
                 pre = (self.compressor(x, comp_st),
                        self.indexer.precompute(x, idx_st) if self.indexer is not None else None)
         if _use_norm_rope_kernel(x) and not self.lowp:
@@ -143,8 +159,7 @@ class Attention(nn.Module):
         kpos = base + torch.arange(Nw, device=x.device)                     # [Nw]
         ent = cb = None
         T = 0
-        if side is not None:                                                # join the x-only branch
-            torch.cuda.current_stream(x.device).wait_stream(side)
+        join_side(side)                                                     # join the x-only branch
         if self.ratio:
             new = self.compressor(x, lc.comp if lc is not None else None) if pre is None else pre[0]
             ent = lc.comp.entries if lc is not None else new                # [B, T, c]

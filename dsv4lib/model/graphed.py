@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import grouped_output_a, side_stream
+from .attention import grouped_output_a, on_side, side_stream
 from .compressor import Compressor
 from .lowp import hp
 from .mhc import _mix, hc_post
@@ -68,23 +68,19 @@ class _branch:
     def __init__(self, ctx: StepContext | None, second: bool = False) -> None:
         side2 = getattr(ctx, "side2", None) if second else None
         self.side = side2 if side2 is not None else getattr(ctx, "side", None)
-        self._cm = None
+        self._cm = None   # on_side(self.side) while the block runs
         if side2 is not None:
             ctx.side2_open = True
         elif self.side is not None:
             ctx.side_open = True
 
     def __enter__(self):
-        if self.side is not None:
-            self.side.wait_stream(torch.cuda.current_stream(self.side.device))
-            self._cm = torch.cuda.stream(self.side)
-            self._cm.__enter__()
+        self._cm = on_side(self.side)
+        self._cm.__enter__()
         return self
 
     def __exit__(self, *exc):
-        if self._cm is not None:
-            self._cm.__exit__(*exc)
-        return False
+        return self._cm.__exit__(*exc)
 
 
 def _join(ctx: StepContext | None) -> None:

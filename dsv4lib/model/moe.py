@@ -5,7 +5,6 @@ pluggable backend, plus the clamped SwiGLU shared expert. Hooks observe each rou
 from __future__ import annotations
 
 from collections import OrderedDict
-from contextlib import nullcontext as _nullcontext
 from dataclasses import dataclass
 from typing import Callable
 
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from .attention import side_stream
+from .attention import join_side, on_side, side_stream
 from .experts import DenseExperts, ExpertBackend, swiglu
 from .linear import Linear
 from .lowp import hp, tf32_matmuls
@@ -108,16 +107,14 @@ class MoE(nn.Module):
         ys = side = None
         if self.shared_experts is not None and PREFILL_SHARED_SIDE and xf.shape[0] > 1:
             side = side_stream(xf.device) if xf.is_cuda and not torch.cuda.is_current_stream_capturing() else None
-            if side is not None:
-                side.wait_stream(torch.cuda.current_stream(xf.device))
-            with torch.cuda.stream(side) if side is not None else _nullcontext():
+            with on_side(side):
                 ys = hp(self.shared_experts(xf))                            # xf stays referenced until the join
         s, idx, w = self.gate(xf, ids)
         for fn in list(self._hooks.values()):
             fn(self.layer_idx, MoEEvent(xf, ids, s, idx, w))
         y = self.experts(xf, idx, w, self.limit)                            # [T, D] fp32
         if side is not None:                                                # join; ys is read on this stream
-            torch.cuda.current_stream(xf.device).wait_stream(side)
+            join_side(side)
             ys.record_stream(torch.cuda.current_stream(xf.device))
         if self.shared_experts is not None:
             y = y + (ys if ys is not None else hp(self.shared_experts(xf)))
