@@ -234,3 +234,61 @@ def test_bench_l2_prefetch_smoke(tmp_path):
     row = res["rows"][0]
     assert {"cold", "bulk_side", "bulk_inline", "gemv", "warm"} <= set(row)
     assert all(row[k] > 0 for k in ("cold", "bulk_side", "bulk_inline", "gemv", "warm"))
+
+
+def test_bench_floors_smoke(tmp_path):
+    """bench/bench_floors.py --smoke runs on the CPU (no PDL, no graphs) and writes every table: the five chain
+    variants, each read config and the best per size with torch's copy, and the GEMVs against both ceilings."""
+    sys.path.insert(0, str(ROOT))
+    from bench.bench_floors import CHAIN_VARIANTS, SMOKE_GEMV_SHAPES, SMOKE_READ_CONFIGS, main
+    out = tmp_path / "floors.json"
+    res = main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    assert {"device", "torch", "triton", "copy_GBps", "chain", "read", "read_best", "gemv"} <= set(res)
+    assert [r["variant"] for r in res["chain"]] == [v[0] for v in CHAIN_VARIANTS]
+    assert all(r["us_per_launch"] > 0 and r["launches"] == 3 and not r["pdl_effective"] for r in res["chain"])
+    assert [(r["tile"], r["warps"]) for r in res["read"]] == SMOKE_READ_CONFIGS
+    (best,) = res["read_best"]
+    assert best["buffers"] == 2 and best["GBps"] > 0 and best["torch_copy_GBps"] > 0
+    assert [r["shape"] for r in res["gemv"]] == [s[0] for s in SMOKE_GEMV_SHAPES]
+    assert all(r["us"] > 0 and r["pct_copy"] > 0 and r["pct_read_ceiling"] > 0 for r in res["gemv"])
+
+
+@pytest.mark.parametrize("tile,warps", [(2048, 1), (4096, 2)])
+def test_bench_floors_read_xor_matches_numpy(tile, warps):
+    """read_xor: one int32 XOR per tile, equal to numpy's bitwise_xor.reduce of the tile."""
+    import torch
+    sys.path.insert(0, str(ROOT))
+    from bench.bench_floors import read_xor, read_xor_reference
+    g = torch.Generator().manual_seed(tile + warps)
+    buf = torch.randint(-2**31, 2**31 - 1, (4 * tile // 4,), dtype=torch.int32, generator=g)
+    got = read_xor(buf, tile, warps, pdl=False)
+    assert got.shape == (4,) and torch.equal(got, read_xor_reference(buf, tile))
+
+
+def test_bench_floors_read_xor_checks_sizes():
+    """A buffer that is not a whole number of tiles, or a tile smaller than one row of the warps, is refused with
+    the sizes named."""
+    import torch
+    sys.path.insert(0, str(ROOT))
+    from bench.bench_floors import read_xor
+    with pytest.raises(ValueError, match=r"6144 bytes are not a multiple of the tile's 4096 bytes"):
+        read_xor(torch.zeros(1536, dtype=torch.int32), 4096, 1)
+    with pytest.raises(ValueError, match=r"2048 bytes is smaller than one row of 8 warps \(4096 bytes\)"):
+        read_xor(torch.zeros(1024, dtype=torch.int32), 2048, 8)
+
+
+def test_bench_floors_chain_adds_one_per_launch():
+    """Three chained launches (src and dst swapped each time, PDL off on the CPU) give src + 3; one launch equals
+    chain_reference, which wraps src when there are more programs than elements."""
+    import torch
+    sys.path.insert(0, str(ROOT))
+    from bench.bench_floors import chain_reference, chain_step
+    src = torch.arange(5, dtype=torch.int32) * 7
+    bufs = [src.clone(), torch.zeros(5, dtype=torch.int32)]
+    for i in range(3):
+        assert chain_step(bufs[i % 2], bufs[(i + 1) % 2], 5, pdl=True) is False
+    assert torch.equal(bufs[1], src + 3)
+    dst = torch.zeros(8, dtype=torch.int32)
+    chain_step(src[:3], dst, 8)
+    assert torch.equal(dst, chain_reference(src[:3], 8)) and dst.tolist() == [1, 8, 15, 1, 8, 15, 1, 8]
