@@ -185,7 +185,8 @@ VARIANT_LABELS = {"single_stream": "1-stream", "pdl": "PDL toggled", "int2_idp":
 # History (kept selectable): single_stream (no side-stream branches; b1 +0.6 ms in session 10), pdl (programmatic
 # dependent launch, kernels/pdl.py; b1 +0.4 off), int2_idp (the integer-dot-product INT2 decode; b1 +0.4, b8 +2.9
 # off), fp8_gemv (one-row projections on the CUDA-core GEMV; b1 +0.7 off) -- settled, out of VARIANTS since session
-# 11; q_norm_prologue (q_norm inside the wq_b GEMV: no gain, session 6); fp8_prefetchN (the FP8 GEMVs prefetch N K
+# 11; q_norm_prologue (q_norm inside the wq_b GEMV: no gain in session 6, slower with the CUDA-core GEMV in
+# session 13: b1 4.46 -> 4.72 ms); fp8_prefetchN (the FP8 GEMVs prefetch N K
 # blocks to L2 before the PDL wait: no gain in three runs, session 8). Session 11's defer_comb (the mHC Sinkhorn out
 # of the pre launch), early_int2 (the INT2 decode kernels' first loads before the PDL wait), attn_groups (decode
 # attention's head groups) and second_side (the deferred Sinkhorn on a third stream) are on by default. Removed with
