@@ -142,13 +142,13 @@ def selects_all(attn, lc: StaticLayerCache) -> bool:
 
 
 FUSED_FAILURES: dict[str, str] = {}
+"""Fused kernels that raised (e.g. a Triton compile error under another Triton version): name ->
+error. After a failure the torch path is used for that kernel in this process; callers report it."""
 Q_NORM_PROLOGUE = False
 """Fused step: q_norm applied by the wq_b FP8 GEMV on load (``fp8_linear(norm=...)``; the indexer's wq_b too)
 instead of its own launch on the query's critical path -- 43 launches fewer per step. Off: slower both times it
 was timed (bench variant ``q_norm_prologue``; session 6 with the tensor-core kernel b1 5.68 -> 5.87 ms, session 13 with
 the CUDA-core GEMV 4.46 -> 4.72: each of wq_b's 8192 programs recomputes the RMS)."""
-"""Fused kernels that raised (e.g. a Triton compile error under another Triton version): name ->
-error. After a failure the torch path is used for that kernel in this process; callers report it."""
 
 
 def _guarded(name: str, kernel, fallback):
