@@ -48,7 +48,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from bench.bench_kernels import timed  # noqa: E402
+from bench.bench_kernels import us_each  # noqa: E402
 from dsv4lib.fullscale import copy_bandwidth  # noqa: E402
 from dsv4lib.kernels.fp8_linear import fp8_linear, random_fp8  # noqa: E402
 from dsv4lib.kernels.pdl import launch_args, pdl_wait  # noqa: E402
@@ -142,11 +142,6 @@ def read_xor_reference(buf: torch.Tensor, tile_bytes: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- measurements
-def _us_each(body, count: int, reps: int) -> float:
-    """us per item of ``body()`` (``count`` items), replayed from one CUDA graph (host clock on CPU)."""
-    return timed(body, reps, graph=True) * 1e6 / count
-
-
 def bench_chain(dev, sms: int, n: int, reps: int) -> list[dict]:
     rows = []
     for label, programs, warps, pdl in CHAIN_VARIANTS:
@@ -162,7 +157,7 @@ def bench_chain(dev, sms: int, n: int, reps: int) -> list[dict]:
         got = bufs[n % 2]
         if not torch.equal(got.cpu(), torch.full((p,), n, dtype=torch.int32)):
             raise AssertionError(f"chain {label}: after {n} launches expected {n}, got {got[:8].tolist()}")
-        us = _us_each(body, n, reps)
+        us = us_each(body, n, reps)
         rows.append({"variant": label, "programs": p, "warps": warps, "pdl": pdl, "pdl_effective": bool(used[-1]),
                      "launches": n, "us_per_launch": us})
     return rows
@@ -191,14 +186,14 @@ def bench_read(dev, sizes, configs, reps, smoke) -> tuple[list[dict], list[dict]
         for size in sizes:
             k = _rotation(size, smoke)
             bufs = [pool[i * size // 4:(i + 1) * size // 4] for i in range(k)]
-            us = _us_each(lambda: [read_xor(b, tile, warps, out) for b in bufs], k, reps)
+            us = us_each(lambda: [read_xor(b, tile, warps, out) for b in bufs], k, reps)
             rows.append({"MiB": size / MiB, "bytes": size, "buffers": k, "tile": tile, "warps": warps,
                          "unroll": unroll, "block_words": block, "us": us, "GBps": size / us / 1e3})
     for size in sizes:
         k = _rotation(size, smoke)
         src = [pool[i * size // 4:(i + 1) * size // 4] for i in range(k)]
         dst = [dst_pool[i * size // 4:(i + 1) * size // 4] for i in range(k)]
-        cus = _us_each(lambda: [d.copy_(s) for d, s in zip(dst, src)], k, reps)
+        cus = us_each(lambda: [d.copy_(s) for d, s in zip(dst, src)], k, reps)
         b = max((r for r in rows if r["bytes"] == size), key=lambda r: r["GBps"])
         best.append({"MiB": size / MiB, "bytes": size, "buffers": k, "tile": b["tile"], "warps": b["warps"],
                      "us": b["us"], "GBps": b["GBps"], "torch_copy_us": cus, "torch_copy_GBps": 2 * size / cus / 1e3})
@@ -219,7 +214,7 @@ def bench_gemv(dev, shapes, best, copy_GBps, reps, smoke) -> list[dict]:
         k = _rotation(nb, smoke)
         ws = [random_fp8(N, K, dev, g) for _ in range(k)]
         x = torch.randn(1, *((G,) if G > 1 else ()), K, device=dev, dtype=torch.bfloat16)
-        us = _us_each(lambda: [fp8_linear(x, w, s, groups=G) for w, s in ws], k, reps)
+        us = us_each(lambda: [fp8_linear(x, w, s, groups=G) for w, s in ws], k, reps)
         gbps = nb / us / 1e3
         ceil = nearest_size(nb, best)
         rows.append({"shape": name, "N": N, "K": K, "groups": G, "MB": nb / MiB, "copies": k, "us": us,
@@ -262,8 +257,8 @@ def main(argv=None) -> dict:
     res = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "torch": torch.__version__,
            "triton": triton.__version__, "sms": sms, "smoke": a.smoke, "reps": reps, "chain_len": n,
            "rotation_bytes": ROTATION_BYTES}
-    res["copy_GBps"] = copy_bandwidth(dev, 2 << 30 if cuda else 1 << 20) / 1e9
     res["copy_bytes"] = 2 << 30 if cuda else 1 << 20
+    res["copy_GBps"] = copy_bandwidth(dev, res["copy_bytes"]) / 1e9
     res["chain"] = bench_chain(dev, sms, n, reps)
     res["read"], res["read_best"] = bench_read(dev, SMOKE_READ_SIZES if a.smoke else READ_SIZES,
                                                SMOKE_READ_CONFIGS if a.smoke else READ_CONFIGS, reps, a.smoke)

@@ -65,6 +65,12 @@ def timed(fn, reps: int, graph: bool) -> float:
     return time_cuda(run, reps, warmup=1) / 1e3                          # median ms -> s
 
 
+def us_each(body, count: int, reps: int) -> float:
+    """us per item of ``body()`` (which does ``count`` items: sites, rotated weight copies, launches), replayed from
+    one CUDA graph (host clock on CPU)."""
+    return timed(body, reps, graph=True) * 1e6 / count
+
+
 class Int2Layers:
     """L distinct layers of synthetic INT2 experts, stored as one stacked tensor per projection."""
 

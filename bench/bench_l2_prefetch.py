@@ -35,7 +35,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench.bench_kernels import timed  # noqa: E402
+from bench.bench_kernels import us_each  # noqa: E402
 from dsv4lib.fullscale import copy_bandwidth, time_cuda  # noqa: E402
 from dsv4lib.kernels.fp8_linear import fp8_linear, random_fp8  # noqa: E402
 from dsv4lib.kernels.l2_prefetch import l2_prefetch  # noqa: E402
@@ -48,11 +48,6 @@ SMOKE_SHAPES = [("a", 256, 512, 2)]
 def _spin(us: float, hz: float):
     if us > 0 and torch.cuda.is_available():
         torch.cuda._sleep(int(us * 1e-6 * hz))
-
-
-def _graph_time(body, sites: int, reps: int) -> float:
-    """us per site of ``body()`` (which runs ``sites`` sites), replayed from a CUDA graph (host clock on CPU)."""
-    return timed(body, reps, graph=True) * 1e6 / sites
 
 
 def spin_hz() -> float:
@@ -92,14 +87,14 @@ def run_shape(name, N, K, G, copies, phases, chunks, reps, dev, hz) -> list[dict
                 torch.cuda.current_stream().wait_stream(side)
         return body
 
-    gemv_us = _graph_time(lambda: [gemv(i) for i in range(copies)], copies, reps)
-    warm_us = _graph_time(lambda: [gemv(0) for _ in range(copies)], copies, reps)
+    gemv_us = us_each(lambda: [gemv(i) for i in range(copies)], copies, reps)
+    warm_us = us_each(lambda: [gemv(0) for _ in range(copies)], copies, reps)
     for phase in phases:
-        cold = _graph_time(sites(phase, "cold", 0), copies, reps)
-        phase_only = _graph_time(lambda: [_spin(phase, hz) for _ in range(copies)], copies, reps) if phase else 0.0
+        cold = us_each(sites(phase, "cold", 0), copies, reps)
+        phase_only = us_each(lambda: [_spin(phase, hz) for _ in range(copies)], copies, reps) if phase else 0.0
         for chunk in chunks:
-            side_us = _graph_time(sites(phase, "side", chunk), copies, reps)
-            inline_us = _graph_time(sites(phase, "inline", chunk), copies, reps)
+            side_us = us_each(sites(phase, "side", chunk), copies, reps)
+            inline_us = us_each(sites(phase, "inline", chunk), copies, reps)
             rows.append({"shape": name, "MB": nb / 2**20, "phase_us": phase, "phase_only_us": phase_only,
                          "chunk": chunk, "cold": cold, "bulk_side": side_us, "bulk_inline": inline_us,
                          "gemv": gemv_us, "warm": warm_us})

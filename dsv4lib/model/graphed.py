@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .attention import grouped_output_a, on_side, side_stream
+from .attention import grouped_output_a, join_side, on_side, side_stream
 from .compressor import Compressor
 from .lowp import hp
 from .mhc import _mix, hc_post
@@ -87,10 +87,10 @@ def _join(ctx: StepContext | None) -> None:
     """The current stream waits for the side streams' work forked since the last join (nothing when none was: a
     stream that took no part in a capture cannot be waited on, and a second wait adds nothing)."""
     if getattr(ctx, "side_open", False):
-        torch.cuda.current_stream(ctx.side.device).wait_stream(ctx.side)
+        join_side(ctx.side)
         ctx.side_open = False
     if getattr(ctx, "side2_open", False):
-        torch.cuda.current_stream(ctx.side2.device).wait_stream(ctx.side2)
+        join_side(ctx.side2)
         ctx.side2_open = False
 
 
